@@ -1,0 +1,67 @@
+#!/bin/sh
+# Install kvmgate's runtime (stdlib-only) into root-owned locations.
+#
+#   ./install.sh [--prefix /usr/local] [--libdir DIR] [--etc /etc/kvmgate]
+#                [--state /var/lib/kvmgate] [--run /run/kvmgate] [--log /var/log/kvmgate]
+#
+# The helper and front end run under /usr/bin/python3 -I -S: no PYTHON* variable,
+# user site or site-packages reaches them; they import the standard library and
+# the copy of kvmgate installed here, nothing else. The chosen paths are baked into
+# kvmgate/_install.py, so nothing a caller controls can move them.
+set -eu
+prefix=/usr/local libdir= etc=/etc/kvmgate state=/var/lib/kvmgate run=/run/kvmgate log=/var/log/kvmgate
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --prefix) prefix=$2 ;; --libdir) libdir=$2 ;; --etc) etc=$2 ;; --state) state=$2 ;;
+        --run) run=$2 ;; --log) log=$2 ;;
+        *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift 2
+done
+[ "$(id -u)" = 0 ] || { echo "install.sh: run as root" >&2; exit 3; }
+libdir=${libdir:-$prefix/lib/kvmgate}
+src=$(cd "$(dirname "$0")" && pwd)/src/kvmgate
+python=/usr/bin/python3
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "install.sh: $python must be 3.11 or newer" >&2; exit 1; }
+
+umask 022
+mkdir -p "$libdir.new.$$" "$prefix/bin"
+cp -R "$src" "$libdir.new.$$/kvmgate"
+find "$libdir.new.$$" -name '__pycache__' -prune -exec rm -rf {} +
+cat > "$libdir.new.$$/kvmgate/_install.py" <<PY
+"""Written by install.sh: where this installation keeps things."""
+PATHS = {
+    "etc": "$etc",
+    "state": "$state",
+    "run": "$run",
+    "log": "$log",
+    "helper": "$libdir/kvmgate-helper",
+    "sudo": "/usr/bin/sudo",
+}
+PY
+cat > "$libdir.new.$$/kvmgate-helper" <<PY
+#!$python -IS
+# kvmgate's privileged helper. Reached by users only through sudo (see sudoers).
+import sys
+sys.path.insert(0, "$libdir")
+from kvmgate.helper.main import main
+sys.exit(main())
+PY
+cat > "$libdir.new.$$/kvmgate-frontend" <<PY
+#!$python -IS
+import sys
+sys.path.insert(0, "$libdir")
+from kvmgate.cli.main import main
+sys.exit(main())
+PY
+chmod 0755 "$libdir.new.$$/kvmgate-helper" "$libdir.new.$$/kvmgate-frontend"
+chown -R root:root "$libdir.new.$$"
+chmod -R go-w "$libdir.new.$$"
+rm -rf "$libdir.old.$$"
+[ -e "$libdir" ] && mv "$libdir" "$libdir.old.$$"
+mv "$libdir.new.$$" "$libdir"
+rm -rf "$libdir.old.$$"
+# Byte-compile as root, in place, so Python never writes caches at run time.
+"$python" -I -S -m compileall -q -f "$libdir/kvmgate" >/dev/null
+ln -sf "$libdir/kvmgate-frontend" "$prefix/bin/kvmgate"
+echo "installed kvmgate in $libdir (command: $prefix/bin/kvmgate)"

@@ -1,0 +1,180 @@
+"""`kvmgate`: what users and admins type.
+
+The front end runs with the caller's own rights and holds no authority: it
+checks usage, makes relative file paths absolute in the caller's cwd, and then
+executes the root-owned helper, through `sudo -n` for ordinary users. The helper
+re-checks everything; nothing here is trusted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .. import __version__
+from ..errors import EXIT_REFUSED, EXIT_USAGE
+from ..paths import installed
+from ..policy import grammar
+from ..policy.table import OPTIONS
+
+EPILOG = """\
+exit status:
+  0  ok
+  1  internal error
+  2  usage error
+  3  refused by policy or permission
+  4  no such VM for this caller (also when it exists but belongs to someone else)
+  5  wrong state (already running, not running, already exists)
+
+files:
+  /etc/kvmgate/policy.toml   the admin's policy (root-owned)
+  /var/lib/kvmgate/          VM identities, disks, logs (see docs/layout.md)
+  /run/kvmgate/              root-only runtime state: QMP and console sockets, locks
+"""
+
+PATH_OPTIONS = {n for n, o in OPTIONS.items() if o.parse is grammar.parse_path}
+
+
+def _options_help() -> str:
+    rows = []
+    for lname in ("user", "admin", "unused"):
+        rows.append(f"  {lname}:")
+        for n, o in OPTIONS.items():
+            if o.default == lname:
+                rows.append(f"    {n:<14} {o.summary}")
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvmgate",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run your own KVM virtual machines, defined for you by the administrator, "
+        "through a small secure wrapper. Each VM runs as its owner, with the options the "
+        "administrator fixed; users may add only the options their list allows.",
+        epilog=EPILOG,
+    )
+    p.add_argument("--version", action="version", version=f"kvmgate {__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+
+    def cmd(name: str, help: str, **kw: object) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=EPILOG, **kw)  # type: ignore[arg-type]
+
+    def owner(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--owner", metavar="USER", help="act on USER's VM (root only)")
+
+    sp = cmd("list", "list your VMs")
+    owner(sp)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = cmd("start", "start a VM, optionally with options from your list",
+             usage="kvmgate start [--owner USER] NAME [-- OPTION...]")
+    sp.epilog = "VM options (the design note's vocabulary; the policy may move them):\n" + _options_help() + "\n\n" + EPILOG
+    owner(sp)
+    sp.add_argument("name", metavar="NAME")
+
+    sp = cmd("stop", "stop a VM: ACPI power-down, then kill after the timeout")
+    owner(sp)
+    sp.add_argument("--force", action="store_true", help="quit at once instead of powering down")
+    sp.add_argument("--timeout", metavar="SECONDS", help="power-down grace time (default from the policy)")
+    sp.add_argument("name", metavar="NAME")
+
+    sp = cmd("status", "show a VM's state")
+    owner(sp)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("name", metavar="NAME")
+
+    sp = cmd("console", "attach to a VM's serial console (detach with Ctrl-])")
+    sp.epilog = ("The console shows up to 16 KiB of earlier output first. One attachment at a time;\n"
+                 "a second attach is refused with exit 5.\n\n" + EPILOG)
+    owner(sp)
+    sp.add_argument("--expect", metavar="REGEX", help="exit 0 as soon as the output matches REGEX")
+    sp.add_argument("--timeout", metavar="SECONDS", help="give up (or, without --expect, detach) after SECONDS")
+    sp.add_argument("name", metavar="NAME")
+
+    ap = cmd("admin", "host and VM administration (root only)")
+    asub = ap.add_subparsers(dest="admin_verb", metavar="ADMIN-COMMAND", required=True)
+
+    def acmd(name: str, help: str, **kw: object) -> argparse.ArgumentParser:
+        return asub.add_parser(name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog=EPILOG, **kw)  # type: ignore[arg-type]
+
+    a = acmd("init", "idempotent host set-up: directories, the kvmgate-qemu group, the default policy, "
+             "/dev/kvm and /dev/net/tun permissions")
+    a.add_argument("--accel", choices=("auto", "kvm", "tcg"), help="set the policy's accelerator")
+    a = acmd("create", "define a VM for a user", usage="kvmgate admin create NAME --owner USER [--disk-size SIZE] -- OPTION...")
+    a.epilog = "VM options:\n" + _options_help() + "\n\n" + EPILOG
+    a.add_argument("--owner", metavar="USER", required=True)
+    a.add_argument("--disk-size", metavar="SIZE", help="create the VM's default disk (qcow2), e.g. 10G")
+    a.add_argument("name", metavar="NAME")
+    a = acmd("delete", "delete a VM (it must be stopped)")
+    a.add_argument("--owner", metavar="USER", required=True)
+    a.add_argument("--keep-disks", action="store_true", help="keep the disks directory under STATE/kept/")
+    a.add_argument("name", metavar="NAME")
+    a = acmd("list", "list every VM")
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    a = acmd("show", "show a VM's identity, options and QEMU command line")
+    a.add_argument("--owner", metavar="USER", required=True)
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.add_argument("name", metavar="NAME")
+    return p
+
+
+def absolutize(tokens: list[str]) -> list[str]:
+    """Paths are the caller's: resolve relative ones in the caller's cwd. Protocol
+    prefixes are refused here with a clear message (the helper refuses them too)."""
+    out = list(tokens)
+    for i in range(len(out) - 1):
+        if out[i] in PATH_OPTIONS:
+            v = out[i + 1]
+            if grammar.looks_like_protocol(v):
+                raise SystemExit(_refuse(f"{out[i]}: protocol prefixes are not allowed ({v.split(':', 1)[0]}:)"))
+            if not v.startswith("/") and not v.startswith("-"):
+                out[i + 1] = os.path.join(os.getcwd(), os.path.expanduser(v))
+    return out
+
+
+def _refuse(msg: str) -> int:
+    sys.stderr.write(f"kvmgate: {msg}\n")
+    return EXIT_REFUSED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    vm_options: list[str] = []
+    if "--" in args:
+        cut = args.index("--")
+        args, vm_options = args[:cut], args[cut + 1:]
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit as e:
+        return EXIT_USAGE if e.code else 0
+    if vm_options and not (ns.verb == "start" or (ns.verb == "admin" and ns.admin_verb == "create")):
+        sys.stderr.write(f"kvmgate: {ns.verb} takes no VM options\n")
+        return EXIT_USAGE
+    if ns.verb == "admin" and os.geteuid() != 0:
+        return _refuse("admin commands are for root only")
+    helper_argv = list(args)  # the helper parses the same words again, strictly
+    if vm_options:
+        helper_argv += ["--", *absolutize(vm_options)]
+    return exec_helper(helper_argv)
+
+
+def exec_helper(argv: list[str]) -> int:
+    paths = installed()
+    if os.geteuid() == 0 and os.getuid() == 0:
+        cmd = [paths.helper, *argv]
+    else:
+        cmd = [paths.sudo, "-n", "--", paths.helper, *argv]
+    try:
+        os.execv(cmd[0], cmd)
+    except OSError as err:
+        sys.stderr.write(f"kvmgate: cannot run {cmd[0]}: {err.strerror}\n")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

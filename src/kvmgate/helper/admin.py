@@ -1,0 +1,208 @@
+"""Root-only verbs: host set-up and the VM registry. Imported only for root."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+import stat
+import subprocess
+from typing import Any
+
+from .. import identity as ident
+from .. import qcow2, registry
+from ..errors import KvmgateError, PolicyError, UsageError
+from ..paths import Paths
+from ..policy.table import OPTIONS
+from . import audit, config
+from .caller import Caller
+from .main import Request, emit
+from .vmctl import QEMU_GROUP, describe, plan_for
+
+UDEV_RULE = "/etc/udev/rules.d/65-kvmgate.rules"
+_SIZE = re.compile(r"([0-9]{1,9})([KMGT]?)", re.ASCII)
+
+
+def parse_size(raw: str) -> int:
+    m = _SIZE.fullmatch(raw)
+    if not m:
+        raise UsageError("--disk-size must be a size such as 512M, 10G or 1T")
+    n = int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2)]
+    if not (1 << 20) <= n <= (4 << 40) or n % 512:
+        raise UsageError("--disk-size must be between 1M and 4T, in whole sectors")
+    return n
+
+
+def run(req: Request, who: Caller, paths: Paths) -> int:
+    verb = req.verb.removeprefix("admin-")
+    if verb == "init":
+        return init(req, paths)
+    if verb == "list":
+        rows = []
+        for o, n in registry.list_names(paths):
+            try:
+                rows.append(describe(registry.resolve(paths, o, n)))
+            except KvmgateError as err:
+                rows.append({"name": n, "owner": o, "state": "invalid", "error": str(err)})
+        emit(rows, "".join(f"{r['owner']:<16} {r['name']:<32} {r['state']}\n" for r in rows), "--json" in req.flags)
+        return 0
+    owner = req.flag("--owner")
+    if not owner:
+        raise UsageError(f"admin {verb} needs --owner USER")
+    name = ident.check_name(req.name or "")
+    ident.check_owner(owner)
+    if verb == "create":
+        return create(req, who, paths, owner, name)
+    vm = registry.resolve(paths, owner, name)
+    if verb == "delete":
+        kept = registry.delete(paths, vm, "--keep-disks" in req.flags)
+        audit.record(paths.audit_log, caller=who.name, uid=who.uid, verb="admin delete", vm=name, owner=owner,
+                     outcome="ok", kept=kept)
+        print(f"deleted {owner}/{name}" + (f"; disks kept in {kept}" if kept else ""))
+        return 0
+    if verb == "show":
+        return show(req, paths, vm)
+    raise UsageError(f"unknown admin verb {verb}")
+
+
+def create(req: Request, who: Caller, paths: Paths, owner: str, name: str) -> int:
+    try:
+        pw = pwd.getpwnam(owner)
+    except KeyError:
+        raise UsageError(f"no such user: {owner}") from None
+    if pw.pw_uid == 0:
+        raise UsageError("VMs never run as root: choose an ordinary user as owner")
+    policy = config.load(paths)
+    opts = policy.parse(req.options, "admin")
+    identity = ident.Identity(owner, name, tuple(t for o in opts for t in o.tokens()))
+    vm = registry.vm_for(paths, identity)
+    plan_for(vm, policy, [], "tcg")  # the options must translate before anything is created
+    size = req.flag("--disk-size")
+    image = qcow2.empty_image(parse_size(size)) if size else None
+    registry.ensure_layout(paths)
+    vm = registry.create(paths, identity, image)
+    audit.record(paths.audit_log, caller=who.name, uid=who.uid, verb="admin create", vm=name, owner=owner,
+                 options=list(identity.tokens), outcome="ok", directory=vm.vmdir)
+    print(f"created {owner}/{name}: {vm.vmdir}")
+    return 0
+
+
+def show(req: Request, paths: Paths, vm: registry.VM) -> int:
+    policy = config.load(paths)
+    info: dict[str, Any] = describe(vm)
+    info["options"] = list(vm.identity.tokens)
+    info["identity_components"] = vm.identity.components()
+    disk = vm.default_disk
+    info["default_disk"] = disk if os.path.exists(disk) else None
+    try:
+        info["qemu_argv"] = [policy.qemu, *plan_for(vm, policy, [], config.accel(policy)).argv]
+    except PolicyError as err:
+        info["qemu_argv"] = None
+        info["error"] = str(err)
+    text = "".join(f"{k}: {' '.join(v) if isinstance(v, list) else v}\n" for k, v in info.items())
+    emit(info, text, "--json" in req.flags)
+    return 0
+
+
+# ------------------------------------------------------------------------------ init
+
+
+def default_policy(accel: str) -> str:
+    lines = [
+        "# kvmgate policy. Owned by root; kvmgate refuses it if anyone else can write it.",
+        "# The design note's three lists are the defaults. Move options between lists here;",
+        "# options that hand out host resources can never be moved to the users' list.",
+        f'accel = "{accel}"          # auto (kvm if usable, else tcg) | kvm | tcg',
+        'qemu = "/usr/bin/qemu-system-x86_64"',
+        "stop_timeout = 30          # seconds of ACPI power-down before a kill",
+        "memory_overhead_mib = 256  # cgroup memory limit = -m + this",
+        "",
+        "[lists]",
+        "# user = [\"-smp\"]",
+        "# admin = []",
+        "# unused = []",
+        "",
+        "[limits]",
+        "mem_min_mib = 16",
+        "mem_max_mib = 16384",
+        "smp_max = 4",
+        "vnc = [1, 99]",
+        'machines = ["pc", "q35"]',
+        "",
+        "# Default lists:",
+    ]
+    for lname in ("user", "admin", "unused"):
+        names = [n for n, o in OPTIONS.items() if o.default == lname]
+        lines.append(f"#   {lname}: " + " ".join(names))
+    return "\n".join(lines) + "\n"
+
+
+def _say(msg: str) -> None:
+    print(f"init: {msg}")
+
+
+def init(req: Request, paths: Paths) -> int:
+    accel = req.flag("--accel")
+    if accel is not None and accel not in ("auto", "kvm", "tcg"):
+        raise UsageError("--accel must be auto, kvm or tcg")
+    registry.ensure_layout(paths)
+    os.makedirs(paths.etc, 0o755, exist_ok=True)
+    os.chmod(paths.etc, 0o755)
+    if not os.path.exists(paths.policy):
+        _write_root_file(paths.policy, default_policy(accel or "auto"), 0o644)
+        _say(f"wrote the default policy {paths.policy}")
+    elif accel is not None:
+        with open(paths.policy) as f:
+            text = f.read()
+        text, n = re.subn(r'(?m)^accel\s*=.*$', f'accel = "{accel}"', text)
+        if not n:
+            text = f'accel = "{accel}"\n' + text
+        _write_root_file(paths.policy, text, 0o644)
+        _say(f"set accel = {accel} in {paths.policy}")
+    config.load(paths)  # refuse to finish with a policy kvmgate would refuse
+    try:
+        gid = grp.getgrnam(QEMU_GROUP).gr_gid
+    except KeyError:
+        subprocess.run(["groupadd", "--system", QEMU_GROUP], check=True)
+        gid = grp.getgrnam(QEMU_GROUP).gr_gid
+        _say(f"created group {QEMU_GROUP} (QEMU's primary group; no user is ever a member)")
+    members = grp.getgrgid(gid).gr_mem
+    if members:
+        _say(f"WARNING: {QEMU_GROUP} has members {members}: they could ptrace VMs; remove them")
+    _device("/dev/kvm", gid, 0o660, f"root:{QEMU_GROUP} 0660: only kvmgate's QEMU processes can open it")
+    _device("/dev/net/tun", 0, 0o600, "root:root 0600: only the root helper opens taps")
+    rule = (f'KERNEL=="kvm", GROUP="{QEMU_GROUP}", MODE="0660"\n'
+            'KERNEL=="tun", GROUP="root", MODE="0600", OPTIONS+="static_node=net/tun"\n')
+    if os.path.isdir(os.path.dirname(UDEV_RULE)):
+        _write_root_file(UDEV_RULE, rule, 0o644)
+    try:
+        kvm_members = grp.getgrnam("kvm").gr_mem
+    except KeyError:
+        kvm_members = []
+    if kvm_members:
+        _say(f"note: users in group kvm ({', '.join(kvm_members)}) no longer reach /dev/kvm through it")
+    _say("done")
+    return 0
+
+
+def _device(path: str, gid: int, mode: int, what: str) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        _say(f"{path} does not exist (skipped)")
+        return
+    if st.st_gid != gid or stat.S_IMODE(st.st_mode) != mode or st.st_uid != 0:
+        os.chown(path, 0, gid)
+        os.chmod(path, mode)
+    _say(f"{path} is {what}")
+
+
+def _write_root_file(path: str, text: str, mode: int) -> None:
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+

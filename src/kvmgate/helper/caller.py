@@ -1,0 +1,92 @@
+"""Who is asking, and acting with exactly their rights.
+
+The caller is taken from what the kernel and sudo vouch for: the real uid, or
+SUDO_UID when the real uid is root (sudo sets it and resets the rest of the
+environment). Nothing else the caller controls is consulted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import pwd
+import resource
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..errors import PermissionRefused
+
+PR_SET_NO_NEW_PRIVS = 38
+
+
+@dataclass(frozen=True)
+class Caller:
+    uid: int
+    name: str
+    via_sudo: bool
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+
+def identify(environ: dict[str, str]) -> Caller:
+    if os.geteuid() != 0:
+        raise PermissionRefused("kvmgate-helper must run as root (users reach it through sudo)")
+    ruid = os.getuid()
+    sudo_uid = environ.get("SUDO_UID")
+    if ruid == 0 and sudo_uid is not None:
+        if not sudo_uid.isdigit() or len(sudo_uid) > 10:
+            raise PermissionRefused("malformed SUDO_UID")
+        uid, via = int(sudo_uid), True
+    else:
+        uid, via = ruid, False
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        raise PermissionRefused(f"uid {uid} has no user entry") from None
+    return Caller(uid, name, via)
+
+
+def scrub() -> None:
+    """Close inherited fds, clear the environment and reset what the caller could
+    have preset (umask, cwd, rlimits, supplementary groups)."""
+    os.closerange(3, 1 << 20)
+    os.environ.clear()
+    os.environ["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
+    os.umask(0o077)
+    os.chdir("/")
+    for lim, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, resource.RLIM_INFINITY),
+                       (resource.RLIMIT_NOFILE, 65536), (resource.RLIMIT_STACK, 8 << 20)):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(lim, (value, value))
+    os.setgroups([])
+
+
+@contextlib.contextmanager
+def as_user(pw: pwd.struct_passwd) -> Iterator[None]:
+    """Open files with the user's uid, gid and groups, not root's: whatever the
+    user cannot open, the wrapper cannot be tricked into opening for them."""
+    groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
+    os.setgroups(groups)
+    os.setegid(pw.pw_gid)
+    os.seteuid(pw.pw_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+        os.setgroups([])
+
+
+def drop_to(uid: int, gid: int) -> None:
+    """Irrevocably become uid/gid with no groups, no capabilities, NoNewPrivs."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise PermissionRefused("failed to drop privileges")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise PermissionRefused("failed to set NoNewPrivs")

@@ -1,0 +1,230 @@
+"""Open what QEMU needs, then start it with nothing else.
+
+Each resource is opened here, before the fork, in one of three ways:
+- disks, kernels, ROMs: with the VM owner's rights (`as_user`), regular files
+  only, qcow2 headers checked; kernels and ROMs are copied into sealed memfds;
+- sockets, logs, the lock: created by root in root-only directories;
+- taps: opened by root on /dev/net/tun, which QEMU can never open itself.
+The child then joins the cgroup, installs exactly these fds, drops to the
+owner's uid with the dedicated QEMU group, sets NoNewPrivs and execs.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import pwd
+import resource
+import shutil
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+
+from .. import qcow2
+from ..errors import KvmgateError, PermissionRefused
+from ..translate import Plan, Resource
+from . import caller
+
+MAX_BLOB = 1 << 30
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+QEMU_ENV_KEYS = ("PATH", "TMPDIR", "HOME", "LC_ALL")
+
+
+class FileRefused(KvmgateError):
+    """A user-named file that cannot be used. Missing and unreadable look alike."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class Where:
+    rundir: str
+    logdir: str
+    tmpdir: str
+    lock_fd: int
+
+
+def _open_as(pw: pwd.struct_passwd, path: str, writable: bool, what: str) -> int:
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    try:
+        with caller.as_user(pw):
+            fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENOTDIR, errno.EROFS,
+                         errno.ENAMETOOLONG, errno.EISDIR, errno.ENXIO):
+            raise FileRefused(f"{what}: cannot open {path}: no such file, or not permitted") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise FileRefused(f"{what}: {path} is not a regular file")
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
+def _disk(pw: pwd.struct_passwd, r: Resource) -> tuple[int, int]:
+    """Returns (fd, virtual size)."""
+    assert r.path is not None
+    fd = _open_as(pw, r.path, r.writable, f"-{r.of}")
+    if r.fmt == "qcow2":
+        try:
+            info = qcow2.inspect(os.pread(fd, qcow2.HEADER_READ, 0))
+        except qcow2.Qcow2Refused as err:
+            os.close(fd)
+            raise FileRefused(f"{r.path}: {err}") from None
+        return fd, info.virtual_size
+    size = os.fstat(fd).st_size
+    return fd, max(512, -(-size // 512) * 512)
+
+
+def _blob(pw: pwd.struct_passwd, r: Resource) -> int:
+    """A sealed private copy: QEMU re-opens it by /proc/self/fd and can never see
+    the path, nor a file changed after the check."""
+    assert r.path is not None
+    src = _open_as(pw, r.path, False, f"-{r.of}")
+    try:
+        size = os.fstat(src).st_size
+        if size > MAX_BLOB:
+            raise FileRefused(f"{r.path}: larger than {MAX_BLOB >> 20} MiB")
+        mfd = os.memfd_create("kvmgate-blob", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        off = 0
+        while off < size:
+            n = os.sendfile(mfd, src, off, size - off)
+            if n == 0:
+                break
+            off += n
+        fcntl.fcntl(mfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+        return mfd
+    finally:
+        os.close(src)
+
+
+def _overlay(pw: pwd.struct_passwd, tmpdir: str, size: int) -> int:
+    with caller.as_user(pw):
+        fd = os.open(tmpdir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    os.write(fd, qcow2.empty_image(size))
+    return fd
+
+
+def _tap(ifname: str) -> int:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", ifname.encode(), IFF_TAP | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _listener(path: str) -> int:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.bind(path)  # umask 077: the socket is root-only
+    s.listen(1)
+    return s.detach()
+
+
+def open_resources(plan: Plan, pw: pwd.struct_passwd, where: Where) -> dict[int, int]:
+    """Map each planned QEMU fd number to an fd opened here. On error, all are closed."""
+    opened: dict[int, int] = {}
+    sizes: dict[str, int] = {}
+    try:
+        for r in plan.resources:
+            if r.kind == "qmp":
+                opened[r.fd] = _listener(os.path.join(where.rundir, "qmp.sock"))
+            elif r.kind == "console":
+                opened[r.fd] = _listener(os.path.join(where.rundir, "console.sock"))
+            elif r.kind == "console-log":
+                opened[r.fd] = os.open(os.path.join(where.logdir, "console.log"),
+                                       os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            elif r.kind == "lock":
+                opened[r.fd] = where.lock_fd
+            elif r.kind == "disk":
+                opened[r.fd], sizes[r.of or ""] = _disk(pw, r)
+            elif r.kind == "overlay":
+                opened[r.fd] = _overlay(pw, where.tmpdir, sizes[r.of or ""])
+            elif r.kind == "blob":
+                opened[r.fd] = _blob(pw, r)
+            elif r.kind == "tap":
+                opened[r.fd] = _tap(r.path or "")
+    except BaseException:
+        for target, fd in opened.items():
+            if fd != where.lock_fd:
+                os.close(fd)
+        raise
+    return opened
+
+
+def qemu_env(tmpdir: str) -> dict[str, str]:
+    """The complete environment QEMU gets; nothing is inherited."""
+    return {"PATH": "/usr/bin:/bin", "TMPDIR": tmpdir, "HOME": tmpdir, "LC_ALL": "C"}
+
+
+def spawn(qemu: str, plan: Plan, fds: dict[int, int], pw: pwd.struct_passwd, qemu_gid: int,
+          where: Where, cgroup_procs: str | None, qemu_log: int, max_files: int) -> int:
+    """Fork; the child becomes QEMU. Returns QEMU's pid."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        os.setsid()
+        if cgroup_procs:
+            with open(cgroup_procs, "w") as f:
+                f.write(str(os.getpid()))
+        for lim, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, max_files)):
+            resource.setrlimit(lim, (value, value))
+        # Install exactly the planned fds: move every source above the target range
+        # first, so no dup2 clobbers a source that is still to be moved.
+        devnull = os.open("/dev/null", os.O_RDONLY)
+        top = max([*fds, 2]) + 1
+        staged = {t: fcntl.fcntl(s, fcntl.F_DUPFD_CLOEXEC, top + 64) for t, s in fds.items()}
+        log = fcntl.fcntl(qemu_log, fcntl.F_DUPFD_CLOEXEC, top + 64)
+        dn = fcntl.fcntl(devnull, fcntl.F_DUPFD_CLOEXEC, top + 64)
+        os.dup2(dn, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        for target, src in staged.items():
+            os.dup2(src, target, inheritable=True)
+        keep = set(fds) | {0, 1, 2}
+        for fd in range(3, top):
+            if fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        os.closerange(top, 1 << 20)
+        caller.drop_to(pw.pw_uid, qemu_gid)
+        _clear_dir(where.tmpdir)
+        os.chdir("/")
+        os.execve(qemu, [qemu, *plan.argv], qemu_env(where.tmpdir))
+    except BaseException as err:  # noqa: BLE001 - the child must never return
+        try:
+            os.write(2, f"kvmgate: cannot start QEMU: {err}\n".encode())
+        finally:
+            os._exit(127)
+    raise AssertionError("unreachable")
+
+
+def _clear_dir(path: str) -> None:
+    """Empty QEMU's TMPDIR, as the owner (after the privilege drop)."""
+    for entry in os.listdir(path):
+        p = os.path.join(path, entry)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+
+
+def refuse_unless_owner(pw: pwd.struct_passwd) -> None:
+    if pw.pw_uid == 0:
+        raise PermissionRefused("VMs never run as root: the owner must be an ordinary user")

@@ -1,0 +1,53 @@
+"""Where kvmgate keeps things. Fixed at install time, never taken from the caller.
+
+`install.sh` writes `_install.py` next to this file (root-owned) with the
+chosen locations; a source checkout without it uses the standard ones.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+_SAFE = re.compile(r"/[A-Za-z0-9_./-]*", re.ASCII)
+
+
+@dataclass(frozen=True)
+class Paths:
+    etc: str = "/etc/kvmgate"
+    state: str = "/var/lib/kvmgate"
+    run: str = "/run/kvmgate"
+    log: str = "/var/log/kvmgate"
+    helper: str = "/usr/lib/kvmgate/kvmgate-helper"
+    sudo: str = "/usr/bin/sudo"
+
+    def __post_init__(self) -> None:
+        # These strings reach QEMU's option syntax (gdb socket) and sudoers: keep them plain.
+        for value in self.__dict__.values():
+            if not _SAFE.fullmatch(value) or ".." in value.split("/"):
+                raise ValueError(f"unsafe install path {value!r}")
+
+    @property
+    def policy(self) -> str:
+        return os.path.join(self.etc, "policy.toml")
+
+    @property
+    def vms(self) -> str:
+        return os.path.join(self.state, "vms")
+
+    @property
+    def names(self) -> str:
+        return os.path.join(self.state, "names")
+
+    @property
+    def audit_log(self) -> str:
+        return os.path.join(self.log, "audit.log")
+
+
+def installed() -> Paths:
+    try:
+        from . import _install  # type: ignore[attr-defined]
+    except ImportError:
+        return Paths()
+    return Paths(**_install.PATHS)

@@ -1,0 +1,367 @@
+"""Translate the note's vocabulary into the argv of today's QEMU. Pure.
+
+Rules this module guarantees (and the property tests check):
+- The argv is built only from constants, validated typed values, and fd numbers
+  it allocates itself. User paths never appear in it: every file becomes a file
+  descriptor the launcher opens with the owner's rights (`/dev/fdset/N` for
+  disks, `/proc/self/fd/N` for sealed copies of kernels and ROMs).
+- Block devices are described as JSON (`-blockdev {...}`), so no value is ever
+  read by QEMU's comma/`key=` syntax, and images get an explicit format with
+  `"backing": null`: no format probing, no backing files.
+- `-nodefaults -no-user-config`, no HMP monitor, QMP only on the fd kvmgate owns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import PolicyError
+from .policy import grammar as g
+from .policy.policy import ParsedOption
+
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+DEFAULT_MEM_MIB = 128  # the design note's default
+
+ResourceKind = Literal["qmp", "console", "console-log", "lock", "disk", "overlay", "blob", "tap"]
+
+
+@dataclass(frozen=True)
+class Resource:
+    """Something the launcher opens before exec, installed in QEMU as `fd`."""
+
+    kind: ResourceKind
+    fd: int
+    path: str | None = None
+    writable: bool = False
+    fmt: str | None = None  # disks: "raw" or "qcow2"
+    of: str | None = None  # disks and overlays: the drive node ("hda", ...)
+
+
+@dataclass(frozen=True)
+class Context:
+    """Facts from the host the translation needs, gathered by the caller."""
+
+    accel: Literal["kvm", "tcg"]
+    default_disk: str | None = None  # the VM's own disk, used as -hda if none is given
+    gdb_socket: str | None = None  # runtime path for -s
+    vnc_host: str = "127.0.0.1"
+    key: str = ""  # the VM key: seeds deterministic MAC addresses
+
+
+@dataclass(frozen=True)
+class Plan:
+    argv: tuple[str, ...]
+    resources: tuple[Resource, ...]
+    memory_mib: int
+    pidfiles: tuple[str, ...] = ()
+    has_console: bool = True
+
+    def fds(self) -> list[int]:
+        return [r.fd for r in self.resources]
+
+
+def merge(admin: Sequence[ParsedOption], user: Sequence[ParsedOption]) -> list[ParsedOption]:
+    """Admin values always win: a user option the admin already set is refused."""
+    fixed = {o.name for o in admin}
+    for o in user:
+        if o.name in fixed:
+            raise PolicyError(o.name, "fixed by the administrator for this VM")
+    return [*admin, *user]
+
+
+def _json(obj: object) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def keyval_escape(text: str) -> str:
+    """QEMU's option syntax escapes a literal comma by doubling it (as libvirt does)."""
+    return text.replace(",", ",,")
+
+
+def mac_for(key: str, index: int) -> str:
+    """Deterministic, locally administered unicast MAC (QEMU's 52:54:00 prefix)."""
+    h = hashlib.sha256(f"{key}/{index}".encode()).digest()
+    return "52:54:00:%02x:%02x:%02x" % (h[0], h[1], h[2])
+
+
+_DISK_SLOTS = {
+    "-hda": ("ide-hd", "ide.0", 0),
+    "-hdb": ("ide-hd", "ide.0", 1),
+    "-hdc": ("ide-hd", "ide.1", 0),
+    "-hdd": ("ide-hd", "ide.1", 1),
+    "-cdrom": ("ide-cd", "ide.1", 0),
+    "-fda": ("floppy", None, 0),
+    "-fdb": ("floppy", None, 1),
+}
+
+
+def disk_format(path: str) -> str:
+    """The format comes from the name, never from the content: a raw image whose
+    first sector looks like qcow2 stays raw (no format probing)."""
+    return "qcow2" if path.endswith(".qcow2") else "raw"
+
+
+class _Builder:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.argv: list[str] = []
+        self.resources: list[Resource] = []
+        self.next_fd = 3
+
+    def resource(self, kind: ResourceKind, **kw: object) -> Resource:
+        r = Resource(kind, self.next_fd, **kw)  # type: ignore[arg-type]
+        self.next_fd += 1
+        self.resources.append(r)
+        return r
+
+    def add(self, *args: str) -> None:
+        self.argv.extend(args)
+
+
+def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
+    by: dict[str, list[g.Value]] = {}
+    for o in options:
+        by.setdefault(o.name, []).append(o.value)
+
+    def one(name: str) -> g.Value | None:
+        v = by.get(name)
+        return v[0] if v else None
+
+    b = _Builder(ctx)
+    snapshot = "-snapshot" in by
+    serial = one("-serial")
+    serial_mode = serial.canonical if serial else "console"
+
+    # Fixed resources first, so their fd numbers never move.
+    qmp = b.resource("qmp")
+    b.resource("lock")
+    con = log = None
+    if serial_mode == "console":
+        con = b.resource("console")
+        log = b.resource("console-log")
+
+    accel = "tcg" if "-no-kvm" in by else ctx.accel
+    machine = one("-M")
+    mprops = [machine.canonical if machine else "pc"]
+    if "-no-acpi" in by:
+        mprops.append("acpi=off")
+    mem = one("-m")
+    memory = mem.number if isinstance(mem, g.IntValue) else DEFAULT_MEM_MIB
+
+    b.add("-nodefaults", "-no-user-config", "-machine", ",".join(mprops))
+    b.add("-accel", accel, "-m", str(memory), "-display", "none")
+    b.add("-sandbox", SANDBOX, "-msg", "timestamp=on")
+    b.add("-chardev", f"socket,id=kgqmp,fd={qmp.fd},server=on,wait=off", "-mon", "chardev=kgqmp,mode=control")
+    if con and log:
+        b.add("-add-fd", f"fd={log.fd},set={log.fd},opaque=console-log")
+        b.add("-chardev", f"socket,id=kgcon,fd={con.fd},server=on,wait=off,logfile=/dev/fdset/{log.fd},logappend=on")
+        b.add("-serial", "chardev:kgcon")
+    elif serial_mode == "null":
+        b.add("-serial", "null")
+
+    smp = one("-smp")
+    if smp:
+        b.add("-smp", smp.canonical)
+    # -std-vga asks for what is today's default card; -nographic removes the card.
+    b.add("-vga", "none" if "-nographic" in by else "std")
+
+    # ---- disks
+    if "-hdc" in by and "-cdrom" in by:
+        raise PolicyError("-cdrom", "conflicts with -hdc (both are ide1 master)")
+    disks: list[tuple[str, str]] = [(n, v.canonical) for n in _DISK_SLOTS for v in by.get(n, [])]
+    if "-hda" not in by and ctx.default_disk:
+        disks.insert(0, ("-hda", ctx.default_disk))
+    geometry = one("-hdachs")
+    if geometry and not any(n == "-hda" for n, _ in disks):
+        raise PolicyError("-hdachs", "needs hard disk 0 (-hda)")
+    if any(n in ("-fda", "-fdb") for n, _ in disks) and (machine and machine.canonical == "q35"):
+        b.add("-device", _json({"driver": "isa-fdc", "id": "kgfdc"}))
+    for opt, path in disks:
+        _disk(b, opt, path, snapshot, geometry if opt == "-hda" else None)
+
+    boot = one("-boot")
+    if boot:
+        b.add("-boot", f"order={boot.canonical}")
+    for opt in ("-kernel", "-initrd"):
+        v = one(opt)
+        if v:
+            r = b.resource("blob", path=v.canonical, of=opt.lstrip("-"))
+            b.add(opt, f"/proc/self/fd/{r.fd}")
+    append = one("-append")
+    if append:
+        b.add("-append", append.canonical)
+    for v in by.get("-option-rom", []):
+        r = b.resource("blob", path=v.canonical, of="option-rom")
+        b.add("-option-rom", f"/proc/self/fd/{r.fd}")
+    loadvm = one("-loadvm")
+    if loadvm:
+        b.add("-loadvm", loadvm.canonical)
+
+    # ---- clock, reboot, misc machine
+    if "-localtime" in by:
+        b.add("-rtc", "base=localtime")
+    if "-no-reboot" in by:
+        b.add("-no-reboot")
+    if "-win2k-hack" in by:
+        b.add("-win2k-hack")
+    if "-no-fd-bootchk" in by:
+        b.add("-no-fd-bootchk")
+    k = one("-k")
+    if k:
+        b.add("-k", k.canonical)
+    if "-usb" in by or "-usbdevice" in by:
+        b.add("-usb")
+    for v in by.get("-usbdevice", []):
+        b.add("-device", {"tablet": "usb-tablet", "mouse": "usb-mouse", "keyboard": "usb-kbd"}[v.canonical])
+    balloon = one("-balloon")
+    if balloon and balloon.canonical == "virtio":
+        b.add("-device", "virtio-balloon-pci")
+    par = one("-parallel")
+    if par:
+        b.add("-parallel", par.canonical)
+    mon = one("-monitor")
+    if mon:
+        b.add("-monitor", "none")
+    channels = by.get("-vmchannel", [])
+    if channels:
+        b.add("-device", "virtio-serial-pci,id=kgvser")
+    for i, ch in enumerate(channels):
+        assert isinstance(ch, g.Channel)
+        b.add("-chardev", f"null,id=kgch{i}")
+        b.add("-device", _json({"driver": "virtserialport", "bus": "kgvser.0", "chardev": f"kgch{i}", "name": ch.name}))
+    sound = one("-soundhw")
+    if isinstance(sound, g.Words):
+        b.add("-audiodev", "none,id=kgsnd")
+        for card in sound.words:
+            if card == "hda":
+                b.add("-device", "intel-hda", "-device", "hda-duplex,audiodev=kgsnd")
+            else:
+                b.add("-device", f"{g.SOUND_CARDS[card]},audiodev=kgsnd")
+    if "-s" in by:
+        if not ctx.gdb_socket:
+            raise PolicyError("-s", "no runtime directory for the gdb socket")
+        b.add("-gdb", f"unix:{ctx.gdb_socket},server=on,wait=off")
+    port = one("-p")
+    if port:
+        b.add("-gdb", f"tcp:127.0.0.1:{port.canonical},server=on,wait=off")
+    d = one("-d")
+    if d:
+        b.add("-d", d.canonical)
+    bios = one("-L")
+    if bios:
+        b.add("-L", bios.canonical)
+    vnc = one("-vnc")
+    if vnc:
+        b.add("-vnc", f"{ctx.vnc_host}:{vnc.canonical}")
+
+    _network(b, by, ctx)
+    pidfiles = tuple(v.canonical for v in by.get("-pidfile", []))
+    return Plan(tuple(b.argv), tuple(b.resources), memory, pidfiles, has_console=con is not None)
+
+
+def _disk(b: _Builder, opt: str, path: str, snapshot: bool, geometry: g.Value | None) -> None:
+    driver, bus, unit = _DISK_SLOTS[opt]
+    node = opt.lstrip("-")
+    fmt = disk_format(path)
+    readonly = opt == "-cdrom"
+    # -snapshot: the image is opened read-only and a private overlay takes the writes,
+    # so the user's image is provably never written.
+    base_ro = readonly or snapshot
+    r = b.resource("disk", path=path, writable=not base_ro, fmt=fmt, of=node)
+    b.add("-add-fd", f"fd={r.fd},set={r.fd},opaque={node}")
+    b.add("-blockdev", _json({"driver": "file", "node-name": f"{node}-file", "filename": f"/dev/fdset/{r.fd}",
+                              "read-only": base_ro, "locking": "off"}))
+    fmt_node: dict[str, object] = {"driver": fmt, "node-name": f"{node}-fmt", "file": f"{node}-file", "read-only": base_ro}
+    if fmt == "qcow2":
+        fmt_node["backing"] = None
+    b.add("-blockdev", _json(fmt_node))
+    top = f"{node}-fmt"
+    if snapshot and not readonly:
+        ov = b.resource("overlay", writable=True, fmt="qcow2", of=node)
+        b.add("-add-fd", f"fd={ov.fd},set={ov.fd},opaque={node}-overlay")
+        b.add("-blockdev", _json({"driver": "file", "node-name": f"{node}-ovl-file", "filename": f"/dev/fdset/{ov.fd}"}))
+        b.add("-blockdev", _json({"driver": "qcow2", "node-name": f"{node}-ovl", "file": f"{node}-ovl-file",
+                                  "backing": top}))
+        top = f"{node}-ovl"
+    dev: dict[str, object] = {"driver": driver, "drive": top, "id": node}
+    if bus:
+        dev.update(bus=bus, unit=unit)
+    else:
+        dev["unit"] = unit
+    if isinstance(geometry, g.Geometry):
+        dev.update(cyls=geometry.cyls, heads=geometry.heads, secs=geometry.secs)
+        if geometry.trans:
+            dev["bios-chs-trans"] = geometry.trans
+    b.add("-device", _json(dev))
+
+
+def _network(b: _Builder, by: dict[str, list[g.Value]], ctx: Context) -> None:
+    """Legacy `-net` VLANs become hubs of today's netdevs. No -net at all means the
+    note's default, `-net nic -net user`; `-net none` means no network."""
+    nets = [v for v in by.get("-net", []) if isinstance(v, g.NetSpec)]
+    if any(n.kind == "none" for n in nets):
+        if len(nets) > 1:
+            raise PolicyError("-net", "none cannot be combined with other -net options")
+        nets = []
+    elif not nets:
+        nets = [g.parse_net("-net", "nic", g.Limits()), g.parse_net("-net", "user", g.Limits())]
+    users = [n for n in nets if n.kind == "user"]
+    for opt in ("-tftp", "-smb", "-redir"):
+        if opt in by and not users:
+            raise PolicyError(opt, "needs -net user")
+
+    vlans: dict[str, tuple[list[g.NetSpec], list[g.NetSpec]]] = {}
+    for n in nets:
+        nics, backends = vlans.setdefault(n.get("vlan") or "0", ([], []))
+        (nics if n.kind == "nic" else backends).append(n)
+
+    nic_index = 0
+    for vlan, (nics, backends) in vlans.items():
+        ids = []
+        for j, be in enumerate(backends):
+            nid = f"kgnet{vlan}b{j}"
+            ids.append(nid)
+            b.add("-netdev", _backend(b, be, nid, by if be is users[0] else {}))
+        direct = len(nics) == 1 and len(backends) == 1
+        if not direct:
+            for j, nid in enumerate(ids):
+                b.add("-netdev", f"hubport,id=kghub{vlan}b{j},hubid={vlan},netdev={nid}")
+        for j, nic in enumerate(nics):
+            model = g.NIC_MODELS[nic.get("model") or "virtio"]
+            mac = nic.get("macaddr") or mac_for(ctx.key, nic_index)
+            nic_index += 1
+            if direct:
+                netdev = ids[0]
+            else:
+                netdev = f"kghub{vlan}n{j}"
+                b.add("-netdev", f"hubport,id={netdev},hubid={vlan}")
+            b.add("-device", _json({"driver": model, "netdev": netdev, "mac": mac}))
+
+
+def _backend(b: _Builder, be: g.NetSpec, nid: str, extras: dict[str, list[g.Value]]) -> str:
+    if be.kind == "user":
+        props = [f"user,id={nid}"]
+        host = be.get("hostname")
+        if host:
+            props.append(f"hostname={host}")
+        for v in extras.get("-tftp", []):
+            props.append(f"tftp={keyval_escape(v.canonical)}")
+        for v in extras.get("-smb", []):
+            props.append(f"smb={keyval_escape(v.canonical)}")
+        for v in extras.get("-redir", []):
+            assert isinstance(v, g.Redir)
+            props.append(f"hostfwd={v.proto}:127.0.0.1:{v.host_port}-{v.guest_addr}:{v.guest_port}")
+        return ",".join(props)
+    if be.kind == "tap":
+        r = b.resource("tap", path=be.get("ifname"), writable=True)
+        return f"tap,id={nid},fd={r.fd}"
+    if be.kind == "socket":
+        for key in ("listen", "connect", "mcast"):
+            v = be.get(key)
+            if v:
+                return f"socket,id={nid},{key}={v}"
+    raise PolicyError("-net", f"cannot translate {be.kind}")
