@@ -99,7 +99,7 @@ def decode(components: list[str]) -> Identity:
         enc = first[len(LONG):] + "".join(chain)
     else:
         raise IdentityError("not a kvmgate identity")
-    if not enc or any(len(c) > NAME_MAX or not _B64.fullmatch(c) for c in [enc]):
+    if not _B64.fullmatch(enc) or any(len(c) > NAME_MAX for c in components):
         raise IdentityError("identity is not URL-safe base64")
     try:
         raw = base64.urlsafe_b64decode(enc + "=" * (-len(enc) % 4))

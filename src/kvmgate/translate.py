@@ -24,6 +24,9 @@ from .policy import grammar as g
 from .policy.policy import ParsedOption
 
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# -smb makes QEMU fork and exec smbd on the guest's first connection, which spawn=deny
+# would punish with SIGSYS: only VMs whose admin chose -smb get spawning back.
+SANDBOX_SMB = "on,obsolete=deny,elevateprivileges=deny,spawn=allow,resourcecontrol=deny"
 DEFAULT_MEM_MIB = 128  # the design note's default
 
 ResourceKind = Literal["qmp", "console", "console-log", "lock", "disk", "overlay", "blob", "tap"]
@@ -50,6 +53,7 @@ class Context:
     gdb_socket: str | None = None  # runtime path for -s
     vnc_host: str = "127.0.0.1"
     key: str = ""  # the VM key: seeds deterministic MAC addresses
+    paused: bool = False  # start with the vCPUs stopped (kvmgate's own -S)
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,9 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
 
     b.add("-nodefaults", "-no-user-config", "-machine", ",".join(mprops))
     b.add("-accel", accel, "-m", str(memory), "-display", "none")
-    b.add("-sandbox", SANDBOX, "-msg", "timestamp=on")
+    b.add("-sandbox", SANDBOX_SMB if "-smb" in by else SANDBOX, "-msg", "timestamp=on")
+    if ctx.paused:
+        b.add("-S")
     b.add("-chardev", f"socket,id=kgqmp,fd={qmp.fd},server=on,wait=off", "-mon", "chardev=kgqmp,mode=control")
     if con and log:
         b.add("-add-fd", f"fd={log.fd},set={log.fd},opaque=console-log")
@@ -274,7 +280,7 @@ def _disk(b: _Builder, opt: str, path: str, snapshot: bool, geometry: g.Value | 
     r = b.resource("disk", path=path, writable=not base_ro, fmt=fmt, of=node)
     b.add("-add-fd", f"fd={r.fd},set={r.fd},opaque={node}")
     b.add("-blockdev", _json({"driver": "file", "node-name": f"{node}-file", "filename": f"/dev/fdset/{r.fd}",
-                              "read-only": base_ro, "locking": "off"}))
+                              "read-only": base_ro}))
     fmt_node: dict[str, object] = {"driver": fmt, "node-name": f"{node}-fmt", "file": f"{node}-file", "read-only": base_ro}
     if fmt == "qcow2":
         fmt_node["backing"] = None

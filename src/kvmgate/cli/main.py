@@ -70,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
     sp = cmd("start", "start a VM, optionally with options from your list",
-             usage="kvmgate start [--owner USER] NAME [-- OPTION...]")
+             usage="kvmgate start [--owner USER] [--paused] NAME [-- OPTION...]")
     sp.epilog = "VM options (the design note's vocabulary; the policy may move them):\n" + _options_help() + "\n\n" + EPILOG
     owner(sp)
+    sp.add_argument("--paused", action="store_true", help="start with the virtual CPUs stopped")
     sp.add_argument("name", metavar="NAME")
 
     sp = cmd("stop", "stop a VM: ACPI power-down, then kill after the timeout")

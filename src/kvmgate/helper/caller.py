@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 from ..errors import PermissionRefused
 
+PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
+CAP_LAST = 63
 
 
 @dataclass(frozen=True)
@@ -81,12 +83,15 @@ def as_user(pw: pwd.struct_passwd) -> Iterator[None]:
 
 
 def drop_to(uid: int, gid: int) -> None:
-    """Irrevocably become uid/gid with no groups, no capabilities, NoNewPrivs."""
+    """Irrevocably become uid/gid with no groups, no capabilities (bounding set
+    emptied too), NoNewPrivs."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(CAP_LAST + 1):
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the kernel's last cap: fine
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
         raise PermissionRefused("failed to drop privileges")
-    libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise PermissionRefused("failed to set NoNewPrivs")

@@ -24,7 +24,7 @@ from . import audit, caller
 
 # verb -> (flags with a value, flags without, takes NAME, takes -- OPTIONS)
 VERBS: dict[str, tuple[frozenset[str], frozenset[str], bool, bool]] = {
-    "start": (frozenset({"--owner"}), frozenset(), True, True),
+    "start": (frozenset({"--owner"}), frozenset({"--paused"}), True, True),
     "stop": (frozenset({"--owner", "--timeout"}), frozenset({"--force"}), True, False),
     "status": (frozenset({"--owner"}), frozenset({"--json"}), True, False),
     "list": (frozenset({"--owner"}), frozenset({"--json"}), False, False),

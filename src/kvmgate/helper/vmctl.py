@@ -28,6 +28,7 @@ from .main import Request, emit
 QEMU_GROUP = "kvmgate-qemu"
 START_TIMEOUT = 30.0
 DETACH = b"\x1d"  # Ctrl-]
+PAUSED = ("paused", "prelaunch", "suspended")
 
 
 def target(req: Request, who: Caller, paths: Paths) -> registry.VM:
@@ -37,12 +38,12 @@ def target(req: Request, who: Caller, paths: Paths) -> registry.VM:
     return registry.resolve(paths, owner or who.name, req.name or "")
 
 
-def plan_for(vm: registry.VM, policy: Policy, user_tokens: list[str], accel: str) -> Plan:
+def plan_for(vm: registry.VM, policy: Policy, user_tokens: list[str], accel: str, paused: bool = False) -> Plan:
     admin_opts = policy.parse(list(vm.identity.tokens), "admin")
     user_opts = policy.parse(user_tokens, "user")
     default_disk = vm.default_disk if os.path.exists(vm.default_disk) else None
     ctx = Context(accel=accel, default_disk=default_disk, key=vm.key,  # type: ignore[arg-type]
-                  gdb_socket=os.path.join(vm.rundir, "gdb.sock"))
+                  gdb_socket=os.path.join(vm.rundir, "gdb.sock"), paused=paused)
     return translate(merge(admin_opts, user_opts), ctx)
 
 
@@ -73,7 +74,7 @@ def start(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     launch.refuse_unless_owner(pw)
     qemu_gid = grp.getgrnam(QEMU_GROUP).gr_gid
     accel = config.accel(policy)
-    plan = plan_for(vm, policy, req.options, accel)  # all validation before any change
+    plan = plan_for(vm, policy, req.options, accel, "--paused" in req.flags)  # all validation before any change
     lock_fd = registry.lock(vm)
     try:
         where = launch.Where(vm.rundir, vm.sub("log"), vm.sub("tmp"), lock_fd)
@@ -203,6 +204,8 @@ def describe(vm: registry.VM) -> dict[str, Any]:
                 info["qemu_status"] = q.execute("query-status").get("status")
         except (OSError, QMPError):
             info["qemu_status"] = "unknown"
+        if info["qemu_status"] in PAUSED:
+            info["state"] = "paused"
     return info
 
 

@@ -1,0 +1,44 @@
+#!/bin/sh
+# kvmgate demo: set up this host, define a VM for a demo user, start it through
+# kvmgate, print the guest's boot line from its serial console, and stop it.
+#
+#   sudo ./demo.sh [--accel auto|kvm|tcg]
+#
+# Without --accel the policy's default, "auto" (KVM if usable, else TCG), is used,
+# except inside a virtual machine, where nested KVM is often broken: there the
+# demo chooses TCG and says so.
+set -eu
+cd "$(dirname "$0")"
+[ "$(id -u)" = 0 ] || { echo "demo.sh: run as root (sudo ./demo.sh)" >&2; exit 3; }
+accel=
+[ "${1:-}" = --accel ] && accel=$2
+if [ -z "$accel" ]; then
+    if grep -qw hypervisor /proc/cpuinfo; then
+        accel=tcg; echo "demo: this host is itself a VM; using TCG (pass --accel auto to try nested KVM)"
+    else
+        accel=auto
+    fi
+fi
+user=kvmdemo vm=demo
+
+sh scripts/debian-deps.sh runtime
+guest=$(sh guest/build-test-guest.sh)
+./install.sh
+kvmgate admin init --accel "$accel"
+id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
+
+# Start from a clean definition each time the demo runs.
+kvmgate stop "$vm" --owner "$user" --force >/dev/null 2>&1 || true
+kvmgate admin delete "$vm" --owner "$user" >/dev/null 2>&1 || true
+kvmgate admin create "$vm" --owner "$user" --disk-size 64M -- \
+    -m 256 -nographic \
+    -kernel "$guest/vmlinuz" -initrd "$guest/initrd.img" -append "console=ttyS0 quiet"
+kvmgate admin show "$vm" --owner "$user" | grep -E '^(owner|name|options):'
+
+kvmgate start "$vm" --owner "$user"
+line=$(kvmgate console "$vm" --owner "$user" --expect 'KVMGATE-GUEST-READY[^\r\n]*[\r\n]' --timeout 120 </dev/null \
+       | grep -a -o 'KVMGATE-GUEST-READY[^\r]*' | head -n 1)
+echo "demo: guest boot line: $line"
+kvmgate status "$vm" --owner "$user"
+kvmgate stop "$vm" --owner "$user" --timeout 20
+echo "demo: ok"

@@ -1,0 +1,22 @@
+#!/bin/sh
+# Install the Debian packages kvmgate needs, only those missing.
+#   scripts/debian-deps.sh runtime   what the product needs
+#   scripts/debian-deps.sh test      plus what the test suite and benchmarks need
+set -eu
+runtime="python3 qemu-system-x86 qemu-utils sudo iproute2 util-linux"
+guest="busybox-static cpio genisoimage kmod e2fsprogs"
+test="python3-venv openssh-server openssh-client procps psmisc iputils-ping"
+case "${1:-runtime}" in
+    runtime) want="$runtime $guest" ;;
+    test) want="$runtime $guest $test" ;;
+    *) echo "usage: $0 runtime|test" >&2; exit 2 ;;
+esac
+missing=""
+for p in $want; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "installing:$missing"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi

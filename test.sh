@@ -1,0 +1,16 @@
+#!/bin/sh
+# Install everything the test suite needs (Debian packages, a venv with the Python
+# test dependencies, the test guest), then run lint, types and the whole suite.
+#
+#   sudo ./test.sh [pytest arguments]
+set -eu
+cd "$(dirname "$0")"
+[ "$(id -u)" = 0 ] || { echo "test.sh: run as root (the suite creates users, taps and cgroups)" >&2; exit 3; }
+sh scripts/debian-deps.sh test
+sh guest/build-test-guest.sh >/dev/null
+venv=.venv
+[ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv "$venv"
+"$venv/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+"$venv/bin/ruff" check src tests bench
+"$venv/bin/mypy" --no-error-summary
+exec "$venv/bin/pytest" -q "$@"

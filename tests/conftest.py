@@ -1,0 +1,171 @@
+"""Shared fixtures: a kvmgate installation of its own, the test guest, real users.
+
+The suite installs kvmgate with install.sh into /opt/kvmgate-test (state, policy
+and runtime directories of its own), so it never touches a host's real
+installation, and removes every user, process and directory it made, even when
+a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PREFIX = "/opt/kvmgate-test"
+ETC = f"{PREFIX}/etc"
+STATE = f"{PREFIX}/state"
+RUN = "/run/kvmgate-test"
+LOG = f"{PREFIX}/log"
+KVMGATE = f"{PREFIX}/bin/kvmgate"
+GUEST = os.environ.get("KVMGATE_GUEST_DIR", "/var/cache/kvmgate-test-guest")
+BOOT_LINE = r"KVMGATE-GUEST-READY[^\r\n]*[\r\n]"
+
+
+def run(cmd: list[str], *, input: str | None = None, timeout: float = 120, check: bool = False,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout, check=check,
+                          env=env, stdin=None if input is not None else subprocess.DEVNULL)
+
+
+@dataclass
+class Kvmgate:
+    """Runs the installed `kvmgate` as root or as a real user."""
+
+    def __call__(self, *args: str, user: str | None = None, input: str | None = None, timeout: float = 120,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        cmd = [KVMGATE, *args] if user is None else ["runuser", "-u", user, "--", KVMGATE, *args]
+        return run(cmd, input=input, timeout=timeout, env=env)
+
+    def ok(self, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        r = self(*args, **kw)  # type: ignore[arg-type]
+        assert r.returncode == 0, f"kvmgate {' '.join(args)} -> {r.returncode}: {r.stderr}{r.stdout}"
+        return r
+
+    def json(self, *args: str, **kw: object) -> object:
+        return json.loads(self.ok(*args, "--json", **kw).stdout)  # type: ignore[arg-type]
+
+    def write_policy(self, text: str) -> None:
+        path = Path(ETC, "policy.toml")
+        path.write_text(text)
+        path.chmod(0o644)
+
+    def state_snapshot(self) -> list[tuple[str, int, int, int]]:
+        """Every path under the state and runtime roots with owner and mode: refusals must not change it."""
+        out = []
+        for root in (STATE, RUN):
+            for dirpath, dirnames, filenames in os.walk(root):
+                for n in dirnames + filenames:
+                    p = os.path.join(dirpath, n)
+                    st = os.lstat(p)
+                    if n in ("audit.log",):
+                        continue
+                    out.append((p, st.st_uid, st.st_mode, st.st_size if not os.path.isdir(p) else 0))
+        return sorted(out)
+
+
+DEFAULT_POLICY = 'accel = "tcg"\nstop_timeout = 10\n'
+
+
+@pytest.fixture(scope="session")
+def guest() -> Path:
+    if not Path(GUEST, "initrd.img").exists():
+        subprocess.run(["sh", str(REPO / "guest/build-test-guest.sh"), GUEST], check=True, capture_output=True)
+    return Path(GUEST)
+
+
+@pytest.fixture(scope="session")
+def kg(guest: Path) -> Iterator[Kvmgate]:
+    if os.geteuid() != 0:
+        pytest.skip("integration tests run as root (they create users, cgroups and taps)")
+    shutil.rmtree(PREFIX, ignore_errors=True)
+    run([str(REPO / "install.sh"), "--prefix", PREFIX, "--etc", ETC, "--state", STATE, "--run", RUN, "--log", LOG],
+        check=True)
+    k = Kvmgate()
+    k.ok("admin", "init", "--accel", "tcg")
+    k.write_policy(DEFAULT_POLICY)
+    yield k
+    _stop_everything(k)
+    shutil.rmtree(RUN, ignore_errors=True)
+    shutil.rmtree(PREFIX, ignore_errors=True)
+
+
+def _stop_everything(k: Kvmgate) -> None:
+    r = k("admin", "list", "--json")
+    if r.returncode == 0:
+        for vm in json.loads(r.stdout):
+            if vm.get("state") in ("running", "paused"):
+                k("stop", vm["name"], "--owner", vm["owner"], "--force")
+
+
+@pytest.fixture(autouse=True)
+def _policy_reset(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests that change the policy get the default back afterwards."""
+    yield
+    if "kg" in request.fixturenames and os.path.exists(ETC):
+        Path(ETC, "policy.toml").write_text(DEFAULT_POLICY)
+
+
+class Users:
+    def __init__(self) -> None:
+        self.made: list[str] = []
+
+    def make(self, prefix: str = "kgt") -> str:
+        name = f"{prefix}{secrets.token_hex(3)}"
+        run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True)
+        self.made.append(name)
+        return name
+
+    def cleanup(self) -> None:
+        for name in self.made:
+            run(["pkill", "-KILL", "-u", name])
+        time.sleep(0.2)
+        for name in self.made:
+            run(["userdel", "--remove", "--force", name])
+        self.made.clear()
+
+
+@pytest.fixture(scope="session")
+def users() -> Iterator[Users]:
+    u = Users()
+    yield u
+    u.cleanup()
+
+
+@pytest.fixture(scope="session")
+def alice(users: Users) -> str:
+    return users.make("kga")
+
+
+@pytest.fixture(scope="session")
+def bob(users: Users) -> str:
+    return users.make("kgb")
+
+
+@pytest.fixture
+def vm_name() -> str:
+    return f"vm{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def cleanup_vms(kg: Kvmgate) -> Iterator[list[tuple[str, str]]]:
+    """Tests append (owner, name); the VMs are stopped and deleted afterwards."""
+    made: list[tuple[str, str]] = []
+    yield made
+    for owner, name in made:
+        kg("stop", name, "--owner", owner, "--force")
+        kg("admin", "delete", name, "--owner", owner)
+
+
+def boot_options(guest: Path, *extra: str) -> list[str]:
+    return ["-m", "256", "-nographic", "-kernel", f"{guest}/vmlinuz", "-initrd", f"{guest}/initrd.img",
+            "-append", "console=ttyS0 quiet", *extra]

@@ -1,0 +1,63 @@
+"""qcow2 header checks (refuse backing and data files) and the empty-image writer."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmgate import qcow2
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("size", [1 << 20, 64 << 20, 10 << 30, (1 << 40) + 512])
+def test_empty_image_is_valid_for_qemu_img(tmp_path: Path, size: int) -> None:
+    p = tmp_path / "e.qcow2"
+    p.write_bytes(qcow2.empty_image(size))
+    qemu_img("check", str(p))
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(p)], capture_output=True, text=True, check=True)
+    assert f'"virtual-size": {size}' in info.stdout
+    assert qcow2.inspect(p.read_bytes()[: qcow2.HEADER_READ]).virtual_size == size
+
+
+def test_qemu_img_made_image_is_accepted(tmp_path: Path) -> None:
+    p = tmp_path / "a.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "1G")
+    assert qcow2.inspect(p.read_bytes()[: qcow2.HEADER_READ]).virtual_size == 1 << 30
+
+
+def test_backing_file_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "b.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "backing_file=/etc/shadow,backing_fmt=raw", "-u", str(p), "1G")
+    with pytest.raises(qcow2.Qcow2Refused, match="backing file"):
+        qcow2.inspect(p.read_bytes()[: qcow2.HEADER_READ])
+
+
+def test_json_backing_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "j.qcow2"
+    qemu_img("create", "-f", "qcow2", "-u", "-o",
+             'backing_file=json:{"file":{"driver":"file",,"filename":"/etc/shadow"}},backing_fmt=raw', str(p), "1G")
+    with pytest.raises(qcow2.Qcow2Refused, match="backing file"):
+        qcow2.inspect(p.read_bytes()[: qcow2.HEADER_READ])
+
+
+def test_data_file_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "d.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", f"data_file={tmp_path}/data.raw", str(p), "1G")
+    with pytest.raises(qcow2.Qcow2Refused, match="data file"):
+        qcow2.inspect(p.read_bytes()[: qcow2.HEADER_READ])
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=4096))
+def test_inspect_never_crashes(data: bytes) -> None:
+    try:
+        qcow2.inspect(qcow2.MAGIC + data)
+    except qcow2.Qcow2Refused:
+        pass

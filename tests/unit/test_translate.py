@@ -1,0 +1,166 @@
+"""Translation to QEMU argv: expected command lines per VM definition (kept in
+tests/argv/, regenerate with KVMGATE_REGEN=1), and property tests over any input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmgate.errors import PolicyError
+from kvmgate.policy.policy import Policy
+from kvmgate.translate import Context, merge, translate
+
+ARGV_DIR = Path(__file__).resolve().parent.parent / "argv"
+CTX = Context(accel="kvm", default_disk=None, key="0123456789abcdef01234567", gdb_socket="/run/kvmgate/k/gdb.sock")
+
+# name -> (admin options, user options)
+DEFINITIONS: dict[str, tuple[list[str], list[str]]] = {
+    "minimal": ([], []),
+    "note-default-net": (["-m", "256"], []),
+    "no-net": (["-m", "256", "-net", "none", "-nographic"], []),
+    "user-disks": (["-m", "512"], ["-hda", "/home/a/d.qcow2", "-hdb", "/home/a/e.img", "-cdrom", "/home/a/x.iso",
+                                    "-boot", "d"]),
+    "snapshot": (["-m", "256"], ["-hda", "/home/a/d.qcow2", "-snapshot"]),
+    "kernel-boot": (["-m", "256", "-nographic"], ["-kernel", "/k", "-initrd", "/i", "-append", "console=ttyS0 a,b"]),
+    "floppies-geometry": ([], ["-fda", "/f.img", "-hda", "/h.img", "-hdachs", "100,16,63,lba"]),
+    "user-misc": ([], ["-localtime", "-no-acpi", "-no-reboot", "-loadvm", "snap1", "-vnc", ":3", "-option-rom", "/r.rom"]),
+    "admin-misc": (["-usb", "-usbdevice", "tablet", "-win2k-hack", "-balloon", "virtio", "-serial", "null",
+                    "-parallel", "none", "-monitor", "none", "-no-rtc", "-vmchannel", "di:org.kvmgate.x,null",
+                    "-pidfile", "/run/p.pid"], []),
+    "vlans": (["-net", "nic,vlan=0,model=e1000", "-net", "user,vlan=0,hostname=web", "-redir", "tcp:2222::22",
+               "-tftp", "/srv/tftp,x", "-net", "nic,vlan=1,model=virtio", "-net", "socket,vlan=1,listen=:4000",
+               "-net", "tap,vlan=1,ifname=kgtap0,script=no"], []),
+    "smb": (["-net", "nic", "-net", "user", "-smb", "/srv/share"], []),
+}
+
+
+def argv_for(admin: list[str], user: list[str], policy: Policy | None = None) -> list[str]:
+    p = policy or Policy()
+    return list(translate(merge(p.parse(admin, "admin"), p.parse(user, "user")), CTX).argv)
+
+
+@pytest.mark.parametrize("name", sorted(DEFINITIONS))
+def test_expected_argv(name: str) -> None:
+    admin, user = DEFINITIONS[name]
+    got = argv_for(admin, user)
+    path = ARGV_DIR / f"{name}.json"
+    if os.environ.get("KVMGATE_REGEN"):
+        path.write_text(json.dumps({"admin": admin, "user": user, "argv": got}, indent=1) + "\n")
+    assert got == json.loads(path.read_text())["argv"]
+
+
+def test_always_nodefaults_sandbox_and_no_hmp() -> None:
+    for admin, user in DEFINITIONS.values():
+        argv = argv_for(admin, user)
+        assert argv[:3] == ["-nodefaults", "-no-user-config", "-machine"]
+        assert argv[argv.index("-sandbox") + 1].startswith("on,obsolete=deny,elevateprivileges=deny,spawn=")
+        assert "stdio" not in " ".join(argv) and "vc" not in argv
+        mons = [argv[i + 1] for i, a in enumerate(argv) if a == "-mon"]
+        assert mons == ["chardev=kgqmp,mode=control"]
+
+
+def test_spawn_allowed_only_for_smb() -> None:
+    assert "spawn=allow" in " ".join(argv_for(*DEFINITIONS["smb"]))
+    assert all("spawn=deny" in " ".join(argv_for(*d)) for n, d in DEFINITIONS.items() if n != "smb")
+
+
+def test_admin_values_win() -> None:
+    with pytest.raises(PolicyError, match="-boot: fixed by the administrator"):
+        argv_for(["-boot", "c"], ["-boot", "d"])
+
+
+def test_no_kvm_means_tcg() -> None:
+    p = Policy.from_dict({"lists": {"admin": ["-no-kvm"]}})
+    argv = argv_for(["-no-kvm"], [], p)
+    assert argv[argv.index("-accel") + 1] == "tcg"
+
+
+@pytest.mark.parametrize("admin, user, message", [
+    (["-redir", "tcp:1::2", "-net", "none"], [], "-redir: needs -net user"),
+    (["-net", "none", "-net", "user"], [], "none cannot be combined"),
+    ([], ["-hdachs", "1,1,1"], "-hdachs: needs hard disk 0"),
+])
+def test_translation_refusals(admin: list[str], user: list[str], message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        argv_for(admin, user)
+
+
+# ----------------------------------------------------------------- property tests
+
+USER_OPTS = [n for n, o in Policy().lists.items() if o == "user"]
+values = st.one_of(
+    st.sampled_from(["/home/u/a.img", "/x,file.driver=vvfat", "fat:rw:/etc", "json:{}", "c", "d", ":1", "snap1",
+                     "1,1,1", "0.0.0.0:1", "-m", "--", "a\nb", "console=ttyS0", ":1,websocket=1", "c,splash=/x",
+                     "/home/u/x.qcow2", "/dev/fdset/1", "/proc/self/fd/3"]),
+    st.text(max_size=20),
+)
+tokens = st.lists(st.one_of(st.sampled_from(USER_OPTS + ["-m", "-net", "-monitor", "-incoming", "--m", "-S"]), values),
+                  max_size=12)
+ADMIN = ["-m", "384", "-net", "nic", "-net", "user", "-nographic"]
+# Every option the translation of user-list options (plus the admin's) may emit.
+ALLOWED_ARGV_OPTIONS = {
+    "-nodefaults", "-no-user-config", "-machine", "-accel", "-m", "-display", "-sandbox", "-msg", "-chardev", "-mon",
+    "-add-fd", "-serial", "-vga", "-blockdev", "-device", "-boot", "-kernel", "-initrd", "-append", "-option-rom",
+    "-loadvm", "-rtc", "-no-reboot", "-vnc", "-netdev",
+}
+
+
+@settings(max_examples=400, deadline=None)
+@given(tokens)
+def test_any_user_input_is_refused_or_safe(user: list[str]) -> None:
+    p = Policy()
+    try:
+        opts = p.parse(user, "user")
+        argv = list(translate(merge(p.parse(ADMIN, "admin"), opts), CTX).argv)
+    except PolicyError:
+        return
+    # only options the user's list and the admin's options produce
+    option_positions = _option_positions(argv)
+    assert {argv[i] for i in option_positions} <= ALLOWED_ARGV_OPTIONS
+    # the admin's values are intact
+    assert argv[argv.index("-m") + 1] == "384" and argv.count("-m") == 1
+    # user values appear only where QEMU cannot parse them as its own syntax
+    for o in opts:
+        raw = o.value.canonical
+        if o.spec.parse is None or not raw:
+            continue
+        if o.name in ("-hda", "-hdb", "-cdrom", "-fda", "-fdb", "-kernel", "-initrd", "-option-rom"):
+            assert not any(raw in a for a in argv), "paths never reach QEMU; fds do"
+        elif o.name == "-append":
+            assert argv[argv.index("-append") + 1] == raw
+        else:
+            assert "," not in raw and "=" not in raw and not raw.startswith("-") and "\n" not in raw
+
+
+def _option_positions(argv: list[str]) -> list[int]:
+    """Indices of option tokens: every option in our argv takes exactly one value
+    except the known flags."""
+    flags = {"-nodefaults", "-no-user-config", "-no-reboot", "-usb", "-win2k-hack", "-no-fd-bootchk", "-S"}
+    out, i = [], 0
+    while i < len(argv):
+        out.append(i)
+        i += 1 if argv[i] in flags else 2
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["-hda", "-hdb", "-cdrom", "-fda", "-kernel", "-initrd", "-option-rom"]), max_size=5),
+       st.text(min_size=1, max_size=30))
+def test_files_become_fds(opts: list[str], name: str) -> None:
+    user: list[str] = []
+    for o in dict.fromkeys(opts):
+        user += [o, "/home/u/" + name.replace("\0", "")]
+    p = Policy()
+    try:
+        plan = translate(merge([], p.parse(user, "user")), CTX)
+    except PolicyError:
+        return
+    fds = plan.fds()
+    assert fds == list(range(3, 3 + len(fds))), "fd numbers are dense from 3"
+    paths = [r.path for r in plan.resources if r.kind in ("disk", "blob")]
+    assert sorted(paths) == sorted(p.parse(user, "user")[i].value.canonical for i in range(len(paths)))
