@@ -31,18 +31,38 @@ GUEST = os.environ.get("KVMGATE_GUEST_DIR", "/var/cache/kvmgate-test-guest")
 BOOT_LINE = r"KVMGATE-GUEST-READY[^\r\n]*[\r\n]"
 
 
-def run(cmd: list[str], *, input: str | None = None, timeout: float = 120, check: bool = False,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout, check=check,
-                          env=env, stdin=None if input is not None else subprocess.DEVNULL)
+def run(
+    cmd: list[str],
+    *,
+    input: str | None = None,
+    timeout: float = 120,
+    check: bool = False,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cmd,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+        env=env,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
 
 
 @dataclass
 class Kvmgate:
     """Runs the installed `kvmgate` as root or as a real user."""
 
-    def __call__(self, *args: str, user: str | None = None, input: str | None = None, timeout: float = 120,
-                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self,
+        *args: str,
+        user: str | None = None,
+        input: str | None = None,
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [KVMGATE, *args] if user is None else ["runuser", "-u", user, "--", KVMGATE, *args]
         return run(cmd, input=input, timeout=timeout, env=env)
 
@@ -88,8 +108,10 @@ def kg(guest: Path) -> Iterator[Kvmgate]:
     if os.geteuid() != 0:
         pytest.skip("integration tests run as root (they create users, cgroups and taps)")
     shutil.rmtree(PREFIX, ignore_errors=True)
-    run([str(REPO / "install.sh"), "--prefix", PREFIX, "--etc", ETC, "--state", STATE, "--run", RUN, "--log", LOG],
-        check=True)
+    run(
+        [str(REPO / "install.sh"), "--prefix", PREFIX, "--etc", ETC, "--state", STATE, "--run", RUN, "--log", LOG],
+        check=True,
+    )
     k = Kvmgate()
     k.ok("admin", "init", "--accel", "tcg")
     k.write_policy(DEFAULT_POLICY)
@@ -167,5 +189,15 @@ def cleanup_vms(kg: Kvmgate) -> Iterator[list[tuple[str, str]]]:
 
 
 def boot_options(guest: Path, *extra: str) -> list[str]:
-    return ["-m", "256", "-nographic", "-kernel", f"{guest}/vmlinuz", "-initrd", f"{guest}/initrd.img",
-            "-append", "console=ttyS0 quiet", *extra]
+    return [
+        "-m",
+        "256",
+        "-nographic",
+        "-kernel",
+        f"{guest}/vmlinuz",
+        "-initrd",
+        f"{guest}/initrd.img",
+        "-append",
+        "console=ttyS0 quiet",
+        *extra,
+    ]

@@ -81,7 +81,7 @@ class Identity:
             return [SHORT + enc]
         head = NAME_MAX - len(LONG)
         rest = enc[head:]
-        return [LONG + enc[:head]] + [rest[i:i + NAME_MAX] for i in range(0, len(rest), NAME_MAX)]
+        return [LONG + enc[:head]] + [rest[i : i + NAME_MAX] for i in range(0, len(rest), NAME_MAX)]
 
 
 def decode(components: list[str]) -> Identity:
@@ -92,11 +92,11 @@ def decode(components: list[str]) -> Identity:
     if first.startswith(SHORT):
         if chain:
             raise IdentityError("short identity with a continuation chain")
-        enc = first[len(SHORT):]
+        enc = first[len(SHORT) :]
     elif first.startswith(LONG):
         if not chain or len(first) != NAME_MAX or any(len(c) != NAME_MAX for c in chain[:-1]):
             raise IdentityError("malformed long identity")
-        enc = first[len(LONG):] + "".join(chain)
+        enc = first[len(LONG) :] + "".join(chain)
     else:
         raise IdentityError("not a kvmgate identity")
     if not _B64.fullmatch(enc) or any(len(c) > NAME_MAX for c in components):

@@ -52,8 +52,8 @@ def inspect(head: bytes) -> Qcow2Info:
     if version == 3:
         if len(head) < 104:
             raise Qcow2Refused("truncated header")
-        incompat, = struct.unpack_from(">Q", head, 72)
-        header_len, = struct.unpack_from(">I", head, 100)
+        (incompat,) = struct.unpack_from(">Q", head, 72)
+        (header_len,) = struct.unpack_from(">I", head, 100)
         if incompat & _INCOMPAT_DATA_FILE:
             raise Qcow2Refused("image has an external data file")
         if incompat & ~_INCOMPAT_KNOWN:
@@ -90,9 +90,27 @@ def empty_image(virtual_size: int, cluster_bits: int = 16) -> bytes:
         raise ValueError("virtual size too large for a single refcount block")
     img = bytearray(clusters * cs)
     struct.pack_into(
-        ">4sIQIIQIIQQIIQQQQII", img, 0,
-        MAGIC, 3, 0, 0, cluster_bits, virtual_size, 0, l1_entries, 3 * cs,
-        1 * cs, 1, 0, 0, 0, 0, 0, 4, 104,
+        ">4sIQIIQIIQQIIQQQQII",
+        img,
+        0,
+        MAGIC,
+        3,
+        0,
+        0,
+        cluster_bits,
+        virtual_size,
+        0,
+        l1_entries,
+        3 * cs,
+        1 * cs,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        4,
+        104,
     )
     struct.pack_into(">Q", img, cs, 2 * cs)
     for i in range(clusters):

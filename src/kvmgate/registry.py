@@ -64,8 +64,14 @@ def _mkdir(path: str, mode: int, uid: int = 0, gid: int = 0) -> None:
 
 
 def ensure_layout(paths: Paths) -> None:
-    for path, mode in ((paths.state, 0o755), (paths.vms, 0o711), (paths.names, 0o700),
-                       (os.path.join(paths.state, "kept"), 0o711), (paths.run, 0o700), (paths.log, 0o700)):
+    for path, mode in (
+        (paths.state, 0o755),
+        (paths.vms, 0o711),
+        (paths.names, 0o700),
+        (os.path.join(paths.state, "kept"), 0o711),
+        (paths.run, 0o700),
+        (paths.log, 0o700),
+    ):
         os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
         _mkdir(path, mode)
 
@@ -120,7 +126,7 @@ def resolve(paths: Paths, owner: str, name: str) -> VM:
     except OSError:
         raise NoSuchVM(name) from None
     prefix = "../../vms/"
-    dirname = target[len(prefix):]
+    dirname = target[len(prefix) :]
     if not target.startswith(prefix) or "/" in dirname or dirname in ("", ".", ".."):
         raise IdentityError(f"name link {owner}/{name} is malformed")
     try:
@@ -228,8 +234,11 @@ def create(paths: Paths, identity: ident.Identity, empty_image: bytes | None) ->
         _mkdir(os.path.join(stage, "disks"), 0o700)
         _mkdir(os.path.join(stage, "tmp"), 0o700)
         if empty_image is not None:
-            fd = os.open(os.path.join(stage, "disks", DEFAULT_DISK),
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                os.path.join(stage, "disks", DEFAULT_DISK),
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
             try:
                 os.write(fd, empty_image)
                 os.fchown(fd, pw.pw_uid, pw.pw_gid)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from .errors import PolicyError
@@ -29,6 +29,7 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 SANDBOX_SMB = "on,obsolete=deny,elevateprivileges=deny,spawn=allow,resourcecontrol=deny"
 DEFAULT_MEM_MIB = 128  # the design note's default
 
+Accel = Literal["kvm", "tcg"]
 ResourceKind = Literal["qmp", "console", "console-log", "lock", "disk", "overlay", "blob", "tap"]
 
 
@@ -48,7 +49,7 @@ class Resource:
 class Context:
     """Facts from the host the translation needs, gathered by the caller."""
 
-    accel: Literal["kvm", "tcg"]
+    accel: Accel
     default_disk: str | None = None  # the VM's own disk, used as -hda if none is given
     gdb_socket: str | None = None  # runtime path for -s
     vnc_host: str = "127.0.0.1"
@@ -89,7 +90,7 @@ def keyval_escape(text: str) -> str:
 def mac_for(key: str, index: int) -> str:
     """Deterministic, locally administered unicast MAC (QEMU's 52:54:00 prefix)."""
     h = hashlib.sha256(f"{key}/{index}".encode()).digest()
-    return "52:54:00:%02x:%02x:%02x" % (h[0], h[1], h[2])
+    return f"52:54:00:{h[0]:02x}:{h[1]:02x}:{h[2]:02x}"
 
 
 _DISK_SLOTS = {
@@ -279,9 +280,16 @@ def _disk(b: _Builder, opt: str, path: str, snapshot: bool, geometry: g.Value | 
     base_ro = readonly or snapshot
     r = b.resource("disk", path=path, writable=not base_ro, fmt=fmt, of=node)
     b.add("-add-fd", f"fd={r.fd},set={r.fd},opaque={node}")
-    b.add("-blockdev", _json({"driver": "file", "node-name": f"{node}-file", "filename": f"/dev/fdset/{r.fd}",
-                              "read-only": base_ro}))
-    fmt_node: dict[str, object] = {"driver": fmt, "node-name": f"{node}-fmt", "file": f"{node}-file", "read-only": base_ro}
+    b.add(
+        "-blockdev",
+        _json({"driver": "file", "node-name": f"{node}-file", "filename": f"/dev/fdset/{r.fd}", "read-only": base_ro}),
+    )
+    fmt_node: dict[str, object] = {
+        "driver": fmt,
+        "node-name": f"{node}-fmt",
+        "file": f"{node}-file",
+        "read-only": base_ro,
+    }
     if fmt == "qcow2":
         fmt_node["backing"] = None
     b.add("-blockdev", _json(fmt_node))
@@ -289,9 +297,13 @@ def _disk(b: _Builder, opt: str, path: str, snapshot: bool, geometry: g.Value | 
     if snapshot and not readonly:
         ov = b.resource("overlay", writable=True, fmt="qcow2", of=node)
         b.add("-add-fd", f"fd={ov.fd},set={ov.fd},opaque={node}-overlay")
-        b.add("-blockdev", _json({"driver": "file", "node-name": f"{node}-ovl-file", "filename": f"/dev/fdset/{ov.fd}"}))
-        b.add("-blockdev", _json({"driver": "qcow2", "node-name": f"{node}-ovl", "file": f"{node}-ovl-file",
-                                  "backing": top}))
+        b.add(
+            "-blockdev", _json({"driver": "file", "node-name": f"{node}-ovl-file", "filename": f"/dev/fdset/{ov.fd}"})
+        )
+        b.add(
+            "-blockdev",
+            _json({"driver": "qcow2", "node-name": f"{node}-ovl", "file": f"{node}-ovl-file", "backing": top}),
+        )
         top = f"{node}-ovl"
     dev: dict[str, object] = {"driver": driver, "drive": top, "id": node}
     if bus:
@@ -331,7 +343,7 @@ def _network(b: _Builder, by: dict[str, list[g.Value]], ctx: Context) -> None:
         for j, be in enumerate(backends):
             nid = f"kgnet{vlan}b{j}"
             ids.append(nid)
-            b.add("-netdev", _backend(b, be, nid, by if be is users[0] else {}))
+            b.add("-netdev", _backend(b, be, nid, by if users and be is users[0] else {}))
         direct = len(nics) == 1 and len(backends) == 1
         if not direct:
             for j, nid in enumerate(ids):
@@ -367,7 +379,7 @@ def _backend(b: _Builder, be: g.NetSpec, nid: str, extras: dict[str, list[g.Valu
         return f"tap,id={nid},fd={r.fd}"
     if be.kind == "socket":
         for key in ("listen", "connect", "mcast"):
-            v = be.get(key)
-            if v:
-                return f"socket,id={nid},{key}={v}"
+            addr = be.get(key)
+            if addr:
+                return f"socket,id={nid},{key}={addr}"
     raise PolicyError("-net", f"cannot translate {be.kind}")

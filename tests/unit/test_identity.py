@@ -13,8 +13,9 @@ from kvmgate.errors import IdentityError, UsageError
 
 names = st.from_regex(r"[a-z][a-z0-9]{0,10}(-[a-z0-9]{1,5}){0,3}", fullmatch=True)
 owners = st.from_regex(r"[a-z_][a-z0-9_-]{0,31}", fullmatch=True)
-tokens = st.lists(st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=60),
-                  max_size=40)
+tokens = st.lists(
+    st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=60), max_size=40
+)
 
 
 @given(owners, names, tokens)
@@ -48,7 +49,9 @@ def test_same_inputs_same_directory_and_owner_matters() -> None:
 
 
 def test_long_identity_is_chained_and_recoverable() -> None:
-    toks = tuple(t for i in range(40) for t in ("-net", f"nic,vlan={i % 16},macaddr=52:54:00:00:00:{i:02x},model=virtio"))
+    toks = tuple(
+        t for i in range(40) for t in ("-net", f"nic,vlan={i % 16},macaddr=52:54:00:00:00:{i:02x},model=virtio")
+    )
     i = ident.Identity("alice", "big", toks)
     comps = i.components()
     assert len(comps) > 1 and comps[0].startswith(ident.LONG)
@@ -66,8 +69,32 @@ def test_good_names(name: str) -> None:
     assert ident.check_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "x" * 33, "x" * 255, "x" * 256, "Dev", "dev ", " dev", "dev\n", "../x", "a/b",
-                                  "a..b", ".", "..", "-a", "a-", "a--b", "1a", "d\u0435v", "dev\u200b", "ｄｅｖ", "a.b"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "x" * 33,
+        "x" * 255,
+        "x" * 256,
+        "Dev",
+        "dev ",
+        " dev",
+        "dev\n",
+        "../x",
+        "a/b",
+        "a..b",
+        ".",
+        "..",
+        "-a",
+        "a-",
+        "a--b",
+        "1a",
+        "d\u0435v",
+        "dev\u200b",
+        "\uff44\uff45\uff56",
+        "a.b",
+    ],
+)
 def test_bad_names(name: str) -> None:
     with pytest.raises(UsageError, match="invalid VM name"):
         ident.check_name(name)
@@ -99,6 +126,6 @@ def test_tampered_identities_are_refused(comps: list[str]) -> None:
 
 def test_non_canonical_long_form_is_refused() -> None:
     short = ident.Identity("alice", "dev", ("-m", "256")).components()[0]
-    enc = short[len(ident.SHORT):]
+    enc = short[len(ident.SHORT) :]
     with pytest.raises(IdentityError):
         ident.decode([ident.LONG + enc[:3], enc[3:]])

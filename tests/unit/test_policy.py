@@ -10,12 +10,18 @@ from kvmgate.errors import PolicyError
 from kvmgate.policy.policy import Policy
 from kvmgate.policy.table import OPTIONS
 
-NOTE_USER = "-fda -fdb -hda -hdb -cdrom -boot -snapshot -localtime -kernel -append -initrd -hdachs -no-acpi " \
-            "-no-reboot -loadvm -vnc -option-rom"
-NOTE_ADMIN = "-m -nographic -win2k-hack -usb -usbdevice -net -tftp -smb -redir -monitor -vmchannel -balloon " \
-             "-serial -parallel -pidfile -no-rtc"
-NOTE_UNUSED = "-M -hdc -hdd -no-quit -no-fd-bootchk -smp -k -audio-help -soundhw -full-screen -S -s -p -d -L " \
-              "-no-kvm -std-vga -daemonize"
+NOTE_USER = (
+    "-fda -fdb -hda -hdb -cdrom -boot -snapshot -localtime -kernel -append -initrd -hdachs -no-acpi "
+    "-no-reboot -loadvm -vnc -option-rom"
+)
+NOTE_ADMIN = (
+    "-m -nographic -win2k-hack -usb -usbdevice -net -tftp -smb -redir -monitor -vmchannel -balloon "
+    "-serial -parallel -pidfile -no-rtc"
+)
+NOTE_UNUSED = (
+    "-M -hdc -hdd -no-quit -no-fd-bootchk -smp -k -audio-help -soundhw -full-screen -S -s -p -d -L "
+    "-no-kvm -std-vga -daemonize"
+)
 
 
 def test_default_lists_are_the_notes() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from pathlib import Path
 
@@ -41,8 +42,16 @@ def test_backing_file_is_refused(tmp_path: Path) -> None:
 
 def test_json_backing_is_refused(tmp_path: Path) -> None:
     p = tmp_path / "j.qcow2"
-    qemu_img("create", "-f", "qcow2", "-u", "-o",
-             'backing_file=json:{"file":{"driver":"file",,"filename":"/etc/shadow"}},backing_fmt=raw', str(p), "1G")
+    qemu_img(
+        "create",
+        "-f",
+        "qcow2",
+        "-u",
+        "-o",
+        'backing_file=json:{"file":{"driver":"file",,"filename":"/etc/shadow"}},backing_fmt=raw',
+        str(p),
+        "1G",
+    )
     with pytest.raises(qcow2.Qcow2Refused, match="backing file"):
         qcow2.inspect(p.read_bytes()[: qcow2.HEADER_READ])
 
@@ -57,7 +66,5 @@ def test_data_file_is_refused(tmp_path: Path) -> None:
 @settings(max_examples=300)
 @given(st.binary(max_size=4096))
 def test_inspect_never_crashes(data: bytes) -> None:
-    try:
+    with contextlib.suppress(qcow2.Qcow2Refused):
         qcow2.inspect(qcow2.MAGIC + data)
-    except qcow2.Qcow2Refused:
-        pass

@@ -23,19 +23,60 @@ DEFINITIONS: dict[str, tuple[list[str], list[str]]] = {
     "minimal": ([], []),
     "note-default-net": (["-m", "256"], []),
     "no-net": (["-m", "256", "-net", "none", "-nographic"], []),
-    "user-disks": (["-m", "512"], ["-hda", "/home/a/d.qcow2", "-hdb", "/home/a/e.img", "-cdrom", "/home/a/x.iso",
-                                    "-boot", "d"]),
+    "user-disks": (
+        ["-m", "512"],
+        ["-hda", "/home/a/d.qcow2", "-hdb", "/home/a/e.img", "-cdrom", "/home/a/x.iso", "-boot", "d"],
+    ),
     "snapshot": (["-m", "256"], ["-hda", "/home/a/d.qcow2", "-snapshot"]),
     "kernel-boot": (["-m", "256", "-nographic"], ["-kernel", "/k", "-initrd", "/i", "-append", "console=ttyS0 a,b"]),
     "floppies-geometry": ([], ["-fda", "/f.img", "-hda", "/h.img", "-hdachs", "100,16,63,lba"]),
-    "user-misc": ([], ["-localtime", "-no-acpi", "-no-reboot", "-loadvm", "snap1", "-vnc", ":3", "-option-rom", "/r.rom"]),
-    "admin-misc": (["-usb", "-usbdevice", "tablet", "-win2k-hack", "-balloon", "virtio", "-serial", "null",
-                    "-parallel", "none", "-monitor", "none", "-no-rtc", "-vmchannel", "di:org.kvmgate.x,null",
-                    "-pidfile", "/run/p.pid"], []),
-    "vlans": (["-net", "nic,vlan=0,model=e1000", "-net", "user,vlan=0,hostname=web", "-redir", "tcp:2222::22",
-               "-tftp", "/srv/tftp,x", "-net", "nic,vlan=1,model=virtio", "-net", "socket,vlan=1,listen=:4000",
-               "-net", "tap,vlan=1,ifname=kgtap0,script=no"], []),
+    "user-misc": (
+        [],
+        ["-localtime", "-no-acpi", "-no-reboot", "-loadvm", "snap1", "-vnc", ":3", "-option-rom", "/r.rom"],
+    ),
+    "admin-misc": (
+        [
+            "-usb",
+            "-usbdevice",
+            "tablet",
+            "-win2k-hack",
+            "-balloon",
+            "virtio",
+            "-serial",
+            "null",
+            "-parallel",
+            "none",
+            "-monitor",
+            "none",
+            "-no-rtc",
+            "-vmchannel",
+            "di:org.kvmgate.x,null",
+            "-pidfile",
+            "/run/p.pid",
+        ],
+        [],
+    ),
+    "vlans": (
+        [
+            "-net",
+            "nic,vlan=0,model=e1000",
+            "-net",
+            "user,vlan=0,hostname=web",
+            "-redir",
+            "tcp:2222::22",
+            "-tftp",
+            "/srv/tftp,x",
+            "-net",
+            "nic,vlan=1,model=virtio",
+            "-net",
+            "socket,vlan=1,listen=:4000",
+            "-net",
+            "tap,vlan=1,ifname=kgtap0,script=no",
+        ],
+        [],
+    ),
     "smb": (["-net", "nic", "-net", "user", "-smb", "/srv/share"], []),
+    "tap-only": (["-net", "nic", "-net", "tap,ifname=kgtap1,script=no"], []),
 }
 
 
@@ -80,11 +121,14 @@ def test_no_kvm_means_tcg() -> None:
     assert argv[argv.index("-accel") + 1] == "tcg"
 
 
-@pytest.mark.parametrize("admin, user, message", [
-    (["-redir", "tcp:1::2", "-net", "none"], [], "-redir: needs -net user"),
-    (["-net", "none", "-net", "user"], [], "none cannot be combined"),
-    ([], ["-hdachs", "1,1,1"], "-hdachs: needs hard disk 0"),
-])
+@pytest.mark.parametrize(
+    "admin, user, message",
+    [
+        (["-redir", "tcp:1::2", "-net", "none"], [], "-redir: needs -net user"),
+        (["-net", "none", "-net", "user"], [], "none cannot be combined"),
+        ([], ["-hdachs", "1,1,1"], "-hdachs: needs hard disk 0"),
+    ],
+)
 def test_translation_refusals(admin: list[str], user: list[str], message: str) -> None:
     with pytest.raises(PolicyError, match=message):
         argv_for(admin, user)
@@ -94,19 +138,62 @@ def test_translation_refusals(admin: list[str], user: list[str], message: str) -
 
 USER_OPTS = [n for n, o in Policy().lists.items() if o == "user"]
 values = st.one_of(
-    st.sampled_from(["/home/u/a.img", "/x,file.driver=vvfat", "fat:rw:/etc", "json:{}", "c", "d", ":1", "snap1",
-                     "1,1,1", "0.0.0.0:1", "-m", "--", "a\nb", "console=ttyS0", ":1,websocket=1", "c,splash=/x",
-                     "/home/u/x.qcow2", "/dev/fdset/1", "/proc/self/fd/3"]),
+    st.sampled_from(
+        [
+            "/home/u/a.img",
+            "/x,file.driver=vvfat",
+            "fat:rw:/etc",
+            "json:{}",
+            "c",
+            "d",
+            ":1",
+            "snap1",
+            "1,1,1",
+            "0.0.0.0:1",
+            "-m",
+            "--",
+            "a\nb",
+            "console=ttyS0",
+            ":1,websocket=1",
+            "c,splash=/x",
+            "/home/u/x.qcow2",
+            "/dev/fdset/1",
+            "/proc/self/fd/3",
+        ]
+    ),
     st.text(max_size=20),
 )
-tokens = st.lists(st.one_of(st.sampled_from(USER_OPTS + ["-m", "-net", "-monitor", "-incoming", "--m", "-S"]), values),
-                  max_size=12)
+tokens = st.lists(
+    st.one_of(st.sampled_from([*USER_OPTS, "-m", "-net", "-monitor", "-incoming", "--m", "-S"]), values), max_size=12
+)
 ADMIN = ["-m", "384", "-net", "nic", "-net", "user", "-nographic"]
 # Every option the translation of user-list options (plus the admin's) may emit.
 ALLOWED_ARGV_OPTIONS = {
-    "-nodefaults", "-no-user-config", "-machine", "-accel", "-m", "-display", "-sandbox", "-msg", "-chardev", "-mon",
-    "-add-fd", "-serial", "-vga", "-blockdev", "-device", "-boot", "-kernel", "-initrd", "-append", "-option-rom",
-    "-loadvm", "-rtc", "-no-reboot", "-vnc", "-netdev",
+    "-nodefaults",
+    "-no-user-config",
+    "-machine",
+    "-accel",
+    "-m",
+    "-display",
+    "-sandbox",
+    "-msg",
+    "-chardev",
+    "-mon",
+    "-add-fd",
+    "-serial",
+    "-vga",
+    "-blockdev",
+    "-device",
+    "-boot",
+    "-kernel",
+    "-initrd",
+    "-append",
+    "-option-rom",
+    "-loadvm",
+    "-rtc",
+    "-no-reboot",
+    "-vnc",
+    "-netdev",
 }
 
 
@@ -149,8 +236,10 @@ def _option_positions(argv: list[str]) -> list[int]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from(["-hda", "-hdb", "-cdrom", "-fda", "-kernel", "-initrd", "-option-rom"]), max_size=5),
-       st.text(min_size=1, max_size=30))
+@given(
+    st.lists(st.sampled_from(["-hda", "-hdb", "-cdrom", "-fda", "-kernel", "-initrd", "-option-rom"]), max_size=5),
+    st.text(min_size=1, max_size=30),
+)
 def test_files_become_fds(opts: list[str], name: str) -> None:
     user: list[str] = []
     for o in dict.fromkeys(opts):

@@ -58,9 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"kvmgate {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="COMMAND", required=True)
 
-    def cmd(name: str, help: str, **kw: object) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=EPILOG, **kw)  # type: ignore[arg-type]
+    def cmd(name: str, help: str, usage: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            usage=usage,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=EPILOG,
+        )
 
     def owner(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--owner", metavar="USER", help="act on USER's VM (root only)")
@@ -69,9 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     owner(sp)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
-    sp = cmd("start", "start a VM, optionally with options from your list",
-             usage="kvmgate start [--owner USER] [--paused] NAME [-- OPTION...]")
-    sp.epilog = "VM options (the design note's vocabulary; the policy may move them):\n" + _options_help() + "\n\n" + EPILOG
+    sp = cmd(
+        "start",
+        "start a VM, optionally with options from your list",
+        usage="kvmgate start [--owner USER] [--paused] NAME [-- OPTION...]",
+    )
+    sp.epilog = (
+        "VM options (the design note's vocabulary; the policy may move them):\n" + _options_help() + "\n\n" + EPILOG
+    )
     owner(sp)
     sp.add_argument("--paused", action="store_true", help="start with the virtual CPUs stopped")
     sp.add_argument("name", metavar="NAME")
@@ -88,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", metavar="NAME")
 
     sp = cmd("console", "attach to a VM's serial console (detach with Ctrl-])")
-    sp.epilog = ("The console shows up to 16 KiB of earlier output first. One attachment at a time;\n"
-                 "a second attach is refused with exit 5.\n\n" + EPILOG)
+    sp.epilog = (
+        "The console shows up to 16 KiB of earlier output first. One attachment at a time;\n"
+        "a second attach is refused with exit 5.\n\n" + EPILOG
+    )
     owner(sp)
     sp.add_argument("--expect", metavar="REGEX", help="exit 0 as soon as the output matches REGEX")
     sp.add_argument("--timeout", metavar="SECONDS", help="give up (or, without --expect, detach) after SECONDS")
@@ -98,14 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap = cmd("admin", "host and VM administration (root only)")
     asub = ap.add_subparsers(dest="admin_verb", metavar="ADMIN-COMMAND", required=True)
 
-    def acmd(name: str, help: str, **kw: object) -> argparse.ArgumentParser:
-        return asub.add_parser(name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter,
-                               epilog=EPILOG, **kw)  # type: ignore[arg-type]
+    def acmd(name: str, help: str, usage: str | None = None) -> argparse.ArgumentParser:
+        return asub.add_parser(
+            name,
+            help=help,
+            description=help,
+            usage=usage,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=EPILOG,
+        )
 
-    a = acmd("init", "idempotent host set-up: directories, the kvmgate-qemu group, the default policy, "
-             "/dev/kvm and /dev/net/tun permissions")
+    a = acmd(
+        "init",
+        "idempotent host set-up: directories, the kvmgate-qemu group, the default policy, "
+        "/dev/kvm and /dev/net/tun permissions",
+    )
     a.add_argument("--accel", choices=("auto", "kvm", "tcg"), help="set the policy's accelerator")
-    a = acmd("create", "define a VM for a user", usage="kvmgate admin create NAME --owner USER [--disk-size SIZE] -- OPTION...")
+    a = acmd(
+        "create",
+        "define a VM for a user",
+        usage="kvmgate admin create NAME --owner USER [--disk-size SIZE] -- OPTION...",
+    )
     a.epilog = "VM options:\n" + _options_help() + "\n\n" + EPILOG
     a.add_argument("--owner", metavar="USER", required=True)
     a.add_argument("--disk-size", metavar="SIZE", help="create the VM's default disk (qcow2), e.g. 10G")
@@ -147,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     vm_options: list[str] = []
     if "--" in args:
         cut = args.index("--")
-        args, vm_options = args[:cut], args[cut + 1:]
+        args, vm_options = args[:cut], args[cut + 1 :]
     parser = build_parser()
     try:
         ns = parser.parse_args(args)

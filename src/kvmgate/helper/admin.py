@@ -57,8 +57,16 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
     vm = registry.resolve(paths, owner, name)
     if verb == "delete":
         kept = registry.delete(paths, vm, "--keep-disks" in req.flags)
-        audit.record(paths.audit_log, caller=who.name, uid=who.uid, verb="admin delete", vm=name, owner=owner,
-                     outcome="ok", kept=kept)
+        audit.record(
+            paths.audit_log,
+            caller=who.name,
+            uid=who.uid,
+            verb="admin delete",
+            vm=name,
+            owner=owner,
+            outcome="ok",
+            kept=kept,
+        )
         print(f"deleted {owner}/{name}" + (f"; disks kept in {kept}" if kept else ""))
         return 0
     if verb == "show":
@@ -82,8 +90,17 @@ def create(req: Request, who: Caller, paths: Paths, owner: str, name: str) -> in
     image = qcow2.empty_image(parse_size(size)) if size else None
     registry.ensure_layout(paths)
     vm = registry.create(paths, identity, image)
-    audit.record(paths.audit_log, caller=who.name, uid=who.uid, verb="admin create", vm=name, owner=owner,
-                 options=list(identity.tokens), outcome="ok", directory=vm.vmdir)
+    audit.record(
+        paths.audit_log,
+        caller=who.name,
+        uid=who.uid,
+        verb="admin create",
+        vm=name,
+        owner=owner,
+        options=list(identity.tokens),
+        outcome="ok",
+        directory=vm.vmdir,
+    )
     print(f"created {owner}/{name}: {vm.vmdir}")
     return 0
 
@@ -119,7 +136,7 @@ def default_policy(accel: str) -> str:
         "memory_overhead_mib = 256  # cgroup memory limit = -m + this",
         "",
         "[lists]",
-        "# user = [\"-smp\"]",
+        '# user = ["-smp"]',
         "# admin = []",
         "# unused = []",
         "",
@@ -155,7 +172,7 @@ def init(req: Request, paths: Paths) -> int:
     elif accel is not None:
         with open(paths.policy) as f:
             text = f.read()
-        text, n = re.subn(r'(?m)^accel\s*=.*$', f'accel = "{accel}"', text)
+        text, n = re.subn(r"(?m)^accel\s*=.*$", f'accel = "{accel}"', text)
         if not n:
             text = f'accel = "{accel}"\n' + text
         _write_root_file(paths.policy, text, 0o644)
@@ -172,8 +189,10 @@ def init(req: Request, paths: Paths) -> int:
         _say(f"WARNING: {QEMU_GROUP} has members {members}: they could ptrace VMs; remove them")
     _device("/dev/kvm", gid, 0o660, f"root:{QEMU_GROUP} 0660: only kvmgate's QEMU processes can open it")
     _device("/dev/net/tun", 0, 0o600, "root:root 0600: only the root helper opens taps")
-    rule = (f'KERNEL=="kvm", GROUP="{QEMU_GROUP}", MODE="0660"\n'
-            'KERNEL=="tun", GROUP="root", MODE="0600", OPTIONS+="static_node=net/tun"\n')
+    rule = (
+        f'KERNEL=="kvm", GROUP="{QEMU_GROUP}", MODE="0660"\n'
+        'KERNEL=="tun", GROUP="root", MODE="0600", OPTIONS+="static_node=net/tun"\n'
+    )
     if os.path.isdir(os.path.dirname(UDEV_RULE)):
         _write_root_file(UDEV_RULE, rule, 0o644)
     try:
@@ -205,4 +224,3 @@ def _write_root_file(path: str, text: str, mode: int) -> None:
         f.write(text)
     os.chmod(tmp, mode)
     os.replace(tmp, path)
-

@@ -59,8 +59,12 @@ def scrub() -> None:
     os.environ["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
     os.umask(0o077)
     os.chdir("/")
-    for lim, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, resource.RLIM_INFINITY),
-                       (resource.RLIMIT_NOFILE, 65536), (resource.RLIMIT_STACK, 8 << 20)):
+    for lim, value in (
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_FSIZE, resource.RLIM_INFINITY),
+        (resource.RLIMIT_NOFILE, 65536),
+        (resource.RLIMIT_STACK, 8 << 20),
+    ):
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(lim, (value, value))
     os.setgroups([])

@@ -55,9 +55,8 @@ def setup(key: str, limit_bytes: int) -> str | None:
 def limit_of(procs_path: str) -> int | None:
     d = os.path.dirname(procs_path)
     for name in ("memory.max", "memory.limit_in_bytes"):
-        with contextlib.suppress(OSError, ValueError):
-            with open(os.path.join(d, name)) as f:
-                return int(f.read())
+        with contextlib.suppress(OSError, ValueError), open(os.path.join(d, name)) as f:
+            return int(f.read())
     return None
 
 

@@ -11,6 +11,7 @@ import tomllib
 from ..errors import PolicyError
 from ..paths import Paths
 from ..policy.policy import Policy
+from ..translate import Accel
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
@@ -56,7 +57,7 @@ def kvm_usable() -> bool:
         os.close(fd)
 
 
-def accel(policy: Policy) -> str:
+def accel(policy: Policy) -> Accel:
     if policy.accel == "auto":
         return "kvm" if kvm_usable() else "tcg"
-    return policy.accel
+    return "kvm" if policy.accel == "kvm" else "tcg"

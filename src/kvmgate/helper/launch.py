@@ -11,6 +11,7 @@ owner's uid with the dedicated QEMU group, sets NoNewPrivs and execs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -54,8 +55,17 @@ def _open_as(pw: pwd.struct_passwd, path: str, writable: bool, what: str) -> int
         with caller.as_user(pw):
             fd = os.open(path, flags)
     except OSError as err:
-        if err.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENOTDIR, errno.EROFS,
-                         errno.ENAMETOOLONG, errno.EISDIR, errno.ENXIO):
+        if err.errno in (
+            errno.ENOENT,
+            errno.EACCES,
+            errno.EPERM,
+            errno.ELOOP,
+            errno.ENOTDIR,
+            errno.EROFS,
+            errno.ENAMETOOLONG,
+            errno.EISDIR,
+            errno.ENXIO,
+        ):
             raise FileRefused(f"{what}: cannot open {path}: no such file, or not permitted") from None
         raise
     st = os.fstat(fd)
@@ -97,7 +107,9 @@ def _blob(pw: pwd.struct_passwd, r: Resource) -> int:
             if n == 0:
                 break
             off += n
-        fcntl.fcntl(mfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+        fcntl.fcntl(
+            mfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+        )
         return mfd
     finally:
         os.close(src)
@@ -121,10 +133,8 @@ def _tap(ifname: str) -> int:
 
 
 def _listener(path: str) -> int:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     s.bind(path)  # umask 077: the socket is root-only
     s.listen(1)
@@ -142,8 +152,11 @@ def open_resources(plan: Plan, pw: pwd.struct_passwd, where: Where) -> dict[int,
             elif r.kind == "console":
                 opened[r.fd] = _listener(os.path.join(where.rundir, "console.sock"))
             elif r.kind == "console-log":
-                opened[r.fd] = os.open(os.path.join(where.logdir, "console.log"),
-                                       os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                opened[r.fd] = os.open(
+                    os.path.join(where.logdir, "console.log"),
+                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                )
             elif r.kind == "lock":
                 opened[r.fd] = where.lock_fd
             elif r.kind == "disk":
@@ -155,7 +168,7 @@ def open_resources(plan: Plan, pw: pwd.struct_passwd, where: Where) -> dict[int,
             elif r.kind == "tap":
                 opened[r.fd] = _tap(r.path or "")
     except BaseException:
-        for target, fd in opened.items():
+        for _target, fd in opened.items():
             if fd != where.lock_fd:
                 os.close(fd)
         raise
@@ -167,8 +180,17 @@ def qemu_env(tmpdir: str) -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "TMPDIR": tmpdir, "HOME": tmpdir, "LC_ALL": "C"}
 
 
-def spawn(qemu: str, plan: Plan, fds: dict[int, int], pw: pwd.struct_passwd, qemu_gid: int,
-          where: Where, cgroup_procs: str | None, qemu_log: int, max_files: int) -> int:
+def spawn(
+    qemu: str,
+    plan: Plan,
+    fds: dict[int, int],
+    pw: pwd.struct_passwd,
+    qemu_gid: int,
+    where: Where,
+    cgroup_procs: str | None,
+    qemu_log: int,
+    max_files: int,
+) -> int:
     """Fork; the child becomes QEMU. Returns QEMU's pid."""
     pid = os.fork()
     if pid:
@@ -195,10 +217,8 @@ def spawn(qemu: str, plan: Plan, fds: dict[int, int], pw: pwd.struct_passwd, qem
         keep = set(fds) | {0, 1, 2}
         for fd in range(3, top):
             if fd not in keep:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
         os.closerange(top, 1 << 20)
         caller.drop_to(pw.pw_uid, qemu_gid)
         _clear_dir(where.tmpdir)
@@ -219,10 +239,8 @@ def _clear_dir(path: str) -> None:
         if os.path.isdir(p) and not os.path.islink(p):
             shutil.rmtree(p, ignore_errors=True)
         else:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(p)
-            except OSError:
-                pass
 
 
 def refuse_unless_owner(pw: pwd.struct_passwd) -> None:

@@ -64,7 +64,7 @@ def parse(argv: list[str]) -> Request:
         if tok == "--":
             if not wants_opts:
                 raise UsageError(f"{verb} takes no VM options")
-            req.options = rest[i + 1:]
+            req.options = rest[i + 1 :]
             break
         if tok in valued:
             if i + 1 >= len(rest) or tok in req.flags:
@@ -106,9 +106,18 @@ def run(argv: list[str], environ: dict[str, str], paths: Paths) -> int:
 
         return vmctl.run(req, who, paths)
     except KvmgateError as err:
-        audit.record(paths.audit_log, caller=who.name, uid=who.uid, verb=req.verb, vm=req.name,
-                     owner=req.flag("--owner"), options=req.options, outcome="refused", reason=str(err),
-                     exit=err.exit_code)
+        audit.record(
+            paths.audit_log,
+            caller=who.name,
+            uid=who.uid,
+            verb=req.verb,
+            vm=req.name,
+            owner=req.flag("--owner"),
+            options=req.options,
+            outcome="refused",
+            reason=str(err),
+            exit=err.exit_code,
+        )
         raise
 
 

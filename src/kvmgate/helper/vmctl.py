@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import grp
@@ -16,11 +17,11 @@ import time
 from typing import Any
 
 from .. import registry
-from ..errors import KvmgateError, NoSuchVM, PermissionRefused, UsageError, WrongState
+from ..errors import IdentityError, KvmgateError, NoSuchVM, PermissionRefused, PolicyError, UsageError, WrongState
 from ..paths import Paths
 from ..policy.policy import Policy
 from ..qmp import QMP, QMPError, wait_ready
-from ..translate import Context, Plan, merge, translate
+from ..translate import Accel, Context, Plan, merge, translate
 from . import audit, cgroup, config, launch
 from .caller import Caller, drop_to
 from .main import Request, emit
@@ -38,12 +39,20 @@ def target(req: Request, who: Caller, paths: Paths) -> registry.VM:
     return registry.resolve(paths, owner or who.name, req.name or "")
 
 
-def plan_for(vm: registry.VM, policy: Policy, user_tokens: list[str], accel: str, paused: bool = False) -> Plan:
-    admin_opts = policy.parse(list(vm.identity.tokens), "admin")
+def plan_for(vm: registry.VM, policy: Policy, user_tokens: list[str], accel: Accel, paused: bool = False) -> Plan:
+    try:
+        admin_opts = policy.parse(list(vm.identity.tokens), "admin")
+    except PolicyError as err:
+        raise IdentityError(f"{vm.identity.name}: the VM's identity fails validation ({err})") from None
     user_opts = policy.parse(user_tokens, "user")
     default_disk = vm.default_disk if os.path.exists(vm.default_disk) else None
-    ctx = Context(accel=accel, default_disk=default_disk, key=vm.key,  # type: ignore[arg-type]
-                  gdb_socket=os.path.join(vm.rundir, "gdb.sock"), paused=paused)
+    ctx = Context(
+        accel=accel,
+        default_disk=default_disk,
+        key=vm.key,
+        gdb_socket=os.path.join(vm.rundir, "gdb.sock"),
+        paused=paused,
+    )
     return translate(merge(admin_opts, user_opts), ctx)
 
 
@@ -81,10 +90,21 @@ def start(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
         fds = launch.open_resources(plan, pw, where)
         limit = (plan.memory_mib + policy.memory_overhead_mib) << 20
         procs = cgroup.setup(vm.key, limit)
-        log = os.open(vm.sub("log", "qemu.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        log = os.open(
+            vm.sub("log", "qemu.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
         argv = [policy.qemu, *plan.argv]
-        audit.record(paths.audit_log, caller=who.name, uid=who.uid, verb="start", vm=vm.identity.name,
-                     owner=vm.identity.owner, options=req.options, outcome="ok", argv=argv)
+        audit.record(
+            paths.audit_log,
+            caller=who.name,
+            uid=who.uid,
+            verb="start",
+            vm=vm.identity.name,
+            owner=vm.identity.owner,
+            options=req.options,
+            outcome="ok",
+            argv=argv,
+        )
         pid = launch.spawn(policy.qemu, plan, fds, pw, qemu_gid, where, procs, log, policy.max_open_files)
         for fd in {*fds.values(), log} - {lock_fd}:
             os.close(fd)
@@ -169,18 +189,24 @@ def stop(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     if not stopped:
         pid = registry.read_pid(vm)
         if pid:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         how = "killed after timeout"
         stopped = _wait_stopped(vm, 10)
     if not stopped:
         raise KvmgateError(f"{vm.identity.name} did not stop")
     registry.cleanup_runtime(vm)
     cgroup.remove(vm.key)
-    audit.record(paths.audit_log, caller=who.name, uid=who.uid, verb="stop", vm=vm.identity.name,
-                 owner=vm.identity.owner, outcome="ok", how=how)
+    audit.record(
+        paths.audit_log,
+        caller=who.name,
+        uid=who.uid,
+        verb="stop",
+        vm=vm.identity.name,
+        owner=vm.identity.owner,
+        outcome="ok",
+        how=how,
+    )
     print(f"stopped {vm.identity.name} ({how})")
     return 0
 
@@ -253,7 +279,9 @@ def console(req: Request, who: Caller, vm: registry.VM) -> int:
             raise UsageError(f"--expect: {err}") from None
     if not registry.is_running(vm):
         raise WrongState(f"{vm.identity.name} is not running")
-    lock = os.open(os.path.join(vm.rundir, "console.lock"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    lock = os.open(
+        os.path.join(vm.rundir, "console.lock"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+    )
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -35,7 +35,7 @@ class ParsedOption:
 @dataclass(frozen=True)
 class Policy:
     lists: Mapping[str, ListName] = field(default_factory=lambda: {n: o.default for n, o in OPTIONS.items()})
-    limits: g.Limits = g.Limits()
+    limits: g.Limits = field(default_factory=g.Limits)
     accel: str = "auto"
     qemu: str = "/usr/bin/qemu-system-x86_64"
     stop_timeout: int = 30
@@ -61,7 +61,11 @@ class Policy:
         if not isinstance(qemu, str) or not qemu.startswith("/") or os.path.normpath(qemu) != qemu:
             raise fail("qemu must be a normalised absolute path")
         kw["qemu"] = qemu
-        for key, lo, hi in (("stop_timeout", 1, 3600), ("memory_overhead_mib", 32, 65536), ("max_open_files", 256, 1 << 20)):
+        for key, lo, hi in (
+            ("stop_timeout", 1, 3600),
+            ("memory_overhead_mib", 32, 65536),
+            ("max_open_files", 256, 1 << 20),
+        ):
             if key in data:
                 v = data[key]
                 if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
@@ -110,8 +114,12 @@ class Policy:
                     raise fail(f"limits.{key} must be an integer between {lo} and {hi}")
                 kw[key] = value
             elif key == "vnc":
-                if (not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, int) for v in value)
-                        or not 0 <= value[0] <= value[1] <= 999):
+                if (
+                    not isinstance(value, list)
+                    or len(value) != 2
+                    or not all(isinstance(v, int) for v in value)
+                    or not 0 <= value[0] <= value[1] <= 999
+                ):
                     raise fail("limits.vnc must be [first, last] display numbers within 0..999")
                 kw["vnc_min"], kw["vnc_max"] = value
             elif key == "machines":

@@ -69,7 +69,9 @@ OPTIONS: dict[str, OptionSpec] = {
         _o("-nographic", None, "admin", "no graphics card; the serial console is the console"),
         _o("-win2k-hack", None, "admin", "Windows 2000 install workaround"),
         _o("-usb", None, "admin", "enable USB"),
-        _o("-usbdevice", g.parse_word(("tablet", "mouse", "keyboard")), "admin", "emulated USB device", repeatable=True),
+        _o(
+            "-usbdevice", g.parse_word(("tablet", "mouse", "keyboard")), "admin", "emulated USB device", repeatable=True
+        ),
         _o("-net", g.parse_net, "admin", "network: nic, user, tap, socket, none", repeatable=True, **HOST),
         _o("-tftp", g.parse_path, "admin", "TFTP root for user networking", **HOST),
         _o("-smb", g.parse_path, "admin", "SMB share for user networking", **HOST),
@@ -102,6 +104,7 @@ OPTIONS: dict[str, OptionSpec] = {
         _o("-daemonize", None, "unused", "daemonize (kvmgate supervises QEMU itself)", fixed=True),
     )
 }
+
 
 # Options a value may be given for in the note's vocabulary as `-opt value`; used to
 # refuse spellings QEMU would accept but the note does not (`--m`, `-m=256`).

@@ -1,0 +1,140 @@
+"""Starting and stopping real VMs: the guest boots under TCG, QEMU runs with the
+owner's uid and nothing else, exit codes are the documented ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from ..conftest import BOOT_LINE, Kvmgate, boot_options
+
+
+@pytest.fixture
+def booted(kg: Kvmgate, alice: str, vm_name: str, cleanup_vms: list, guest: Path) -> str:
+    kg.ok("admin", "create", vm_name, "--owner", alice, "--disk-size", "16M", "--", *boot_options(guest))
+    cleanup_vms.append((alice, vm_name))
+    kg.ok("start", vm_name, "--owner", alice)
+    return vm_name
+
+
+def qemu_pid(kg: Kvmgate, owner: str, name: str) -> int:
+    pid = kg.json("status", name, "--owner", owner)["pid"]
+    assert isinstance(pid, int)
+    return pid
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    return dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+
+
+def test_guest_boots_and_prints_its_boot_line(kg: Kvmgate, alice: str, booted: str) -> None:
+    r = kg("console", booted, "--owner", alice, "--expect", BOOT_LINE, "--timeout", "90")
+    assert r.returncode == 0, r.stderr
+    assert "KVMGATE-GUEST-READY kernel=" in r.stdout and "disk=" in r.stdout
+    st = kg.json("status", booted, "--owner", alice)
+    assert st["state"] == "running" and st["qemu_status"] == "running"
+
+
+def test_qemu_credentials(kg: Kvmgate, alice: str, booted: str) -> None:
+    pid = qemu_pid(kg, alice, booted)
+    s = proc_status(pid)
+    uid = pwd.getpwnam(alice).pw_uid
+    qgid = int(subprocess.run(["getent", "group", "kvmgate-qemu"], capture_output=True, text=True).stdout.split(":")[2])
+    assert s["Uid"].split() == [str(uid)] * 4
+    assert s["Gid"].split() == [str(qgid)] * 4
+    assert s["Groups"].strip() == ""
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(s[cap], 16) == 0, cap
+    assert s["NoNewPrivs"] == "1" and s["Seccomp"] == "2"
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert sorted(e.split(b"=")[0].decode() for e in env if e) == ["HOME", "LC_ALL", "PATH", "TMPDIR"]
+    assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    assert "Max core file size        0" in limits
+
+
+def test_memory_cgroup_limit(kg: Kvmgate, alice: str, booted: str) -> None:
+    pid = qemu_pid(kg, alice, booted)
+    line = next(
+        ln for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if ":memory:" in ln or ln.startswith("0::")
+    )
+    rel = line.split(":", 2)[2]
+    for base, name in (("/sys/fs/cgroup/memory", "memory.limit_in_bytes"), ("/sys/fs/cgroup", "memory.max")):
+        f = Path(base + rel, name)
+        if f.exists():
+            assert int(f.read_text()) == (256 + 256) << 20  # -m 256 plus the default overhead
+            return
+    pytest.fail("no memory cgroup found for QEMU")
+
+
+def test_start_twice_is_wrong_state(kg: Kvmgate, alice: str, booted: str) -> None:
+    r = kg("start", booted, "--owner", alice)
+    assert r.returncode == 5 and "already running" in r.stderr
+
+
+def test_stop_powers_down_gracefully(kg: Kvmgate, alice: str, booted: str) -> None:
+    kg.ok("console", booted, "--owner", alice, "--expect", BOOT_LINE, "--timeout", "90")
+    out = kg.ok("stop", booted, "--owner", alice, "--timeout", "30").stdout
+    assert "powered down" in out
+    assert kg.json("status", booted, "--owner", alice)["state"] == "stopped"
+    r = kg("stop", booted, "--owner", alice)
+    assert r.returncode == 5 and "not running" in r.stderr
+
+
+def test_concurrent_starts_exactly_one_wins(
+    kg: Kvmgate, alice: str, vm_name: str, cleanup_vms: list, guest: Path
+) -> None:
+    kg.ok("admin", "create", vm_name, "--owner", alice, "--", *boot_options(guest))
+    cleanup_vms.append((alice, vm_name))
+    results: list[int] = []
+
+    def go() -> None:
+        results.append(kg("start", vm_name, "--owner", alice, "--paused").returncode)
+
+    threads = [threading.Thread(target=go) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [0, 5, 5, 5]
+
+
+def test_no_such_vm(kg: Kvmgate, alice: str) -> None:
+    for verb in ("start", "stop", "status", "console"):
+        r = kg(verb, "nosuchvm", "--owner", alice)
+        assert (r.returncode, r.stderr) == (4, "kvmgate: no such VM: nosuchvm\n")
+
+
+def test_list_json(kg: Kvmgate, alice: str, booted: str) -> None:
+    rows = kg.json("list", "--owner", alice)
+    assert {"name": booted, "owner": alice, "state": "running"} in rows
+
+
+def test_console_is_exclusive(kg: Kvmgate, alice: str, booted: str) -> None:
+    first = subprocess.Popen(
+        ["/opt/kvmgate-test/bin/kvmgate", "console", booted, "--owner", alice, "--timeout", "5"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        import time
+
+        time.sleep(1)
+        r = kg("console", booted, "--owner", alice, "--timeout", "1")
+        assert r.returncode == 5 and "already attached" in r.stderr
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_audit_records_the_argv(kg: Kvmgate, alice: str, booted: str) -> None:
+    lines = [json.loads(ln) for ln in Path("/opt/kvmgate-test/log/audit.log").read_text().splitlines()]
+    starts = [ln for ln in lines if ln.get("verb") == "start" and ln.get("vm") == booted and ln["outcome"] == "ok"]
+    assert starts and starts[-1]["argv"][0] == "/usr/bin/qemu-system-x86_64" and "-sandbox" in starts[-1]["argv"]
