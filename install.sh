@@ -42,17 +42,25 @@ PY
 cat > "$libdir.new.$$/kvmgate-helper" <<PY
 #!$python -IS
 # kvmgate's privileged helper. Reached by users only through sudo (see sudoers).
+import os
 import sys
 sys.path.insert(0, "$libdir")
 from kvmgate.helper.main import main
-sys.exit(main())
+code = main()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(code)  # skip interpreter teardown: it is a tenth of the helper's start-up time
 PY
 cat > "$libdir.new.$$/kvmgate-frontend" <<PY
 #!$python -IS
+import os
 import sys
 sys.path.insert(0, "$libdir")
 from kvmgate.cli.main import main
-sys.exit(main())
+code = main()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(code)  # skip interpreter teardown
 PY
 chmod 0755 "$libdir.new.$$/kvmgate-helper" "$libdir.new.$$/kvmgate-frontend"
 chown -R root:root "$libdir.new.$$"

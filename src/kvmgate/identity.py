@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
+from .digest import hexdigest
 from .errors import IdentityError, UsageError
+from .regex import Regex
 
 MAGIC = "kvmgate-id-1"
 SHORT = "kg1."
@@ -33,11 +34,11 @@ MAX_ENCODED = 3600
 
 # VM names: ASCII lowercase letters, digits, and single '-' or '_' between them.
 # No uppercase (dev/Dev), no dots (../), no Unicode look-alikes, no trailing separators.
-NAME_RE = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*", re.ASCII)
+NAME_RE = Regex(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*", re.ASCII)
 NAME_MAX_LEN = 32
 # Linux user names as useradd accepts them by default.
-OWNER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}", re.ASCII)
-_B64 = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
+OWNER_RE = Regex(r"[a-z_][a-z0-9_-]{0,31}", re.ASCII)
+_B64 = Regex(r"[A-Za-z0-9_-]+", re.ASCII)
 
 
 def check_name(name: str) -> str:
@@ -55,8 +56,7 @@ def check_owner(owner: str) -> str:
     return owner
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(NamedTuple):
     owner: str
     name: str
     tokens: tuple[str, ...]  # the admin's options, canonical, in the note's vocabulary
@@ -70,7 +70,7 @@ class Identity:
     @property
     def key(self) -> str:
         """Fixed-length handle for runtime paths and cgroups (identity names are long)."""
-        return hashlib.sha256(self.canonical()).hexdigest()[:24]
+        return hexdigest(self.canonical())[:24]
 
     def components(self) -> list[str]:
         """[directory name, chain...]: every element at most NAME_MAX bytes."""

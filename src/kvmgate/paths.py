@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
-_SAFE = re.compile(r"/[A-Za-z0-9_./-]*", re.ASCII)
+from .regex import Regex
+
+_SAFE = Regex(r"/[A-Za-z0-9_./-]*", re.ASCII)
 
 
-@dataclass(frozen=True)
-class Paths:
+class Paths(NamedTuple):
     etc: str = "/etc/kvmgate"
     state: str = "/var/lib/kvmgate"
     run: str = "/run/kvmgate"
@@ -22,11 +23,12 @@ class Paths:
     helper: str = "/usr/lib/kvmgate/kvmgate-helper"
     sudo: str = "/usr/bin/sudo"
 
-    def __post_init__(self) -> None:
+    def checked(self) -> Paths:
         # These strings reach QEMU's option syntax (gdb socket) and sudoers: keep them plain.
-        for value in self.__dict__.values():
+        for value in self:
             if not _SAFE.fullmatch(value) or ".." in value.split("/"):
                 raise ValueError(f"unsafe install path {value!r}")
+        return self
 
     @property
     def policy(self) -> str:
@@ -50,4 +52,4 @@ def installed() -> Paths:
         from . import _install  # type: ignore[attr-defined]
     except ImportError:
         return Paths()
-    return Paths(**_install.PATHS)
+    return Paths(**_install.PATHS).checked()

@@ -10,7 +10,7 @@ no external tool runs on the privileged path. Pure functions over bytes.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MAGIC = b"QFI\xfb"
 HEADER_READ = 64 * 1024  # the header and its extensions must lie in the first cluster we read
@@ -24,8 +24,7 @@ class Qcow2Refused(ValueError):
     """The image is a qcow2 file kvmgate will not hand to QEMU."""
 
 
-@dataclass(frozen=True)
-class Qcow2Info:
+class Qcow2Info(NamedTuple):
     version: int
     virtual_size: int
     cluster_bits: int

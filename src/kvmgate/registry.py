@@ -22,10 +22,9 @@ import errno
 import fcntl
 import os
 import pwd
-import shutil
 import stat
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import identity as ident
 from .errors import IdentityError, KvmgateError, NoSuchVM, UsageError, WrongState
@@ -34,8 +33,7 @@ from .paths import Paths
 DEFAULT_DISK = "disk0.qcow2"
 
 
-@dataclass(frozen=True)
-class VM:
+class VM(NamedTuple):
     identity: ident.Identity
     vmdir: str
     rundir: str
@@ -219,6 +217,8 @@ def create(paths: Paths, identity: ident.Identity, empty_image: bytes | None) ->
         raise WrongState(f"{identity.owner} already has a VM named {identity.name}")
     if os.path.lexists(vm.vmdir):
         raise WrongState(f"identity directory already exists: {vm.vmdir}")
+    import shutil
+
     stage = os.path.join(paths.vms, f".new-{os.getpid()}-{time.monotonic_ns()}")
     _mkdir(stage, 0o700)
     try:
@@ -262,6 +262,8 @@ def create(paths: Paths, identity: ident.Identity, empty_image: bytes | None) ->
 
 
 def delete(paths: Paths, vm: VM, keep_disks: bool) -> str | None:
+    import shutil
+
     if is_running(vm):
         raise WrongState(f"{vm.identity.name} is running; stop it first")
     os.unlink(os.path.join(paths.names, vm.identity.owner, vm.identity.name))

@@ -13,12 +13,11 @@ Rules this module guarantees (and the property tests check):
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
+from .digest import sha256
 from .errors import PolicyError
 from .policy import grammar as g
 from .policy.policy import ParsedOption
@@ -33,8 +32,7 @@ Accel = Literal["kvm", "tcg"]
 ResourceKind = Literal["qmp", "console", "console-log", "lock", "disk", "overlay", "blob", "tap"]
 
 
-@dataclass(frozen=True)
-class Resource:
+class Resource(NamedTuple):
     """Something the launcher opens before exec, installed in QEMU as `fd`."""
 
     kind: ResourceKind
@@ -45,8 +43,7 @@ class Resource:
     of: str | None = None  # disks and overlays: the drive node ("hda", ...)
 
 
-@dataclass(frozen=True)
-class Context:
+class Context(NamedTuple):
     """Facts from the host the translation needs, gathered by the caller."""
 
     accel: Accel
@@ -57,8 +54,7 @@ class Context:
     paused: bool = False  # start with the vCPUs stopped (kvmgate's own -S)
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     argv: tuple[str, ...]
     resources: tuple[Resource, ...]
     memory_mib: int
@@ -89,7 +85,7 @@ def keyval_escape(text: str) -> str:
 
 def mac_for(key: str, index: int) -> str:
     """Deterministic, locally administered unicast MAC (QEMU's 52:54:00 prefix)."""
-    h = hashlib.sha256(f"{key}/{index}".encode()).digest()
+    h = sha256(f"{key}/{index}".encode()).digest()
     return f"52:54:00:{h[0]:02x}:{h[1]:02x}:{h[2]:02x}"
 
 

@@ -8,15 +8,16 @@ re-checks everything; nothing here is trusted.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import EXIT_REFUSED, EXIT_USAGE
 from ..paths import installed
-from ..policy import grammar
-from ..policy.table import OPTIONS
+
+if TYPE_CHECKING:
+    import argparse
 
 EPILOG = """\
 exit status:
@@ -33,10 +34,10 @@ files:
   /run/kvmgate/              root-only runtime state: QMP and console sockets, locks
 """
 
-PATH_OPTIONS = {n for n, o in OPTIONS.items() if o.parse is grammar.parse_path}
-
 
 def _options_help() -> str:
+    from ..policy.table import OPTIONS
+
     rows = []
     for lname in ("user", "admin", "unused"):
         rows.append(f"  {lname}:")
@@ -47,6 +48,8 @@ def _options_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     p = argparse.ArgumentParser(
         prog="kvmgate",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -152,9 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
 def absolutize(tokens: list[str]) -> list[str]:
     """Paths are the caller's: resolve relative ones in the caller's cwd. Protocol
     prefixes are refused here with a clear message (the helper refuses them too)."""
+    from ..policy import grammar
+    from ..policy.table import OPTIONS
+
+    path_options = {n for n, o in OPTIONS.items() if o.parse is grammar.parse_path}
     out = list(tokens)
     for i in range(len(out) - 1):
-        if out[i] in PATH_OPTIONS:
+        if out[i] in path_options:
             v = out[i + 1]
             if grammar.looks_like_protocol(v):
                 raise SystemExit(_refuse(f"{out[i]}: protocol prefixes are not allowed ({v.split(':', 1)[0]}:)"))
@@ -174,28 +181,28 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in args:
         cut = args.index("--")
         args, vm_options = args[:cut], args[cut + 1 :]
-    parser = build_parser()
-    try:
-        ns = parser.parse_args(args)
-    except SystemExit as e:
-        return EXIT_USAGE if e.code else 0
-    if vm_options and not (ns.verb == "start" or (ns.verb == "admin" and ns.admin_verb == "create")):
-        sys.stderr.write(f"kvmgate: {ns.verb} takes no VM options\n")
+    if not args or any(a in ("-h", "--help", "--version") for a in args):
+        # Help is the only thing argparse is loaded for: every other word is parsed,
+        # strictly, by the helper, which must not trust this process anyway.
+        try:
+            build_parser().parse_args(args)
+        except SystemExit as e:
+            return EXIT_USAGE if e.code else 0
         return EXIT_USAGE
-    if ns.verb == "admin" and os.geteuid() != 0:
-        return _refuse("admin commands are for root only")
-    helper_argv = list(args)  # the helper parses the same words again, strictly
+    helper_argv = list(args)
     if vm_options:
         helper_argv += ["--", *absolutize(vm_options)]
     return exec_helper(helper_argv)
 
 
 def exec_helper(argv: list[str]) -> int:
-    paths = installed()
     if os.geteuid() == 0 and os.getuid() == 0:
-        cmd = [paths.helper, *argv]
-    else:
-        cmd = [paths.sudo, "-n", "--", paths.helper, *argv]
+        # Root needs no sudo hop: run the helper of this same installation in-process.
+        from ..helper.main import main as helper_main
+
+        return helper_main(argv)
+    paths = installed()
+    cmd = [paths.sudo, "-n", "--", paths.helper, *argv]
     try:
         os.execv(cmd[0], cmd)
     except OSError as err:

@@ -8,12 +8,11 @@ environment). Nothing else the caller controls is consulted.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pwd
 import resource
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import PermissionRefused
 
@@ -22,8 +21,7 @@ PR_SET_NO_NEW_PRIVS = 38
 CAP_LAST = 63
 
 
-@dataclass(frozen=True)
-class Caller:
+class Caller(NamedTuple):
     uid: int
     name: str
     via_sudo: bool
@@ -89,6 +87,8 @@ def as_user(pw: pwd.struct_passwd) -> Iterator[None]:
 def drop_to(uid: int, gid: int) -> None:
     """Irrevocably become uid/gid with no groups, no capabilities (bounding set
     emptied too), NoNewPrivs."""
+    import ctypes  # only the child that becomes QEMU pays for it
+
     libc = ctypes.CDLL(None, use_errno=True)
     for cap in range(CAP_LAST + 1):
         libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the kernel's last cap: fine

@@ -17,11 +17,10 @@ import fcntl
 import os
 import pwd
 import resource
-import shutil
 import socket
 import stat
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import qcow2
 from ..errors import KvmgateError, PermissionRefused
@@ -41,8 +40,7 @@ class FileRefused(KvmgateError):
     exit_code = 3
 
 
-@dataclass(frozen=True)
-class Where:
+class Where(NamedTuple):
     rundir: str
     logdir: str
     tmpdir: str
@@ -91,25 +89,38 @@ def _disk(pw: pwd.struct_passwd, r: Resource) -> tuple[int, int]:
     return fd, max(512, -(-size // 512) * 512)
 
 
-def _blob(pw: pwd.struct_passwd, r: Resource) -> int:
-    """A sealed private copy: QEMU re-opens it by /proc/self/fd and can never see
-    the path, nor a file changed after the check."""
+def _readable_by_qemu(st: os.stat_result, uid: int, qemu_gid: int) -> bool:
+    """Would QEMU (owner uid, kvmgate-qemu gid, no groups) pass the kernel's
+    permission check when it re-opens this file through /proc/self/fd?"""
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_gid == qemu_gid:
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)
+
+
+def _blob(pw: pwd.struct_passwd, r: Resource, qemu_gid: int) -> int:
+    """Kernels, initrds and ROMs, which QEMU re-opens by /proc/self/fd/N. The fd
+    opened with the user's rights is passed as is when QEMU's own credentials can
+    read the file; a file the user reads only through a supplementary group
+    (which QEMU does not have) is copied into a sealed memfd instead."""
     assert r.path is not None
     src = _open_as(pw, r.path, False, f"-{r.of}")
+    st = os.fstat(src)
+    if _readable_by_qemu(st, pw.pw_uid, qemu_gid):
+        return src
     try:
-        size = os.fstat(src).st_size
-        if size > MAX_BLOB:
+        if st.st_size > MAX_BLOB:
             raise FileRefused(f"{r.path}: larger than {MAX_BLOB >> 20} MiB")
         mfd = os.memfd_create("kvmgate-blob", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         off = 0
-        while off < size:
-            n = os.sendfile(mfd, src, off, size - off)
+        while off < st.st_size:
+            n = os.sendfile(mfd, src, off, st.st_size - off)
             if n == 0:
                 break
             off += n
-        fcntl.fcntl(
-            mfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
-        )
+        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+        fcntl.fcntl(mfd, fcntl.F_ADD_SEALS, seals)
         return mfd
     finally:
         os.close(src)
@@ -141,7 +152,7 @@ def _listener(path: str) -> int:
     return s.detach()
 
 
-def open_resources(plan: Plan, pw: pwd.struct_passwd, where: Where) -> dict[int, int]:
+def open_resources(plan: Plan, pw: pwd.struct_passwd, qemu_gid: int, where: Where) -> dict[int, int]:
     """Map each planned QEMU fd number to an fd opened here. On error, all are closed."""
     opened: dict[int, int] = {}
     sizes: dict[str, int] = {}
@@ -164,7 +175,7 @@ def open_resources(plan: Plan, pw: pwd.struct_passwd, where: Where) -> dict[int,
             elif r.kind == "overlay":
                 opened[r.fd] = _overlay(pw, where.tmpdir, sizes[r.of or ""])
             elif r.kind == "blob":
-                opened[r.fd] = _blob(pw, r)
+                opened[r.fd] = _blob(pw, r, qemu_gid)
             elif r.kind == "tap":
                 opened[r.fd] = _tap(r.path or "")
     except BaseException:
@@ -191,24 +202,57 @@ def spawn(
     qemu_log: int,
     max_files: int,
 ) -> int:
-    """Fork; the child becomes QEMU. Returns QEMU's pid."""
+    """Fork; the child becomes QEMU. Returns QEMU's pid.
+
+    The parent moves the child into its cgroup while the child prepares (a cgroup
+    v1 attach takes milliseconds); the child execs only after the parent says the
+    move is done, so QEMU never runs outside its memory limit.
+    """
+    go_r, go_w = os.pipe()
     pid = os.fork()
-    if pid:
-        return pid
+    if pid == 0:
+        _child(qemu, plan, fds, pw, qemu_gid, where, qemu_log, max_files, go_r, go_w)
+    os.close(go_r)
     try:
-        os.setsid()
         if cgroup_procs:
             with open(cgroup_procs, "w") as f:
-                f.write(str(os.getpid()))
+                f.write(str(pid))
+        os.write(go_w, b"1")
+    except BaseException:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(go_w)
+    return pid
+
+
+def _child(
+    qemu: str,
+    plan: Plan,
+    fds: dict[int, int],
+    pw: pwd.struct_passwd,
+    qemu_gid: int,
+    where: Where,
+    qemu_log: int,
+    max_files: int,
+    go_r: int,
+    go_w: int,
+) -> None:
+    try:
+        os.close(go_w)
+        os.setsid()
         for lim, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, max_files)):
             resource.setrlimit(lim, (value, value))
         # Install exactly the planned fds: move every source above the target range
         # first, so no dup2 clobbers a source that is still to be moved.
         devnull = os.open("/dev/null", os.O_RDONLY)
         top = max([*fds, 2]) + 1
-        staged = {t: fcntl.fcntl(s, fcntl.F_DUPFD_CLOEXEC, top + 64) for t, s in fds.items()}
-        log = fcntl.fcntl(qemu_log, fcntl.F_DUPFD_CLOEXEC, top + 64)
-        dn = fcntl.fcntl(devnull, fcntl.F_DUPFD_CLOEXEC, top + 64)
+        high = top + 64
+        staged = {t: fcntl.fcntl(s, fcntl.F_DUPFD_CLOEXEC, high) for t, s in fds.items()}
+        log = fcntl.fcntl(qemu_log, fcntl.F_DUPFD_CLOEXEC, high)
+        dn = fcntl.fcntl(devnull, fcntl.F_DUPFD_CLOEXEC, high)
+        go = fcntl.fcntl(go_r, fcntl.F_DUPFD_CLOEXEC, high)
         os.dup2(dn, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
@@ -219,22 +263,30 @@ def spawn(
             if fd not in keep:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        os.closerange(top, 1 << 20)
+        os.closerange(top, go)
+        os.closerange(go + 1, 1 << 20)
         caller.drop_to(pw.pw_uid, qemu_gid)
         _clear_dir(where.tmpdir)
         os.chdir("/")
+        if os.read(go, 1) != b"1":  # the parent failed to place us in the cgroup
+            os._exit(126)
+        os.close(go)
         os.execve(qemu, [qemu, *plan.argv], qemu_env(where.tmpdir))
-    except BaseException as err:  # noqa: BLE001 - the child must never return
+    except BaseException as err:  # noqa: BLE001 - the child must never return into the helper
         try:
             os.write(2, f"kvmgate: cannot start QEMU: {err}\n".encode())
         finally:
             os._exit(127)
-    raise AssertionError("unreachable")
 
 
 def _clear_dir(path: str) -> None:
     """Empty QEMU's TMPDIR, as the owner (after the privilege drop)."""
-    for entry in os.listdir(path):
+    entries = os.listdir(path)
+    if not entries:
+        return
+    import shutil
+
+    for entry in entries:
         p = os.path.join(path, entry)
         if os.path.isdir(p) and not os.path.islink(p):
             shutil.rmtree(p, ignore_errors=True)

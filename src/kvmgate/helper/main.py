@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 
 from ..errors import KvmgateError, PermissionRefused, UsageError
 from ..paths import Paths, installed
@@ -37,12 +36,12 @@ VERBS: dict[str, tuple[frozenset[str], frozenset[str], bool, bool]] = {
 }
 
 
-@dataclass
 class Request:
-    verb: str
-    name: str | None = None
-    flags: dict[str, str] = field(default_factory=dict)
-    options: list[str] = field(default_factory=list)
+    def __init__(self, verb: str) -> None:
+        self.verb = verb
+        self.name: str | None = None
+        self.flags: dict[str, str] = {}
+        self.options: list[str] = []
 
     def flag(self, name: str) -> str | None:
         return self.flags.get(name)
@@ -127,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         caller.scrub()
         return run(args, environ, installed())
+    except UsageError as err:
+        sys.stderr.write(f"kvmgate: {err} (see kvmgate --help)\n")
+        return err.exit_code
     except KvmgateError as err:
         sys.stderr.write(f"kvmgate: {err}\n")
         return err.exit_code

@@ -87,7 +87,7 @@ def start(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     lock_fd = registry.lock(vm)
     try:
         where = launch.Where(vm.rundir, vm.sub("log"), vm.sub("tmp"), lock_fd)
-        fds = launch.open_resources(plan, pw, where)
+        fds = launch.open_resources(plan, pw, qemu_gid, where)
         limit = (plan.memory_mib + policy.memory_overhead_mib) << 20
         procs = cgroup.setup(vm.key, limit)
         log = os.open(

@@ -12,13 +12,13 @@ control characters reach QEMU from a value; paths never reach QEMU at all
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ..errors import PolicyError
+from ..regex import Regex
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(NamedTuple):
     """Admin-set bounds that grammars check against (from the policy file)."""
 
     mem_min_mib: int = 16
@@ -33,74 +33,76 @@ class Limits:
 # --------------------------------------------------------------------------- values
 
 
-@dataclass(frozen=True)
-class Value:
+# Values are NamedTuples, not dataclasses: building ~10 dataclasses costs the
+# helper more start-up time than everything else it imports (see bench/).
+# Every value's first field is `canonical`, the form the VM identity stores.
+
+
+class Flag(NamedTuple):
     canonical: str
 
 
-@dataclass(frozen=True)
-class Flag(Value):
-    pass
-
-
-@dataclass(frozen=True)
-class PathValue(Value):
+class PathValue(NamedTuple):
+    canonical: str
     path: str
 
 
-@dataclass(frozen=True)
-class IntValue(Value):
+class IntValue(NamedTuple):
+    canonical: str
     number: int
 
 
-@dataclass(frozen=True)
-class Word(Value):
+class Word(NamedTuple):
     """A value from a small closed set or a strict token regex."""
 
+    canonical: str
     word: str
 
 
-@dataclass(frozen=True)
-class Geometry(Value):
+class Geometry(NamedTuple):
+    canonical: str
     cyls: int
     heads: int
     secs: int
     trans: str | None
 
 
-@dataclass(frozen=True)
-class NetSpec(Value):
+class NetSpec(NamedTuple):
+    canonical: str
     kind: str
-    props: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    props: tuple[tuple[str, str], ...] = ()
 
     def get(self, key: str) -> str | None:
         return dict(self.props).get(key)
 
 
-@dataclass(frozen=True)
-class Redir(Value):
+class Redir(NamedTuple):
+    canonical: str
     proto: str
     host_port: int
     guest_addr: str
     guest_port: int
 
 
-@dataclass(frozen=True)
-class Channel(Value):
+class Channel(NamedTuple):
+    canonical: str
     name: str
     backend: str
 
 
-@dataclass(frozen=True)
-class Words(Value):
+class Words(NamedTuple):
+    canonical: str
     words: tuple[str, ...]
+
+
+Value = Flag | PathValue | IntValue | Word | Geometry | NetSpec | Redir | Channel | Words
 
 
 # ------------------------------------------------------------------------ helpers
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = Regex(r"[\x00-\x1f\x7f]")
 # Anything that looks like `proto:` at the start: json:, nbd:, fat:, http:, file: ...
-_PROTOCOL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_PROTOCOL = Regex(r"[A-Za-z][A-Za-z0-9+.-]*:")
 PATH_MAX = 4095
 
 
@@ -139,7 +141,7 @@ def parse_path(option: str, raw: str, limits: Limits) -> PathValue:
     return PathValue(norm, norm)
 
 
-_MIB = re.compile(r"([0-9]{1,7})([MG]?)", re.ASCII)
+_MIB = Regex(r"([0-9]{1,7})([MG]?)", re.ASCII)
 
 
 def parse_mem(option: str, raw: str, limits: Limits) -> IntValue:
@@ -189,7 +191,7 @@ def parse_vnc(option: str, raw: str, limits: Limits) -> IntValue:
     return IntValue(str(n), n)
 
 
-_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]{0,63}", re.ASCII)
+_TAG = Regex(r"[A-Za-z0-9][A-Za-z0-9_.]{0,63}", re.ASCII)
 
 
 def parse_tag(option: str, raw: str, limits: Limits) -> Word:
@@ -275,12 +277,12 @@ NIC_MODELS = {
     "pcnet": "pcnet",
     "i82559er": "i82559er",
 }
-_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", re.ASCII)
-_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", re.ASCII)
-_IPV4 = re.compile(
+_MAC = Regex(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", re.ASCII)
+_HOST = Regex(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", re.ASCII)
+_IPV4 = Regex(
     r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}", re.ASCII
 )
-_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}", re.ASCII)
+_IFNAME = Regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}", re.ASCII)
 
 
 def _vlan(option: str, raw: str) -> str:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from ..errors import PolicyError
 from . import grammar as g
@@ -19,8 +19,7 @@ from .table import LISTS, OPTIONS, ListName, OptionSpec
 ACCELS = ("auto", "kvm", "tcg")
 
 
-@dataclass(frozen=True)
-class ParsedOption:
+class ParsedOption(NamedTuple):
     spec: OptionSpec
     value: g.Value
 
@@ -32,10 +31,12 @@ class ParsedOption:
         return [self.name] if self.spec.parse is None else [self.name, self.value.canonical]
 
 
-@dataclass(frozen=True)
-class Policy:
-    lists: Mapping[str, ListName] = field(default_factory=lambda: {n: o.default for n, o in OPTIONS.items()})
-    limits: g.Limits = field(default_factory=g.Limits)
+DEFAULT_LISTS: Mapping[str, ListName] = MappingProxyType({n: o.default for n, o in OPTIONS.items()})
+
+
+class Policy(NamedTuple):
+    lists: Mapping[str, ListName] = DEFAULT_LISTS
+    limits: g.Limits = g.Limits()
     accel: str = "auto"
     qemu: str = "/usr/bin/qemu-system-x86_64"
     stop_timeout: int = 30
@@ -57,7 +58,7 @@ class Policy:
         if accel not in ACCELS:
             raise fail("accel must be one of " + ", ".join(ACCELS))
         kw["accel"] = accel
-        qemu = data.get("qemu", cls.qemu)
+        qemu = data.get("qemu", cls._field_defaults["qemu"])
         if not isinstance(qemu, str) or not qemu.startswith("/") or os.path.normpath(qemu) != qemu:
             raise fail("qemu must be a normalised absolute path")
         kw["qemu"] = qemu
@@ -128,7 +129,7 @@ class Policy:
                 kw["machines"] = tuple(value)
             else:
                 raise fail(f"unknown key limits.{key}")
-        lim = g.Limits(**{**d.__dict__, **kw})
+        lim = d._replace(**kw)
         if lim.mem_min_mib > lim.mem_max_mib:
             raise fail("limits.mem_min_mib is above limits.mem_max_mib")
         return lim

@@ -11,8 +11,7 @@ may move options between lists, within two fixed limits:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from . import grammar as g
 
@@ -22,8 +21,7 @@ LISTS: tuple[ListName, ...] = ("user", "admin", "unused")
 Parser = Callable[[str, str, g.Limits], g.Value]
 
 
-@dataclass(frozen=True)
-class OptionSpec:
+class OptionSpec(NamedTuple):
     name: str
     parse: Parser | None  # None: a flag that takes no value
     default: ListName

@@ -1,0 +1,44 @@
+"""Shared bench helpers: a bench user and VM on the standard installation."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+KVMGATE = "/usr/local/bin/kvmgate"
+GUEST = Path("/var/cache/kvmgate-test-guest")
+USER = "kgbench"
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, check=check)
+
+
+def setup() -> None:
+    """Install kvmgate and the guest the way the demo does, and a bench user."""
+    sh("sh", str(REPO / "guest/build-test-guest.sh"))
+    sh(str(REPO / "install.sh"))
+    sh(KVMGATE, "admin", "init", "--accel", "tcg")
+    if sh("id", USER, check=False).returncode:
+        sh("useradd", "--create-home", USER)
+
+
+def define(name: str, *opts: str) -> None:
+    sh(KVMGATE, "stop", name, "--owner", USER, "--force", check=False)
+    sh(KVMGATE, "admin", "delete", name, "--owner", USER, check=False)
+    sh(KVMGATE, "admin", "create", name, "--owner", USER, "--", *opts)
+
+
+def report(title: str, base: list[float], ours: list[float], unit: str = "ms") -> str:
+    mb, mo = statistics.median(base), statistics.median(ours)
+    lines = [
+        f"## {title}",
+        f"baseline median {mb:.1f} {unit} (n={len(base)}), kvmgate median {mo:.1f} {unit} (n={len(ours)})",
+        f"ratio {mo / mb:.2f}x, overhead {mo - mb:+.1f} {unit}",
+    ]
+    return "\n".join(lines)

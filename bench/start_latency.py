@@ -1,0 +1,75 @@
+"""Time from command to QEMU ready (QMP answering): bare QEMU vs `kvmgate start`.
+
+Both start the same VM (the test guest's kernel, -m 256, TCG) paused (-S), so
+only start-up is measured, not the guest's boot. The baseline is the QEMU
+command kvmgate itself would run, launched directly by root with a QMP unix
+socket; readiness is checked with the same QMP handshake in both cases.
+
+    sudo .venv/bin/python bench/start_latency.py [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+import time
+
+from common import GUEST, KVMGATE, USER, define, report, setup, sh
+
+from kvmgate.qmp import wait_ready
+
+VM = "benchstart"
+OPTS = ["-m", "256", "-nographic", "-net", "none", "-kernel", f"{GUEST}/vmlinuz", "-initrd", f"{GUEST}/initrd.img",
+        "-append", "console=ttyS0 quiet"]
+
+
+def bare_once(tmp: str) -> float:
+    sock = os.path.join(tmp, "qmp.sock")
+    argv = ["/usr/bin/qemu-system-x86_64", "-nodefaults", "-no-user-config", "-machine", "pc", "-accel", "tcg",
+            "-m", "256", "-display", "none", "-vga", "none", "-S", "-kernel", f"{GUEST}/vmlinuz",
+            "-initrd", f"{GUEST}/initrd.img", "-append", "console=ttyS0 quiet",
+            "-qmp", f"unix:{sock},server=on,wait=off"]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(sock, time.monotonic() + 30, lambda: p.poll() is None)
+    dt = time.perf_counter() - t0
+    p.kill()
+    p.wait()
+    os.unlink(sock)
+    return dt * 1000
+
+
+def kvmgate_once(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    dt = time.perf_counter() - t0
+    sh(KVMGATE, "stop", VM, "--owner", USER, "--force")
+    return dt * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--as-user", action="store_true", help="run kvmgate as the bench user (front end, sudo, helper)")
+    args = ap.parse_args()
+    setup()
+    define(VM, *OPTS)
+    if args.as_user:
+        cmd = ["runuser", "-u", USER, "--", KVMGATE, "start", VM, "--paused"]
+    else:
+        cmd = [KVMGATE, "start", VM, "--owner", USER, "--paused"]
+    base, ours = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        bare_once(tmp)
+        kvmgate_once(cmd)  # warm caches for both
+        for _ in range(args.runs):
+            base.append(bare_once(tmp))
+            ours.append(kvmgate_once(cmd))
+    who = "as the VM's owner through sudo" if args.as_user else "as root"
+    print(report(f"start to QMP ready: bare QEMU vs kvmgate start ({who})", base, ours))
+
+
+if __name__ == "__main__":
+    main()
