@@ -17,20 +17,50 @@ import tempfile
 import time
 
 from common import GUEST, KVMGATE, USER, define, report, setup, sh
-
 from kvmgate.qmp import wait_ready
 
 VM = "benchstart"
-OPTS = ["-m", "256", "-nographic", "-net", "none", "-kernel", f"{GUEST}/vmlinuz", "-initrd", f"{GUEST}/initrd.img",
-        "-append", "console=ttyS0 quiet"]
+OPTS = [
+    "-m",
+    "256",
+    "-nographic",
+    "-net",
+    "none",
+    "-kernel",
+    f"{GUEST}/vmlinuz",
+    "-initrd",
+    f"{GUEST}/initrd.img",
+    "-append",
+    "console=ttyS0 quiet",
+]
 
 
 def bare_once(tmp: str) -> float:
     sock = os.path.join(tmp, "qmp.sock")
-    argv = ["/usr/bin/qemu-system-x86_64", "-nodefaults", "-no-user-config", "-machine", "pc", "-accel", "tcg",
-            "-m", "256", "-display", "none", "-vga", "none", "-S", "-kernel", f"{GUEST}/vmlinuz",
-            "-initrd", f"{GUEST}/initrd.img", "-append", "console=ttyS0 quiet",
-            "-qmp", f"unix:{sock},server=on,wait=off"]
+    argv = [
+        "/usr/bin/qemu-system-x86_64",
+        "-nodefaults",
+        "-no-user-config",
+        "-machine",
+        "pc",
+        "-accel",
+        "tcg",
+        "-m",
+        "256",
+        "-display",
+        "none",
+        "-vga",
+        "none",
+        "-S",
+        "-kernel",
+        f"{GUEST}/vmlinuz",
+        "-initrd",
+        f"{GUEST}/initrd.img",
+        "-append",
+        "console=ttyS0 quiet",
+        "-qmp",
+        f"unix:{sock},server=on,wait=off",
+    ]
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_ready(sock, time.monotonic() + 30, lambda: p.poll() is None)

@@ -7,7 +7,8 @@
 # prints the cache directory on success.
 set -eu
 OUT=${1:-${KVMGATE_GUEST_DIR:-/var/cache/kvmgate-test-guest}}
-if [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.img" ] && [ -s "$OUT/disk.raw" ] && [ -s "$OUT/disk.qcow2" ] && [ -s "$OUT/cd.iso" ]; then
+RECIPE=2  # bump when this script changes what it builds
+if [ "$(cat "$OUT/recipe" 2>/dev/null)" = "$RECIPE" ]; then
     echo "$OUT"; exit 0
 fi
 
@@ -90,7 +91,7 @@ mkdir diskroot && echo "test-disk" > diskroot/kvmgate-disk
 mkfs.ext4 -q -F -d diskroot disk.raw
 qemu-img convert -f raw -O qcow2 disk.raw disk.qcow2
 mkdir cdroot && echo "test-cd" > cdroot/kvmgate-cd
-genisoimage -quiet -o cd.iso -V KVMGATECD cdroot
+genisoimage -quiet -R -J -o cd.iso -V KVMGATECD cdroot
 
 mkdir -p "$OUT"
 cp kernel/boot/vmlinuz-"$kver" "$OUT/vmlinuz.tmp"
@@ -98,4 +99,5 @@ for f in initrd.img disk.raw disk.qcow2 cd.iso; do cp "$f" "$OUT/$f.tmp"; done
 echo "$kpkg" > "$OUT/kernel-package"
 for f in vmlinuz initrd.img disk.raw disk.qcow2 cd.iso; do chmod 0644 "$OUT/$f.tmp"; mv "$OUT/$f.tmp" "$OUT/$f"; done
 chmod 0755 "$OUT"
+echo "$RECIPE" > "$OUT/recipe"
 echo "$OUT"

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import grp
 import os
 import pwd
-import re
-import select
 import signal
-import socket
-import sys
 import time
 from typing import Any
 
@@ -23,7 +17,7 @@ from ..policy.policy import Policy
 from ..qmp import QMP, QMPError, wait_ready
 from ..translate import Accel, Context, Plan, merge, translate
 from . import audit, cgroup, config, launch
-from .caller import Caller, drop_to
+from .caller import Caller
 from .main import Request, emit
 
 QEMU_GROUP = "kvmgate-qemu"
@@ -67,6 +61,8 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
     if req.verb == "status":
         return status(req, vm)
     if req.verb == "console":
+        from .console import console
+
         return console(req, who, vm)
     raise UsageError(f"unknown verb {req.verb}")
 
@@ -258,106 +254,3 @@ def do_list(req: Request, who: Caller, paths: Paths) -> int:
     text = "".join(f"{r['owner']:<16} {r['name']:<32} {r['state']}\n" for r in rows)
     emit(rows, text, "--json" in req.flags)
     return 0
-
-
-# --------------------------------------------------------------------------- console
-
-
-def console(req: Request, who: Caller, vm: registry.VM) -> int:
-    """Attach to the serial console. One attachment at a time (a lock), the
-    console log's tail first as scrollback, then live. Detach with Ctrl-].
-    The connection is made as root; the relay itself runs as the caller."""
-    expect = req.flag("--expect")
-    t = req.flag("--timeout")
-    if t is not None and not (t.isdigit() and int(t) <= 86400):
-        raise UsageError("--timeout must be whole seconds")
-    pattern = None
-    if expect is not None:
-        try:
-            pattern = re.compile(expect.encode())
-        except re.error as err:
-            raise UsageError(f"--expect: {err}") from None
-    if not registry.is_running(vm):
-        raise WrongState(f"{vm.identity.name} is not running")
-    lock = os.open(
-        os.path.join(vm.rundir, "console.lock"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-    )
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise WrongState(f"{vm.identity.name}: the console is already attached elsewhere") from None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.connect(os.path.join(vm.rundir, "console.sock"))
-    except OSError:
-        raise WrongState(f"{vm.identity.name} has no serial console") from None
-    try:
-        with open(vm.sub("log", "console.log"), "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            scrollback = f.read()
-    except OSError:
-        scrollback = b""
-    if not who.is_root:
-        pw = pwd.getpwuid(who.uid)
-        drop_to(pw.pw_uid, pw.pw_gid)
-    deadline = time.monotonic() + float(t) if t is not None else None
-    return _relay(sock, scrollback, pattern, deadline)
-
-
-def _relay(sock: socket.socket, scrollback: bytes, pattern: re.Pattern[bytes] | None, deadline: float | None) -> int:
-    out = sys.stdout.buffer
-    seen = scrollback
-    out.write(scrollback)
-    out.flush()
-    if pattern is not None and pattern.search(seen):
-        return 0
-    interactive = pattern is None and os.isatty(0)
-    saved = None
-    if interactive:
-        import termios
-        import tty
-
-        saved = termios.tcgetattr(0)
-        tty.setraw(0)
-        sys.stderr.write("[kvmgate: attached; detach with Ctrl-]]\r\n")
-    try:
-        watch: list[Any] = [sock, 0]
-        while True:
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
-                if pattern is not None:
-                    raise KvmgateError("console: timed out waiting for the expected output")
-                return 0
-            ready, _, _ = select.select(watch, [], [], wait)
-            if sock in ready:
-                data = sock.recv(65536)
-                if not data:
-                    return 0
-                out.write(data)
-                out.flush()
-                if pattern is not None:
-                    seen = (seen + data)[-65536:]
-                    if pattern.search(seen):
-                        return 0
-            if 0 in ready:
-                data = os.read(0, 4096)
-                if not data:
-                    watch.remove(0)
-                    continue
-                if interactive and DETACH in data:
-                    data = data.split(DETACH, 1)[0]
-                    if data:
-                        sock.sendall(data)
-                    return 0
-                sock.sendall(data)
-    except OSError as err:
-        if err.errno == errno.EPIPE:
-            return 0
-        raise
-    finally:
-        if saved is not None:
-            import termios
-
-            termios.tcsetattr(0, termios.TCSADRAIN, saved)
-            sys.stderr.write("\r\n[kvmgate: detached]\n")
