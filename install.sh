@@ -3,6 +3,7 @@
 #
 #   ./install.sh [--prefix /usr/local] [--libdir DIR] [--etc /etc/kvmgate]
 #                [--state /var/lib/kvmgate] [--run /run/kvmgate] [--log /var/log/kvmgate]
+#                [--sudoers /etc/sudoers.d/kvmgate]
 #
 # The helper and front end run under /usr/bin/python3 -I -S: no PYTHON* variable,
 # user site or site-packages reaches them; they import the standard library and
@@ -10,10 +11,11 @@
 # kvmgate/_install.py, so nothing a caller controls can move them.
 set -eu
 prefix=/usr/local libdir= etc=/etc/kvmgate state=/var/lib/kvmgate run=/run/kvmgate log=/var/log/kvmgate
+sudoers=/etc/sudoers.d/kvmgate
 while [ $# -gt 0 ]; do
     case "$1" in
         --prefix) prefix=$2 ;; --libdir) libdir=$2 ;; --etc) etc=$2 ;; --state) state=$2 ;;
-        --run) run=$2 ;; --log) log=$2 ;;
+        --run) run=$2 ;; --log) log=$2 ;; --sudoers) sudoers=$2 ;;
         *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift 2
@@ -37,6 +39,7 @@ PATHS = {
     "log": "$log",
     "helper": "$libdir/kvmgate-helper",
     "sudo": "/usr/bin/sudo",
+    "sudoers": "$sudoers",
 }
 PY
 cat > "$libdir.new.$$/kvmgate-helper" <<PY

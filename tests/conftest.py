@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import secrets
 import shutil
 import subprocess
@@ -27,6 +28,8 @@ STATE = f"{PREFIX}/state"
 RUN = "/run/kvmgate-test"
 LOG = f"{PREFIX}/log"
 KVMGATE = f"{PREFIX}/bin/kvmgate"
+HELPER = f"{PREFIX}/lib/kvmgate/kvmgate-helper"
+SUDOERS = "/etc/sudoers.d/kvmgate-test"
 GUEST = os.environ.get("KVMGATE_GUEST_DIR", "/var/cache/kvmgate-test-guest")
 BOOT_LINE = r"KVMGATE-GUEST-READY[^\r\n]*[\r\n]"
 
@@ -51,6 +54,35 @@ def run(
     )
 
 
+def as_user(
+    user: str,
+    cmd: list[str],
+    *,
+    input: str | None = None,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    **kw: object,
+) -> subprocess.CompletedProcess[str]:
+    """Run cmd as a real user: their uid, primary gid and groups, a login-like
+    environment (or `env`), from their home directory."""
+    pw = pwd.getpwnam(user)
+    base = {"HOME": pw.pw_dir, "USER": user, "LOGNAME": user, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+    return subprocess.run(
+        cmd,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=base if env is None else env,
+        user=pw.pw_uid,
+        group=pw.pw_gid,
+        extra_groups=os.getgrouplist(user, pw.pw_gid),
+        cwd=pw.pw_dir,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        **kw,  # type: ignore[call-overload]
+    )
+
+
 @dataclass
 class Kvmgate:
     """Runs the installed `kvmgate` as root or as a real user."""
@@ -63,8 +95,9 @@ class Kvmgate:
         timeout: float = 120,
         env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        cmd = [KVMGATE, *args] if user is None else ["runuser", "-u", user, "--", KVMGATE, *args]
-        return run(cmd, input=input, timeout=timeout, env=env)
+        if user is None:
+            return run([KVMGATE, *args], input=input, timeout=timeout, env=env)
+        return as_user(user, [KVMGATE, *args], input=input, timeout=timeout, env=env)
 
     def ok(self, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
         r = self(*args, **kw)  # type: ignore[arg-type]
@@ -117,6 +150,8 @@ def kg(guest: Path) -> Iterator[Kvmgate]:
     k.write_policy(DEFAULT_POLICY)
     yield k
     _stop_everything(k)
+    if os.path.exists(SUDOERS):
+        os.unlink(SUDOERS)
     shutil.rmtree(RUN, ignore_errors=True)
     shutil.rmtree(PREFIX, ignore_errors=True)
 

@@ -22,6 +22,7 @@ class Paths(NamedTuple):
     log: str = "/var/log/kvmgate"
     helper: str = "/usr/lib/kvmgate/kvmgate-helper"
     sudo: str = "/usr/bin/sudo"
+    sudoers: str = "/etc/sudoers.d/kvmgate"
 
     def checked(self) -> Paths:
         # These strings reach QEMU's option syntax (gdb socket) and sudoers: keep them plain.
@@ -48,8 +49,10 @@ class Paths(NamedTuple):
 
 
 def installed() -> Paths:
+    import importlib
+
     try:
-        from . import _install  # type: ignore[attr-defined]
+        baked = importlib.import_module("kvmgate._install").PATHS
     except ImportError:
         return Paths()
-    return Paths(**_install.PATHS).checked()
+    return Paths(**baked).checked()

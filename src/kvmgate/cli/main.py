@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import EXIT_REFUSED, EXIT_USAGE
-from ..paths import installed
 
+# The front end's hot path imports nothing but os and sys (typing alone would add
+# milliseconds to every command); argparse and the policy table load only when needed.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
 
@@ -195,14 +196,26 @@ def main(argv: list[str] | None = None) -> int:
     return exec_helper(helper_argv)
 
 
+def _sudo_and_helper() -> tuple[str, str]:
+    import importlib
+
+    try:
+        paths = importlib.import_module("kvmgate._install").PATHS
+    except ImportError:
+        from ..paths import Paths
+
+        return Paths().sudo, Paths().helper
+    return str(paths["sudo"]), str(paths["helper"])
+
+
 def exec_helper(argv: list[str]) -> int:
     if os.geteuid() == 0 and os.getuid() == 0:
         # Root needs no sudo hop: run the helper of this same installation in-process.
         from ..helper.main import main as helper_main
 
         return helper_main(argv)
-    paths = installed()
-    cmd = [paths.sudo, "-n", "--", paths.helper, *argv]
+    sudo, helper = _sudo_and_helper()
+    cmd = [sudo, "-n", "--", helper, *argv]
     try:
         os.execv(cmd[0], cmd)
     except OSError as err:

@@ -201,8 +201,41 @@ def init(req: Request, paths: Paths) -> int:
         kvm_members = []
     if kvm_members:
         _say(f"note: users in group kvm ({', '.join(kvm_members)}) no longer reach /dev/kvm through it")
+    _install_sudoers(paths)
     _say("done")
     return 0
+
+
+def sudoers_text(paths: Paths) -> str:
+    return (
+        "# Installed by `kvmgate admin init`: every user may run kvmgate's privileged helper\n"
+        "# as root, and nothing else through this file. The helper takes the caller from\n"
+        "# SUDO_UID, re-validates every argument and refuses anything outside the policy.\n"
+        f"Cmnd_Alias KVMGATE_HELPER = {paths.helper}\n"
+        "Defaults!KVMGATE_HELPER env_reset, !setenv, closefrom=3\n"
+        "ALL ALL=(root) NOPASSWD: KVMGATE_HELPER\n"
+    )
+
+
+def _install_sudoers(paths: Paths) -> None:
+    """Write the drop-in only after `visudo -c` accepts it: a broken sudoers file
+    would lock every admin out of sudo."""
+    if not os.path.isdir(os.path.dirname(paths.sudoers)):
+        _say(f"{os.path.dirname(paths.sudoers)} does not exist: is sudo installed? (users cannot use kvmgate)")
+        return
+    tmp = f"{os.path.dirname(paths.sudoers)}/.kvmgate.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o440)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(sudoers_text(paths))
+        check = subprocess.run(["visudo", "-cf", tmp], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise KvmgateError(f"visudo refused the sudoers drop-in: {check.stdout.strip()} {check.stderr.strip()}")
+        os.replace(tmp, paths.sudoers)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _say(f"{paths.sudoers} lets users run {paths.helper} as root, and nothing else (checked with visudo)")
 
 
 def _device(path: str, gid: int, mode: int, what: str) -> None:

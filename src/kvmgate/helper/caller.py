@@ -57,14 +57,32 @@ def scrub() -> None:
     os.environ["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
     os.umask(0o077)
     os.chdir("/")
+    # A complete, known profile: the caller's limits (a tiny RLIMIT_FSIZE that would
+    # truncate a state file, a low RLIMIT_NOFILE, ...) never reach root's code or QEMU.
+    inf = resource.RLIM_INFINITY
     for lim, value in (
         (resource.RLIMIT_CORE, 0),
-        (resource.RLIMIT_FSIZE, resource.RLIM_INFINITY),
+        (resource.RLIMIT_FSIZE, inf),
+        (resource.RLIMIT_DATA, inf),
+        (resource.RLIMIT_AS, inf),
+        (resource.RLIMIT_CPU, inf),
+        (resource.RLIMIT_NPROC, inf),
         (resource.RLIMIT_NOFILE, 65536),
         (resource.RLIMIT_STACK, 8 << 20),
+        (resource.RLIMIT_MEMLOCK, 8 << 20),
+        (resource.RLIMIT_MSGQUEUE, 819200),
+        (resource.RLIMIT_SIGPENDING, 65536),
     ):
-        with contextlib.suppress(ValueError, OSError):
+        try:
             resource.setrlimit(lim, (value, value))
+        except (ValueError, OSError):
+            # Root without CAP_SYS_RESOURCE (some containers) cannot raise a hard
+            # limit: take the highest soft limit allowed, and refuse outright the
+            # limits that would make root's own writes or QEMU fail half-way.
+            hard = resource.getrlimit(lim)[1]
+            if lim == resource.RLIMIT_FSIZE or (lim == resource.RLIMIT_NOFILE and hard != inf and hard < 1024):
+                raise PermissionRefused("refusing to run under the caller's lowered hard resource limits") from None
+            resource.setrlimit(lim, (value if hard == inf or (value != inf and value <= hard) else hard, hard))
     os.setgroups([])
 
 
