@@ -35,10 +35,16 @@ kvmgate admin create "$vm" --owner "$user" --disk-size 64M -- \
     -kernel "$guest/vmlinuz" -initrd "$guest/initrd.img" -append "console=ttyS0 quiet"
 kvmgate admin show "$vm" --owner "$user" | grep -E '^(owner|name|options):'
 
-kvmgate start "$vm" --owner "$user"
-line=$(kvmgate console "$vm" --owner "$user" --expect 'KVMGATE-GUEST-READY[^\r\n]*[\r\n]' --timeout 120 </dev/null \
-       | grep -a -o 'KVMGATE-GUEST-READY[^\r]*' | head -n 1)
+# From here on, everything is the demo user's own command: the front end runs as
+# kvmdemo and reaches the privileged helper through sudo (see /etc/sudoers.d/kvmgate).
+as_user() { runuser -u "$user" -- "$@"; }
+cd /tmp
+as_user kvmgate start "$vm"
+line=$(as_user kvmgate console "$vm" --expect 'KVMGATE-GUEST-READY[^\r\n]*[\r\n]' --timeout 120 </dev/null \
+       | tr -d '\r' | grep -a -o 'KVMGATE-GUEST-READY.*' | head -n 1)
 echo "demo: guest boot line: $line"
-kvmgate status "$vm" --owner "$user"
-kvmgate stop "$vm" --owner "$user" --timeout 20
+as_user kvmgate status "$vm"
+as_user kvmgate list
+echo "demo: $user cannot run KVM directly: $(as_user qemu-system-x86_64 -accel kvm -display none -nodefaults 2>&1 | tail -n 1)"
+as_user kvmgate stop "$vm" --timeout 20
 echo "demo: ok"

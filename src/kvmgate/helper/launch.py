@@ -44,7 +44,6 @@ class Where(NamedTuple):
     rundir: str
     logdir: str
     tmpdir: str
-    lock_fd: int
 
 
 def _open_as(pw: pwd.struct_passwd, path: str, writable: bool, what: str) -> int:
@@ -152,10 +151,33 @@ def _listener(path: str) -> int:
     return s.detach()
 
 
-def open_resources(plan: Plan, pw: pwd.struct_passwd, qemu_gid: int, where: Where) -> dict[int, int]:
-    """Map each planned QEMU fd number to an fd opened here. On error, all are closed."""
+USER_KINDS = ("disk", "overlay", "blob", "tap")
+
+
+def open_user_resources(plan: Plan, pw: pwd.struct_passwd, qemu_gid: int, tmpdir: str) -> dict[int, int]:
+    """Everything a start can be refused over, opened before anything is changed:
+    disks, overlays and blobs with the owner's rights, taps. Maps QEMU fd -> fd."""
     opened: dict[int, int] = {}
     sizes: dict[str, int] = {}
+    try:
+        for r in plan.resources:
+            if r.kind == "disk":
+                opened[r.fd], sizes[r.of or ""] = _disk(pw, r)
+            elif r.kind == "overlay":
+                opened[r.fd] = _overlay(pw, tmpdir, sizes[r.of or ""])
+            elif r.kind == "blob":
+                opened[r.fd] = _blob(pw, r, qemu_gid)
+            elif r.kind == "tap":
+                opened[r.fd] = _tap(r.path or "")
+    except BaseException:
+        close_all(opened)
+        raise
+    return opened
+
+
+def open_runtime_resources(plan: Plan, where: Where, lock_fd: int) -> dict[int, int]:
+    """The root-made part, under the VM's lock: sockets, the console log, the lock."""
+    opened: dict[int, int] = {}
     try:
         for r in plan.resources:
             if r.kind == "qmp":
@@ -163,27 +185,20 @@ def open_resources(plan: Plan, pw: pwd.struct_passwd, qemu_gid: int, where: Wher
             elif r.kind == "console":
                 opened[r.fd] = _listener(os.path.join(where.rundir, "console.sock"))
             elif r.kind == "console-log":
-                opened[r.fd] = os.open(
-                    os.path.join(where.logdir, "console.log"),
-                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                )
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+                opened[r.fd] = os.open(os.path.join(where.logdir, "console.log"), flags, 0o600)
             elif r.kind == "lock":
-                opened[r.fd] = where.lock_fd
-            elif r.kind == "disk":
-                opened[r.fd], sizes[r.of or ""] = _disk(pw, r)
-            elif r.kind == "overlay":
-                opened[r.fd] = _overlay(pw, where.tmpdir, sizes[r.of or ""])
-            elif r.kind == "blob":
-                opened[r.fd] = _blob(pw, r, qemu_gid)
-            elif r.kind == "tap":
-                opened[r.fd] = _tap(r.path or "")
+                opened[r.fd] = os.dup(lock_fd)
     except BaseException:
-        for _target, fd in opened.items():
-            if fd != where.lock_fd:
-                os.close(fd)
+        close_all(opened)
         raise
     return opened
+
+
+def close_all(fds: dict[int, int]) -> None:
+    for fd in fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def qemu_env(tmpdir: str) -> dict[str, str]:

@@ -80,15 +80,19 @@ def start(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     qemu_gid = grp.getgrnam(QEMU_GROUP).gr_gid
     accel = config.accel(policy)
     plan = plan_for(vm, policy, req.options, accel, "--paused" in req.flags)  # all validation before any change
-    lock_fd = registry.lock(vm)
+    where = launch.Where(vm.rundir, vm.sub("log"), vm.sub("tmp"))
+    fds = launch.open_user_resources(plan, pw, qemu_gid, where.tmpdir)  # the last refusals
     try:
-        where = launch.Where(vm.rundir, vm.sub("log"), vm.sub("tmp"), lock_fd)
-        fds = launch.open_resources(plan, pw, qemu_gid, where)
+        lock_fd = registry.lock(vm)
+    except BaseException:
+        launch.close_all(fds)
+        raise
+    try:
+        fds |= launch.open_runtime_resources(plan, where, lock_fd)
         limit = (plan.memory_mib + policy.memory_overhead_mib) << 20
         procs = cgroup.setup(vm.key, limit)
-        log = os.open(
-            vm.sub("log", "qemu.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        fds[-1] = log = os.open(vm.sub("log", "qemu.log"), flags, 0o600)
         argv = [policy.qemu, *plan.argv]
         audit.record(
             paths.audit_log,
@@ -101,10 +105,10 @@ def start(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
             outcome="ok",
             argv=argv,
         )
-        pid = launch.spawn(policy.qemu, plan, fds, pw, qemu_gid, where, procs, log, policy.max_open_files)
-        for fd in {*fds.values(), log} - {lock_fd}:
-            os.close(fd)
+        qemu_fds = {t: f for t, f in fds.items() if t >= 0}
+        pid = launch.spawn(policy.qemu, plan, qemu_fds, pw, qemu_gid, where, procs, log, policy.max_open_files)
     finally:
+        launch.close_all(fds)
         os.close(lock_fd)  # QEMU holds its own copy of the lock from here on
 
     def alive() -> bool:

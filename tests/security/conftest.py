@@ -1,0 +1,83 @@
+"""Fixtures for the attack suite: real users, real VMs, and a check that an
+attack changed nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ..conftest import Kvmgate, boot_options
+
+
+def qemu_pids() -> set[int]:
+    out = set()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (p / "comm").read_text().startswith("qemu-system"):
+                    out.add(int(p.name))
+    return out
+
+
+def fd_targets(pid: int) -> list[str]:
+    d = Path(f"/proc/{pid}/fd")
+    return [os.readlink(d / n) for n in os.listdir(d)]
+
+
+@pytest.fixture
+def unchanged(kg: Kvmgate) -> Iterator[None]:
+    """The attack must leave the state, runtime directories and QEMU processes as they were."""
+    before, procs = kg.state_snapshot(), qemu_pids()
+    yield
+    assert kg.state_snapshot() == before
+    assert qemu_pids() <= procs  # nothing new started (a stopping QEMU may still be exiting)
+
+
+@pytest.fixture(scope="module")
+def alice_vm(kg: Kvmgate, alice: str, guest: Path) -> Iterator[str]:
+    name = "target"
+    kg("admin", "delete", name, "--owner", alice)
+    kg.ok("admin", "create", name, "--owner", alice, "--disk-size", "16M", "--", *boot_options(guest))
+    yield name
+    kg("stop", name, "--owner", alice, "--force")
+    kg("admin", "delete", name, "--owner", alice)
+
+
+@pytest.fixture(scope="module")
+def bob_vm(kg: Kvmgate, bob: str, guest: Path) -> Iterator[str]:
+    name = "secret"
+    kg("admin", "delete", name, "--owner", bob)
+    kg.ok("admin", "create", name, "--owner", bob, "--disk-size", "16M", "--", *boot_options(guest))
+    yield name
+    kg("stop", name, "--owner", bob, "--force")
+    kg("admin", "delete", name, "--owner", bob)
+
+
+@pytest.fixture(scope="module")
+def running(kg: Kvmgate, alice: str, alice_vm: str) -> Iterator[int]:
+    """alice's VM, started by alice through sudo; yields QEMU's pid."""
+    kg("stop", alice_vm, "--owner", alice, "--force")
+    kg.ok("start", alice_vm, user=alice)
+    pid = kg.json("status", alice_vm, user=alice)["pid"]
+    yield pid
+    kg("stop", alice_vm, "--owner", alice, "--force")
+
+
+def home(user: str) -> Path:
+    return Path(pwd.getpwnam(user).pw_dir)
+
+
+def give(user: str, src: Path, name: str, mode: int = 0o600) -> Path:
+    """Copy src into user's home, owned by them."""
+    dst = home(user) / name
+    shutil.copy(src, dst)
+    pw = pwd.getpwnam(user)
+    os.chown(dst, pw.pw_uid, pw.pw_gid)
+    dst.chmod(mode)
+    return dst
