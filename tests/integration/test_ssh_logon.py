@@ -38,11 +38,12 @@ class Sshd:
             "PubkeyAuthentication yes\nUsePAM yes\nStrictModes yes\nPrintMotd no\n"
         )
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-        self.proc = subprocess.Popen(
-            ["/usr/sbin/sshd", "-D", "-e", "-f", str(workdir / "sshd_config")],
-            stdout=subprocess.DEVNULL,
-            stderr=open(workdir / "sshd.log", "w"),
-        )
+        with open(workdir / "sshd.log", "w") as log:
+            self.proc = subprocess.Popen(
+                ["/usr/sbin/sshd", "-D", "-e", "-f", str(workdir / "sshd_config")],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with socket.socket() as s:
