@@ -20,19 +20,8 @@ from common import GUEST, KVMGATE, USER, define, report, setup, sh
 from kvmgate.qmp import wait_ready
 
 VM = "benchstart"
-OPTS = [
-    "-m",
-    "256",
-    "-nographic",
-    "-net",
-    "none",
-    "-kernel",
-    f"{GUEST}/vmlinuz",
-    "-initrd",
-    f"{GUEST}/initrd.img",
-    "-append",
-    "console=ttyS0 quiet",
-]
+BOOT = ["-kernel", f"{GUEST}/vmlinuz", "-initrd", f"{GUEST}/initrd.img", "-append", "console=ttyS0 quiet"]
+OPTS = ["-m", "256", "-nographic", "-net", "none", *BOOT]
 
 
 def bare_once(tmp: str) -> float:
@@ -52,12 +41,7 @@ def bare_once(tmp: str) -> float:
         "-vga",
         "none",
         "-S",
-        "-kernel",
-        f"{GUEST}/vmlinuz",
-        "-initrd",
-        f"{GUEST}/initrd.img",
-        "-append",
-        "console=ttyS0 quiet",
+        *BOOT,
         "-qmp",
         f"unix:{sock},server=on,wait=off",
     ]

@@ -41,8 +41,10 @@ def run(
     timeout: float = 120,
     check: bool = False,
     env: dict[str, str] | None = None,
+    **kw: object,
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    """subprocess.run with captured text output; stdin is /dev/null unless input is given."""
+    return subprocess.run(  # type: ignore[call-overload,no-any-return]
         cmd,
         input=input,
         capture_output=True,
@@ -51,36 +53,21 @@ def run(
         check=check,
         env=env,
         stdin=None if input is not None else subprocess.DEVNULL,
+        **kw,
     )
 
 
 def as_user(
-    user: str,
-    cmd: list[str],
-    *,
-    input: str | None = None,
-    timeout: float = 120,
-    env: dict[str, str] | None = None,
-    **kw: object,
+    user: str, cmd: list[str], *, env: dict[str, str] | None = None, **kw: object
 ) -> subprocess.CompletedProcess[str]:
     """Run cmd as a real user: their uid, primary gid and groups, a login-like
     environment (or `env`), from their home directory."""
     pw = pwd.getpwnam(user)
     base = {"HOME": pw.pw_dir, "USER": user, "LOGNAME": user, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
-    return subprocess.run(
-        cmd,
-        input=input,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=base if env is None else env,
-        user=pw.pw_uid,
-        group=pw.pw_gid,
-        extra_groups=os.getgrouplist(user, pw.pw_gid),
-        cwd=pw.pw_dir,
-        stdin=None if input is not None else subprocess.DEVNULL,
-        **kw,  # type: ignore[call-overload]
-    )
+    groups = os.getgrouplist(user, pw.pw_gid)
+    return run(
+        cmd, env=base if env is None else env, user=pw.pw_uid, group=pw.pw_gid, extra_groups=groups, cwd=pw.pw_dir, **kw
+    )  # type: ignore[arg-type]
 
 
 @dataclass

@@ -39,24 +39,22 @@ def unchanged(kg: Kvmgate) -> Iterator[None]:
     assert qemu_pids() <= procs  # nothing new started (a stopping QEMU may still be exiting)
 
 
+def _owned_vm(kg: Kvmgate, owner: str, name: str, guest: Path) -> Iterator[str]:
+    kg("admin", "delete", name, "--owner", owner)
+    kg.ok("admin", "create", name, "--owner", owner, "--disk-size", "16M", "--", *boot_options(guest))
+    yield name
+    kg("stop", name, "--owner", owner, "--force")
+    kg("admin", "delete", name, "--owner", owner)
+
+
 @pytest.fixture(scope="module")
 def alice_vm(kg: Kvmgate, alice: str, guest: Path) -> Iterator[str]:
-    name = "target"
-    kg("admin", "delete", name, "--owner", alice)
-    kg.ok("admin", "create", name, "--owner", alice, "--disk-size", "16M", "--", *boot_options(guest))
-    yield name
-    kg("stop", name, "--owner", alice, "--force")
-    kg("admin", "delete", name, "--owner", alice)
+    yield from _owned_vm(kg, alice, "target", guest)
 
 
 @pytest.fixture(scope="module")
 def bob_vm(kg: Kvmgate, bob: str, guest: Path) -> Iterator[str]:
-    name = "secret"
-    kg("admin", "delete", name, "--owner", bob)
-    kg.ok("admin", "create", name, "--owner", bob, "--disk-size", "16M", "--", *boot_options(guest))
-    yield name
-    kg("stop", name, "--owner", bob, "--force")
-    kg("admin", "delete", name, "--owner", bob)
+    yield from _owned_vm(kg, bob, "secret", guest)
 
 
 @pytest.fixture(scope="module")

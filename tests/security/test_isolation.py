@@ -133,3 +133,18 @@ def test_tap_device_is_not_users(kg: Kvmgate, alice: str, unchanged: None) -> No
     r = as_user(alice, ["ip", "tuntap", "add", "dev", "kgevil0", "mode", "tap"])
     assert r.returncode != 0
     assert subprocess.run(["ip", "link", "show", "kgevil0"], capture_output=True).returncode != 0
+
+
+def test_refusals_are_audited(kg: Kvmgate, bob: str, alice_vm: str) -> None:
+    kg("start", alice_vm, "--", "-m", "9999", user=bob)
+    lines = [json.loads(ln) for ln in Path("/opt/kvmgate-test/log/audit.log").read_text().splitlines()]
+    last = lines[-1]
+    assert (last["caller"], last["verb"], last["vm"], last["outcome"], last["exit"]) == (
+        bob,
+        "start",
+        alice_vm,
+        "refused",
+        4,
+    )
+    assert last["options"] == ["-m", "9999"]
+    assert os.stat("/opt/kvmgate-test/log/audit.log").st_mode & 0o077 == 0

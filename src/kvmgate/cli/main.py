@@ -48,6 +48,21 @@ def _options_help() -> str:
     return "\n".join(rows)
 
 
+def _subcommand(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, usage: str | None
+) -> argparse.ArgumentParser:
+    import argparse
+
+    return sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        usage=usage,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     import argparse
 
@@ -63,14 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="COMMAND", required=True)
 
     def cmd(name: str, help: str, usage: str | None = None) -> argparse.ArgumentParser:
-        return sub.add_parser(
-            name,
-            help=help,
-            description=help,
-            usage=usage,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog=EPILOG,
-        )
+        return _subcommand(sub, name, help, usage)
 
     def owner(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--owner", metavar="USER", help="act on USER's VM (root only)")
@@ -116,14 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     asub = ap.add_subparsers(dest="admin_verb", metavar="ADMIN-COMMAND", required=True)
 
     def acmd(name: str, help: str, usage: str | None = None) -> argparse.ArgumentParser:
-        return asub.add_parser(
-            name,
-            help=help,
-            description=help,
-            usage=usage,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog=EPILOG,
-        )
+        return _subcommand(asub, name, help, usage)
 
     a = acmd(
         "init",

@@ -57,16 +57,7 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
     vm = registry.resolve(paths, owner, name)
     if verb == "delete":
         kept = registry.delete(paths, vm, "--keep-disks" in req.flags)
-        audit.record(
-            paths.audit_log,
-            caller=who.name,
-            uid=who.uid,
-            verb="admin delete",
-            vm=name,
-            owner=owner,
-            outcome="ok",
-            kept=kept,
-        )
+        audit.done(paths.audit_log, who, "admin delete", owner, name, kept=kept)
         print(f"deleted {owner}/{name}" + (f"; disks kept in {kept}" if kept else ""))
         return 0
     if verb == "show":
@@ -90,17 +81,7 @@ def create(req: Request, who: Caller, paths: Paths, owner: str, name: str) -> in
     image = qcow2.empty_image(parse_size(size)) if size else None
     registry.ensure_layout(paths)
     vm = registry.create(paths, identity, image)
-    audit.record(
-        paths.audit_log,
-        caller=who.name,
-        uid=who.uid,
-        verb="admin create",
-        vm=name,
-        owner=owner,
-        options=list(identity.tokens),
-        outcome="ok",
-        directory=vm.vmdir,
-    )
+    audit.done(paths.audit_log, who, "admin create", owner, name, options=list(identity.tokens), directory=vm.vmdir)
     print(f"created {owner}/{name}: {vm.vmdir}")
     return 0
 
@@ -212,7 +193,7 @@ def sudoers_text(paths: Paths) -> str:
         "# as root, and nothing else through this file. The helper takes the caller from\n"
         "# SUDO_UID, re-validates every argument and refuses anything outside the policy.\n"
         f"Cmnd_Alias KVMGATE_HELPER = {paths.helper}\n"
-        "Defaults!KVMGATE_HELPER env_reset, !setenv, closefrom=3\n"
+        "Defaults!KVMGATE_HELPER env_reset, !setenv, closefrom=3, !use_pty, !pam_session\n"
         "ALL ALL=(root) NOPASSWD: KVMGATE_HELPER\n"
     )
 

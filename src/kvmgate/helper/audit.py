@@ -10,6 +10,13 @@ import syslog
 import time
 from typing import Any
 
+from .caller import Caller
+
+
+def done(path: str, caller: Caller, verb: str, owner: str, vm: str, **extra: Any) -> None:
+    """The record of an action that succeeded."""
+    record(path, caller=caller.name, uid=caller.uid, verb=verb, vm=vm, owner=owner, outcome="ok", **extra)
+
 
 def record(path: str, **event: Any) -> None:
     event = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **event}

@@ -151,9 +151,6 @@ def _listener(path: str) -> int:
     return s.detach()
 
 
-USER_KINDS = ("disk", "overlay", "blob", "tap")
-
-
 def open_user_resources(plan: Plan, pw: pwd.struct_passwd, qemu_gid: int, tmpdir: str) -> dict[int, int]:
     """Everything a start can be refused over, opened before anything is changed:
     disks, overlays and blobs with the owner's rights, taps. Maps QEMU fd -> fd."""

@@ -94,17 +94,7 @@ def start(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         fds[-1] = log = os.open(vm.sub("log", "qemu.log"), flags, 0o600)
         argv = [policy.qemu, *plan.argv]
-        audit.record(
-            paths.audit_log,
-            caller=who.name,
-            uid=who.uid,
-            verb="start",
-            vm=vm.identity.name,
-            owner=vm.identity.owner,
-            options=req.options,
-            outcome="ok",
-            argv=argv,
-        )
+        audit.done(paths.audit_log, who, "start", vm.identity.owner, vm.identity.name, options=req.options, argv=argv)
         qemu_fds = {t: f for t, f in fds.items() if t >= 0}
         pid = launch.spawn(policy.qemu, plan, qemu_fds, pw, qemu_gid, where, procs, log, policy.max_open_files)
     finally:
@@ -197,16 +187,7 @@ def stop(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
         raise KvmgateError(f"{vm.identity.name} did not stop")
     registry.cleanup_runtime(vm)
     cgroup.remove(vm.key)
-    audit.record(
-        paths.audit_log,
-        caller=who.name,
-        uid=who.uid,
-        verb="stop",
-        vm=vm.identity.name,
-        owner=vm.identity.owner,
-        outcome="ok",
-        how=how,
-    )
+    audit.done(paths.audit_log, who, "stop", vm.identity.owner, vm.identity.name, how=how)
     print(f"stopped {vm.identity.name} ({how})")
     return 0
 
