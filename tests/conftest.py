@@ -129,7 +129,21 @@ def kg(guest: Path) -> Iterator[Kvmgate]:
         pytest.skip("integration tests run as root (they create users, cgroups and taps)")
     shutil.rmtree(PREFIX, ignore_errors=True)
     run(
-        [str(REPO / "install.sh"), "--prefix", PREFIX, "--etc", ETC, "--state", STATE, "--run", RUN, "--log", LOG],
+        [
+            str(REPO / "install.sh"),
+            "--prefix",
+            PREFIX,
+            "--etc",
+            ETC,
+            "--state",
+            STATE,
+            "--run",
+            RUN,
+            "--log",
+            LOG,
+            "--sudoers",
+            SUDOERS,
+        ],
         check=True,
     )
     k = Kvmgate()

@@ -138,3 +138,25 @@ def test_audit_records_the_argv(kg: Kvmgate, alice: str, booted: str) -> None:
     lines = [json.loads(ln) for ln in Path("/opt/kvmgate-test/log/audit.log").read_text().splitlines()]
     starts = [ln for ln in lines if ln.get("verb") == "start" and ln.get("vm") == booted and ln["outcome"] == "ok"]
     assert starts and starts[-1]["argv"][0] == "/usr/bin/qemu-system-x86_64" and "-sandbox" in starts[-1]["argv"]
+
+
+def test_admin_memory_user_kernel_boots(kg: Kvmgate, alice: str, vm_name: str, cleanup_vms: list, guest: Path) -> None:
+    """The foundation issue's example: the admin fixes only memory and graphics; the
+    user brings the kernel, initrd and command line (all in their list)."""
+    kg.ok("admin", "create", vm_name, "--owner", alice, "--", "-m", "256", "-nographic")
+    cleanup_vms.append((alice, vm_name))
+    kg.ok(
+        "start",
+        vm_name,
+        "--owner",
+        alice,
+        "--",
+        "-kernel",
+        f"{guest}/vmlinuz",
+        "-initrd",
+        f"{guest}/initrd.img",
+        "-append",
+        "console=ttyS0 quiet",
+    )
+    r = kg("console", vm_name, "--owner", alice, "--expect", BOOT_LINE, "--timeout", "90")
+    assert r.returncode == 0 and "KVMGATE-GUEST-READY" in r.stdout

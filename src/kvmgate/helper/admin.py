@@ -188,35 +188,54 @@ def init(req: Request, paths: Paths) -> int:
 
 
 def sudoers_text(paths: Paths) -> str:
+    # The alias is named after the drop-in, so two installations (say, a test one)
+    # never define the same alias: a duplicate alias breaks sudo for everyone.
+    alias = re.sub(r"[^A-Z0-9]", "_", os.path.basename(paths.sudoers).upper())
+    alias = alias if alias.startswith("KVMGATE") else "KVMGATE_" + alias
     return (
         "# Installed by `kvmgate admin init`: every user may run kvmgate's privileged helper\n"
         "# as root, and nothing else through this file. The helper takes the caller from\n"
         "# SUDO_UID, re-validates every argument and refuses anything outside the policy.\n"
-        f"Cmnd_Alias KVMGATE_HELPER = {paths.helper}\n"
-        "Defaults!KVMGATE_HELPER env_reset, !setenv, closefrom=3, !use_pty, !pam_session\n"
-        "ALL ALL=(root) NOPASSWD: KVMGATE_HELPER\n"
+        f"Cmnd_Alias {alias} = {paths.helper}\n"
+        f"Defaults!{alias} env_reset, !setenv, closefrom=3, !use_pty, !pam_session\n"
+        f"ALL ALL=(root) NOPASSWD: {alias}\n"
     )
 
 
 def _install_sudoers(paths: Paths) -> None:
-    """Write the drop-in only after `visudo -c` accepts it: a broken sudoers file
-    would lock every admin out of sudo."""
-    if not os.path.isdir(os.path.dirname(paths.sudoers)):
-        _say(f"{os.path.dirname(paths.sudoers)} does not exist: is sudo installed? (users cannot use kvmgate)")
+    """Install the drop-in only if visudo accepts it alone and then the whole
+    configuration with it; otherwise put back what was there. A broken sudoers
+    file would lock every admin out of sudo."""
+    folder = os.path.dirname(paths.sudoers)
+    if not os.path.isdir(folder):
+        _say(f"{folder} does not exist: is sudo installed? (users cannot use kvmgate)")
         return
-    tmp = f"{os.path.dirname(paths.sudoers)}/.kvmgate.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o440)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(sudoers_text(paths))
-        check = subprocess.run(["visudo", "-cf", tmp], capture_output=True, text=True)
-        if check.returncode != 0:
-            raise KvmgateError(f"visudo refused the sudoers drop-in: {check.stdout.strip()} {check.stderr.strip()}")
-        os.replace(tmp, paths.sudoers)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with open(paths.sudoers) as f:
+            previous: str | None = f.read()
+    except FileNotFoundError:
+        previous = None
+    text = sudoers_text(paths)
+    if previous != text:
+        _visudo("-cf", _write_root_file(f"{folder}/.kvmgate.{os.getpid()}", text, 0o440, keep=True))
+        _write_root_file(paths.sudoers, text, 0o440)
+        try:
+            _visudo("-c")
+        except KvmgateError:
+            if previous is None:
+                os.unlink(paths.sudoers)
+            else:
+                _write_root_file(paths.sudoers, previous, 0o440)
+            raise
     _say(f"{paths.sudoers} lets users run {paths.helper} as root, and nothing else (checked with visudo)")
+
+
+def _visudo(*args: str) -> None:
+    check = subprocess.run(["visudo", *args], capture_output=True, text=True)
+    if args[0] == "-cf":
+        os.unlink(args[1])
+    if check.returncode != 0:
+        raise KvmgateError(f"visudo refused the sudoers configuration: {(check.stdout + check.stderr).strip()}")
 
 
 def _device(path: str, gid: int, mode: int, what: str) -> None:
@@ -231,10 +250,13 @@ def _device(path: str, gid: int, mode: int, what: str) -> None:
     _say(f"{path} is {what}")
 
 
-def _write_root_file(path: str, text: str, mode: int) -> None:
-    tmp = path + ".tmp"
+def _write_root_file(path: str, text: str, mode: int, keep: bool = False) -> str:
+    """Write atomically (temp file, then rename), or, with keep, just to `path`."""
+    tmp = path if keep else path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    if not keep:
+        os.replace(tmp, path)
+    return tmp

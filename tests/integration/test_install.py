@@ -1,0 +1,54 @@
+"""The installation itself: root-owned, isolated interpreter, syslog records."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ..conftest import HELPER, PREFIX, SUDOERS, Kvmgate
+
+
+def test_installed_code_is_root_owned_and_not_writable(kg: Kvmgate) -> None:
+    for dirpath, dirnames, filenames in os.walk(f"{PREFIX}/lib/kvmgate"):
+        for n in [".", *dirnames, *filenames]:
+            st = os.lstat(os.path.join(dirpath, n))
+            assert st.st_uid == 0 and st.st_gid == 0, n
+            assert not st.st_mode & 0o022, n
+    for d in (PREFIX, f"{PREFIX}/lib", f"{PREFIX}/etc"):
+        assert not os.stat(d).st_mode & 0o022
+
+
+def test_helper_runs_isolated(kg: Kvmgate) -> None:
+    first = Path(HELPER).read_text().splitlines()[0]
+    assert first == "#!/usr/bin/python3 -IS"
+    sudoers = Path(SUDOERS)
+    assert stat.S_IMODE(sudoers.stat().st_mode) == 0o440
+    assert f"Cmnd_Alias KVMGATE_TEST = {HELPER}" in sudoers.read_text()
+    # another installation's drop-in (the demo's, say) coexists with this one
+    assert subprocess.run(["visudo", "-c"], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def dev_log() -> Iterator[socket.socket]:
+    if os.path.exists("/dev/log"):
+        pytest.skip("a syslog daemon owns /dev/log on this host")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind("/dev/log")
+    s.settimeout(5)
+    yield s
+    s.close()
+    os.unlink("/dev/log")
+
+
+def test_refusals_go_to_syslog(kg: Kvmgate, alice: str, dev_log: socket.socket) -> None:
+    kg("start", "nosuchvm", user=alice)
+    while "kvmgate[" not in (msg := dev_log.recv(65536).decode()):
+        pass  # sudo logs the command first
+    assert msg.startswith("<84>") or msg.startswith("<36>") or "kvmgate[" in msg
+    assert '"outcome": "refused"' in msg and f'"caller": "{alice}"' in msg and '"vm": "nosuchvm"' in msg
