@@ -36,8 +36,8 @@ MAX_ENCODED = 3600
 # No uppercase (dev/Dev), no dots (../), no Unicode look-alikes, no trailing separators.
 NAME_RE = Regex(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*", re.ASCII)
 NAME_MAX_LEN = 32
-# Linux user names as useradd accepts them by default.
-OWNER_RE = Regex(r"[a-z_][a-z0-9_-]{0,31}", re.ASCII)
+# Linux user names as sites use them (john.doe included); never "." or "..".
+OWNER_RE = Regex(r"[a-z_][a-z0-9_.-]{0,31}", re.ASCII)
 _B64 = Regex(r"[A-Za-z0-9_-]+", re.ASCII)
 
 

@@ -12,7 +12,7 @@ from kvmgate import identity as ident
 from kvmgate.errors import IdentityError, UsageError
 
 names = st.from_regex(r"[a-z][a-z0-9]{0,10}(-[a-z0-9]{1,5}){0,3}", fullmatch=True)
-owners = st.from_regex(r"[a-z_][a-z0-9_-]{0,31}", fullmatch=True)
+owners = st.from_regex(r"[a-z_][a-z0-9_.-]{0,31}", fullmatch=True)
 tokens = st.lists(
     st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=60), max_size=40
 )
@@ -129,3 +129,14 @@ def test_non_canonical_long_form_is_refused() -> None:
     enc = short[len(ident.SHORT) :]
     with pytest.raises(IdentityError):
         ident.decode([ident.LONG + enc[:3], enc[3:]])
+
+
+@pytest.mark.parametrize("owner", ["alice", "john.doe", "_svc", "a-b"])
+def test_good_owners(owner: str) -> None:
+    assert ident.check_owner(owner) == owner
+
+
+@pytest.mark.parametrize("owner", ["", ".", "..", "Alice", "a/b", "a b", "-a", "x" * 33, "a\n"])
+def test_bad_owners(owner: str) -> None:
+    with pytest.raises(UsageError):
+        ident.check_owner(owner)
