@@ -190,6 +190,28 @@ def read_pid(vm: VM) -> int | None:
     return None
 
 
+def write_options(vm: VM, options: list[str]) -> None:
+    """The user options of the running QEMU: a hibernate records them, so the
+    restored VM gets exactly the same devices."""
+    import json
+
+    tmp = os.path.join(vm.rundir, "options.json.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(options, f)
+    os.replace(tmp, os.path.join(vm.rundir, "options.json"))
+
+
+def read_options(vm: VM) -> list[str]:
+    import json
+
+    with open(os.path.join(vm.rundir, "options.json")) as f:
+        data = json.load(f)
+    if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
+        raise KvmgateError("corrupt options record")
+    return data
+
+
 def process_start(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[19])
@@ -282,7 +304,7 @@ def delete(paths: Paths, vm: VM, keep_disks: bool) -> str | None:
 
 
 def cleanup_runtime(vm: VM) -> None:
-    for name in ("qmp.sock", "console.sock", "pid"):
+    for name in ("qmp.sock", "console.sock", "pid", "options.json"):
         try:
             os.unlink(os.path.join(vm.rundir, name))
         except OSError as err:

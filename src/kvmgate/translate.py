@@ -52,6 +52,7 @@ class Context(NamedTuple):
     vnc_host: str = "127.0.0.1"
     key: str = ""  # the VM key: seeds deterministic MAC addresses
     paused: bool = False  # start with the vCPUs stopped (kvmgate's own -S)
+    incoming: bool = False  # wait for a saved state on a descriptor kvmgate passes later (restore)
 
 
 class Plan(NamedTuple):
@@ -156,8 +157,10 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
     b.add("-nodefaults", "-no-user-config", "-machine", ",".join(mprops))
     b.add("-accel", accel, "-m", str(memory), "-display", "none")
     b.add("-sandbox", SANDBOX_SMB if "-smb" in by else SANDBOX, "-msg", "timestamp=on")
-    if ctx.paused:
+    if ctx.paused or ctx.incoming:
         b.add("-S")
+    if ctx.incoming:
+        b.add("-incoming", "defer")
     b.add("-chardev", f"socket,id=kgqmp,fd={qmp.fd},server=on,wait=off", "-mon", "chardev=kgqmp,mode=control")
     if con and log:
         b.add("-add-fd", f"fd={log.fd},set={log.fd},opaque=console-log")

@@ -105,7 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", metavar="SECONDS", help="power-down grace time (default from the policy)")
     sp.add_argument("name", metavar="NAME")
 
-    sp = cmd("status", "show a VM's state")
+    sp = cmd("freeze", "pause a VM's virtual CPUs; its memory stays in place")
+    owner(sp)
+    sp.add_argument("name", metavar="NAME")
+
+    sp = cmd("thaw", "resume a frozen VM, or restore a hibernated one")
+    owner(sp)
+    sp.add_argument("name", metavar="NAME")
+
+    sp = cmd("hibernate", "save the whole VM to its directory and end QEMU; start or thaw restores it")
+    owner(sp)
+    sp.add_argument("name", metavar="NAME")
+
+    sp = cmd("status", "show a VM's state: running, paused, hibernated or stopped")
     owner(sp)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.add_argument("name", metavar="NAME")

@@ -33,7 +33,9 @@ def target(req: Request, who: Caller, paths: Paths) -> registry.VM:
     return registry.resolve(paths, owner or who.name, req.name or "")
 
 
-def plan_for(vm: registry.VM, policy: Policy, user_tokens: list[str], accel: Accel, paused: bool = False) -> Plan:
+def plan_for(
+    vm: registry.VM, policy: Policy, user_tokens: list[str], accel: Accel, paused: bool = False, incoming: bool = False
+) -> Plan:
     try:
         admin_opts = policy.parse(list(vm.identity.tokens), "admin")
     except PolicyError as err:
@@ -46,6 +48,7 @@ def plan_for(vm: registry.VM, policy: Policy, user_tokens: list[str], accel: Acc
         key=vm.key,
         gdb_socket=os.path.join(vm.rundir, "gdb.sock"),
         paused=paused,
+        incoming=incoming,
     )
     return translate(merge(admin_opts, user_opts), ctx)
 
@@ -56,6 +59,10 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
     vm = target(req, who, paths)
     if req.verb == "start":
         return start(req, who, paths, vm)
+    if req.verb in ("freeze", "thaw", "hibernate"):
+        from . import sessions
+
+        return sessions.run(req, who, paths, vm)
     if req.verb == "stop":
         return stop(req, who, paths, vm)
     if req.verb == "status":
@@ -71,6 +78,31 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
 
 
 def start(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
+    """Start the VM, or restore it if it was hibernated."""
+    from .hibernate import meta_of, restore
+
+    saved = meta_of(vm) if not registry.is_running(vm) else None
+    if saved is not None and req.options:
+        raise WrongState(f"{vm.identity.name} is hibernated: it resumes with the options it was started with")
+    options = saved.options if saved else req.options
+    pid, accel = launch_vm(who, paths, vm, options, paused="--paused" in req.flags, incoming=saved is not None)
+    if saved is not None:
+        try:
+            restore(vm, saved)
+        except BaseException:
+            _kill(pid)
+            registry.cleanup_runtime(vm)
+            raise
+        audit.done(paths.audit_log, who, "restore", vm.identity.owner, vm.identity.name, size=saved.size)
+        print(f"restored {vm.identity.name} (pid {pid}, accel {accel})")
+    else:
+        print(f"started {vm.identity.name} (pid {pid}, accel {accel})")
+    return 0
+
+
+def launch_vm(
+    who: Caller, paths: Paths, vm: registry.VM, options: list[str], paused: bool = False, incoming: bool = False
+) -> tuple[int, Accel]:
     policy = config.load(paths)
     try:
         pw = pwd.getpwnam(vm.identity.owner)
@@ -79,7 +111,7 @@ def start(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     launch.refuse_unless_owner(pw)
     qemu_gid = grp.getgrnam(QEMU_GROUP).gr_gid
     accel = config.accel(policy)
-    plan = plan_for(vm, policy, req.options, accel, "--paused" in req.flags)  # all validation before any change
+    plan = plan_for(vm, policy, options, accel, paused, incoming)  # all validation before any change
     where = launch.Where(vm.rundir, vm.sub("log"), vm.sub("tmp"))
     fds = launch.open_user_resources(plan, pw, qemu_gid, where.tmpdir)  # the last refusals
     try:
@@ -94,7 +126,7 @@ def start(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         fds[-1] = log = os.open(vm.sub("log", "qemu.log"), flags, 0o600)
         argv = [policy.qemu, *plan.argv]
-        audit.done(paths.audit_log, who, "start", vm.identity.owner, vm.identity.name, options=req.options, argv=argv)
+        audit.done(paths.audit_log, who, "start", vm.identity.owner, vm.identity.name, options=options, argv=argv)
         qemu_fds = {t: f for t, f in fds.items() if t >= 0}
         pid = launch.spawn(policy.qemu, plan, qemu_fds, pw, qemu_gid, where, procs, log, policy.max_open_files)
     finally:
@@ -111,10 +143,10 @@ def start(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
         _kill(pid)
         raise KvmgateError(f"QEMU failed to start: {reason}") from None
     registry.write_pid(vm, pid)
+    registry.write_options(vm, options)
     for extra in plan.pidfiles:
         _write_admin_pidfile(extra, pid)
-    print(f"started {vm.identity.name} (pid {pid}, accel {accel})")
-    return 0
+    return pid, accel
 
 
 def _write_admin_pidfile(path: str, pid: int) -> None:
@@ -196,14 +228,20 @@ def stop(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
 
 
 def describe(vm: registry.VM) -> dict[str, Any]:
+    from .hibernate import meta_of
+
     running = registry.is_running(vm)
+    saved = None if running else meta_of(vm)
     info: dict[str, Any] = {
         "name": vm.identity.name,
         "owner": vm.identity.owner,
-        "state": "running" if running else "stopped",
+        "state": "running" if running else "hibernated" if saved else "stopped",
         "directory": vm.vmdir,
         "key": vm.key,
     }
+    if saved:
+        info["saved_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(saved.saved_at))
+        info["saved_bytes"] = saved.size
     if running:
         info["pid"] = registry.read_pid(vm)
         try:
@@ -235,7 +273,7 @@ def do_list(req: Request, who: Caller, paths: Paths) -> int:
             vm = registry.resolve(paths, o, n)
         except KvmgateError:
             continue
-        rows.append({"name": n, "owner": o, "state": "running" if registry.is_running(vm) else "stopped"})
+        rows.append({"name": n, "owner": o, "state": describe(vm)["state"]})
     text = "".join(f"{r['owner']:<16} {r['name']:<32} {r['state']}\n" for r in rows)
     emit(rows, text, "--json" in req.flags)
     return 0

@@ -1,0 +1,65 @@
+"""freeze, thaw, hibernate: the verbs behind the design note's second logon path
+(a VM frozen while its user is away, thawed when they come back)."""
+
+from __future__ import annotations
+
+import os
+
+from .. import registry
+from ..errors import KvmgateError, UsageError, WrongState
+from ..paths import Paths
+from ..qmp import QMP, QMPError
+from . import audit, cgroup, hibernate
+from .caller import Caller
+from .main import Request
+from .vmctl import PAUSED, _wait_stopped, start
+
+
+def _status(vm: registry.VM) -> str:
+    with QMP(os.path.join(vm.rundir, "qmp.sock"), timeout=10) as q:
+        return str(q.execute("query-status").get("status"))
+
+
+def run(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
+    name = vm.identity.name
+    running = registry.is_running(vm)
+    if req.verb == "thaw" and not running:
+        if hibernate.meta_of(vm) is None:
+            raise WrongState(f"{name} is not running")
+        return start(req, who, paths, vm)  # a hibernated VM thaws by being restored
+    if not running:
+        raise WrongState(f"{name} is not running")
+    try:
+        if req.verb == "freeze":
+            if _status(vm) in PAUSED:
+                print(f"{name} is already frozen")
+                return 0
+            with QMP(os.path.join(vm.rundir, "qmp.sock"), timeout=10) as q:
+                q.execute("stop")
+            audit.done(paths.audit_log, who, "freeze", vm.identity.owner, name)
+            print(f"froze {name}")
+            return 0
+        if req.verb == "thaw":
+            if _status(vm) == "running":
+                print(f"{name} is already running")
+                return 0
+            with QMP(os.path.join(vm.rundir, "qmp.sock"), timeout=10) as q:
+                q.execute("cont")
+            audit.done(paths.audit_log, who, "thaw", vm.identity.owner, name)
+            print(f"thawed {name}")
+            return 0
+    except QMPError as err:
+        raise KvmgateError(f"{name}: the monitor refused: {err}") from None
+    if req.verb == "hibernate":
+        options = registry.read_options(vm)
+        if "-snapshot" in options:
+            raise WrongState(f"{name} runs with -snapshot: its overlay ends with QEMU, so it cannot hibernate")
+        saved = hibernate.save(vm, options)
+        if not _wait_stopped(vm, 30):
+            raise KvmgateError(f"{name} was saved but QEMU did not exit")
+        registry.cleanup_runtime(vm)
+        cgroup.remove(vm.key)
+        audit.done(paths.audit_log, who, "hibernate", vm.identity.owner, name, size=saved.size, sha256=saved.sha256)
+        print(f"hibernated {name} ({saved.size >> 20} MiB saved)")
+        return 0
+    raise UsageError(f"unknown verb {req.verb}")

@@ -1,0 +1,163 @@
+"""Freeze, thaw, hibernate and restore real guests, and the failure cases:
+a full file system, a corrupted state, QEMU or the wrapper killed with -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ..conftest import BOOT_LINE, KVMGATE, Kvmgate, boot_options
+
+
+@pytest.fixture
+def vm(kg: Kvmgate, alice: str, vm_name: str, cleanup_vms: list, guest: Path) -> str:
+    kg.ok("admin", "create", vm_name, "--owner", alice, "--", *boot_options(guest))
+    cleanup_vms.append((alice, vm_name))
+    kg.ok("start", vm_name, user=alice)
+    kg.ok("console", vm_name, "--expect", BOOT_LINE, "--timeout", "90", user=alice)
+    return vm_name
+
+
+def guest_run(kg: Kvmgate, user: str, name: str, command: str, expect: str) -> str:
+    r = kg("console", name, "--expect", expect, "--timeout", "30", user=user, input=command + "\n")
+    assert r.returncode == 0, r.stderr + r.stdout
+    return r.stdout
+
+
+def uptime(kg: Kvmgate, user: str, name: str) -> float:
+    out = guest_run(kg, user, name, "echo up=$(cut -d' ' -f1 /proc/uptime)", r"up=[0-9]+\.[0-9]+\s")
+    return float(re.findall(r"up=([0-9]+\.[0-9]+)", out)[-1])
+
+
+def gone(pid: int, wait: float = 5) -> bool:
+    """The process has exited (a zombie holds no memory) within `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            if "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text():
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def state(kg: Kvmgate, user: str, name: str) -> dict:
+    return kg.json("status", name, user=user)  # type: ignore[return-value]
+
+
+def test_freeze_and_thaw(kg: Kvmgate, alice: str, vm: str) -> None:
+    guest_run(kg, alice, vm, "echo frozen-marker > /m; echo wr''ote", "wrote")
+    kg.ok("freeze", vm, user=alice)
+    st = state(kg, alice, vm)
+    assert st["state"] == "paused" and st["qemu_status"] == "paused"
+    assert "already frozen" in kg.ok("freeze", vm, user=alice).stdout
+    kg.ok("thaw", vm, user=alice)
+    assert state(kg, alice, vm)["state"] == "running"
+    guest_run(kg, alice, vm, "cat /m", "frozen-marker")
+
+
+def test_hibernate_and_restore(kg: Kvmgate, alice: str, vm: str) -> None:
+    guest_run(kg, alice, vm, "echo hib-marker > /m; echo wr''ote", "wrote")
+    before = uptime(kg, alice, vm)
+    pid = state(kg, alice, vm)["pid"]
+    out = kg.ok("hibernate", vm, user=alice).stdout
+    assert "hibernated" in out
+    assert gone(pid), "QEMU is gone and its memory freed"
+    st = state(kg, alice, vm)
+    assert st["state"] == "hibernated" and st["saved_bytes"] > 1 << 20 and "saved_at" in st
+    time.sleep(2)  # the guest must not see this time pass
+    r = kg("start", vm, "--", "-snapshot", user=alice)
+    assert r.returncode == 5 and "resumes with the options" in r.stderr
+    assert "restored" in kg.ok("start", vm, user=alice).stdout
+    after = uptime(kg, alice, vm)
+    assert before <= after < before + 1.5, (before, after)
+    guest_run(kg, alice, vm, "cat /m", "hib-marker")
+    d = Path(st["directory"], "saved")
+    assert list(d.iterdir()) == [], "the state is deleted once the VM runs again"
+
+
+def test_thaw_restores_a_hibernated_vm(kg: Kvmgate, alice: str, vm: str) -> None:
+    kg.ok("hibernate", vm, user=alice)
+    assert "restored" in kg.ok("thaw", vm, user=alice).stdout
+    assert state(kg, alice, vm)["state"] == "running"
+
+
+def test_snapshot_vm_cannot_hibernate(kg: Kvmgate, alice: str, vm_name: str, cleanup_vms: list, guest: Path) -> None:
+    kg.ok("admin", "create", vm_name, "--owner", alice, "--", *boot_options(guest))
+    cleanup_vms.append((alice, vm_name))
+    kg.ok("start", vm_name, "--", "-snapshot", user=alice)
+    r = kg("hibernate", vm_name, user=alice)
+    assert r.returncode == 5 and "-snapshot" in r.stderr
+    assert state(kg, alice, vm_name)["state"] == "running"
+
+
+def test_disk_full_during_hibernate_loses_nothing(kg: Kvmgate, alice: str, vm: str) -> None:
+    guest_run(kg, alice, vm, "echo full-marker > /m; echo wr''ote", "wrote")
+    saved = Path(state(kg, alice, vm)["directory"], "saved")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(saved)], check=True)
+    try:
+        r = kg("hibernate", vm, user=alice)
+        assert r.returncode == 1 and "No space left on device" in r.stderr and "running again" in r.stderr
+        assert list(saved.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(saved)], check=True)
+    assert state(kg, alice, vm)["state"] == "running"
+    guest_run(kg, alice, vm, "cat /m", "full-marker")
+
+
+def test_corrupt_state_is_kept_and_refused(kg: Kvmgate, alice: str, vm: str) -> None:
+    guest_run(kg, alice, vm, "echo corrupt-marker > /m; echo wr''ote", "wrote")
+    kg.ok("hibernate", vm, user=alice)
+    f = Path(state(kg, alice, vm)["directory"], "saved", "state")
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    r = kg("start", vm, user=alice)
+    assert r.returncode == 1 and "corrupt" in r.stderr and "kept" in r.stderr
+    assert state(kg, alice, vm)["state"] == "hibernated" and f.exists()
+    data[len(data) // 2] ^= 0xFF  # the admin restores a good copy: the VM comes back
+    f.write_bytes(bytes(data))
+    kg.ok("start", vm, user=alice)
+    guest_run(kg, alice, vm, "cat /m", "corrupt-marker")
+
+
+def test_qemu_killed_while_frozen(kg: Kvmgate, alice: str, vm: str) -> None:
+    kg.ok("freeze", vm, user=alice)
+    os.kill(state(kg, alice, vm)["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while state(kg, alice, vm)["state"] != "stopped" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state(kg, alice, vm)["state"] == "stopped"
+    kg.ok("start", vm, user=alice)  # the VM can simply be started again
+    kg.ok("console", vm, "--expect", BOOT_LINE, "--timeout", "90", user=alice)
+
+
+def test_wrapper_killed_mid_hibernate(kg: Kvmgate, alice: str, vm: str) -> None:
+    guest_run(kg, alice, vm, "echo kill-marker > /m; echo wr''ote", "wrote")
+    saved = Path(state(kg, alice, vm)["directory"], "saved")
+    p = subprocess.Popen(
+        [KVMGATE, "hibernate", vm, "--owner", alice], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        tmp = saved / "state.tmp"
+        if tmp.exists() and tmp.stat().st_size > 0:
+            break
+        time.sleep(0.002)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    st = state(kg, alice, vm)
+    assert st["state"] in ("paused", "running"), st  # QEMU lives on; nothing was lost
+    assert not (saved / "state.json").exists()
+    kg.ok("thaw", vm, user=alice)
+    guest_run(kg, alice, vm, "cat /m", "kill-marker")
+    kg.ok("hibernate", vm, user=alice)  # a later hibernate cleans up and works
+    assert json.loads(kg.ok("status", vm, "--json", user=alice).stdout)["state"] == "hibernated"
