@@ -13,6 +13,8 @@ sys.path.insert(0, str(REPO / "src"))
 KVMGATE = "/usr/local/bin/kvmgate"
 GUEST = Path("/var/cache/kvmgate-test-guest")
 USER = "kgbench"
+BOOT = ["-kernel", f"{GUEST}/vmlinuz", "-initrd", f"{GUEST}/initrd.img", "-append", "console=ttyS0 quiet"]
+GUEST_BOOT_LINE = r"KVMGATE-GUEST-READY[^\r\n]*[\r\n]"
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -16,11 +16,10 @@ import subprocess
 import tempfile
 import time
 
-from common import GUEST, KVMGATE, USER, define, report, setup, sh
+from common import BOOT, KVMGATE, USER, define, report, setup, sh
 from kvmgate.qmp import wait_ready
 
 VM = "benchstart"
-BOOT = ["-kernel", f"{GUEST}/vmlinuz", "-initrd", f"{GUEST}/initrd.img", "-append", "console=ttyS0 quiet"]
 OPTS = ["-m", "256", "-nographic", "-net", "none", *BOOT]
 
 

@@ -23,7 +23,7 @@ from .main import Request, emit
 QEMU_GROUP = "kvmgate-qemu"
 START_TIMEOUT = 30.0
 DETACH = b"\x1d"  # Ctrl-]
-PAUSED = ("paused", "prelaunch", "suspended")
+PAUSED = ("paused", "prelaunch", "suspended", "postmigrate")
 
 
 def target(req: Request, who: Caller, paths: Paths) -> registry.VM:
@@ -183,7 +183,7 @@ def _wait_stopped(vm: registry.VM, seconds: float) -> bool:
     while time.monotonic() < deadline:
         if not registry.is_running(vm):
             return True
-        time.sleep(0.05)
+        time.sleep(0.01)
     return not registry.is_running(vm)
 
 
