@@ -43,8 +43,21 @@ as_user kvmgate start "$vm"
 line=$(as_user kvmgate console "$vm" --expect 'KVMGATE-GUEST-READY[^\r\n]*[\r\n]' --timeout 120 </dev/null \
        | tr -d '\r' | grep -a -o 'KVMGATE-GUEST-READY.*' | head -n 1)
 echo "demo: guest boot line: $line"
-as_user kvmgate status "$vm"
 as_user kvmgate list
+
+# The note's second logon path: the VM is frozen or hibernated while its user is away.
+printf 'echo demo-marker-$((6*7)) > /marker; echo wr""ote\n' \
+    | as_user kvmgate console "$vm" --expect 'wrote' --timeout 30 >/dev/null
+as_user kvmgate freeze "$vm"
+echo "demo: $(as_user kvmgate status "$vm" | grep '^state:')"
+as_user kvmgate thaw "$vm"
+as_user kvmgate hibernate "$vm"
+as_user kvmgate status "$vm" | grep -E '^(state|saved_at|saved_bytes):' | sed 's/^/demo: /'
+as_user kvmgate start "$vm"
+marker=$(printf 'cat /marker\n' | as_user kvmgate console "$vm" --expect 'demo-marker-42' --timeout 30 \
+         | tr -d '\r' | grep -a -o 'demo-marker-42' | tail -n 1)
+echo "demo: after restore the guest still has: $marker"
+as_user kvmgate status "$vm"
 echo "demo: $user cannot run KVM directly: $(as_user qemu-system-x86_64 -accel kvm -display none -nodefaults 2>&1 | tail -n 1)"
 as_user kvmgate stop "$vm" --timeout 20
 echo "demo: ok"
