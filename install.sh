@@ -65,7 +65,19 @@ sys.stdout.flush()
 sys.stderr.flush()
 os._exit(code)  # skip interpreter teardown
 PY
-chmod 0755 "$libdir.new.$$/kvmgate-helper" "$libdir.new.$$/kvmgate-frontend"
+cat > "$libdir.new.$$/kvmgate-pam" <<PY
+#!$python -IS
+# kvmgate's PAM session hook, run as root by pam_exec (see docs/logon.md). Always exits 0.
+import os
+import sys
+sys.path.insert(0, "$libdir")
+try:
+    from kvmgate.helper.main import main
+    main(["pam-hook"])
+finally:
+    os._exit(0)
+PY
+chmod 0755 "$libdir.new.$$/kvmgate-helper" "$libdir.new.$$/kvmgate-frontend" "$libdir.new.$$/kvmgate-pam"
 chown -R root:root "$libdir.new.$$"
 chmod -R go-w "$libdir.new.$$"
 rm -rf "$libdir.old.$$"

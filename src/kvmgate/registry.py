@@ -303,6 +303,36 @@ def delete(paths: Paths, vm: VM, keep_disks: bool) -> str | None:
     return kept
 
 
+ON_LOGOFF = ("none", "pause", "hibernate")
+
+
+def read_settings(vm: VM) -> dict[str, str]:
+    """Admin settings that are not QEMU options (the session policy), in a root-only
+    file of the VM directory: they change how kvmgate acts, never what QEMU runs."""
+    import json
+
+    try:
+        with open(vm.sub("settings.json")) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {"on_logoff": "none"}
+    if not isinstance(data, dict) or data.get("on_logoff") not in ON_LOGOFF:
+        raise KvmgateError(f"{vm.identity.name}: corrupt settings")
+    return {"on_logoff": str(data["on_logoff"])}
+
+
+def write_settings(vm: VM, settings: dict[str, str]) -> None:
+    import json
+
+    if settings.get("on_logoff") not in ON_LOGOFF:
+        raise UsageError("--on-logoff must be none, pause or hibernate")
+    tmp = vm.sub("settings.json.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(settings, f)
+    os.replace(tmp, vm.sub("settings.json"))
+
+
 def cleanup_runtime(vm: VM) -> None:
     for name in ("qmp.sock", "console.sock", "pid", "options.json"):
         try:

@@ -38,6 +38,11 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
     verb = req.verb.removeprefix("admin-")
     if verb == "init":
         return init(req, paths)
+    if verb == "reap":
+        from .logon import reap
+
+        reap(paths)
+        return 0
     if verb == "list":
         rows = []
         for o, n in registry.list_names(paths):
@@ -62,6 +67,14 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         return 0
     if verb == "show":
         return show(req, paths, vm)
+    if verb == "set":
+        mode = req.flag("--on-logoff")
+        if mode is None:
+            raise UsageError("admin set needs --on-logoff none|pause|hibernate")
+        registry.write_settings(vm, {"on_logoff": mode})
+        audit.done(paths.audit_log, who, "admin set", owner, name, on_logoff=mode)
+        print(f"{owner}/{name}: on logoff: {mode}")
+        return 0
     raise UsageError(f"unknown admin verb {verb}")
 
 
@@ -77,10 +90,15 @@ def create(req: Request, who: Caller, paths: Paths, owner: str, name: str) -> in
     identity = ident.Identity(owner, name, tuple(t for o in opts for t in o.tokens()))
     vm = registry.vm_for(paths, identity)
     plan_for(vm, policy, [], "tcg")  # the options must translate before anything is created
+    on_logoff = req.flag("--on-logoff") or "none"
+    if on_logoff not in registry.ON_LOGOFF:
+        raise UsageError("--on-logoff must be none, pause or hibernate")
     size = req.flag("--disk-size")
     image = qcow2.empty_image(parse_size(size)) if size else None
     registry.ensure_layout(paths)
     vm = registry.create(paths, identity, image)
+    if on_logoff != "none":
+        registry.write_settings(vm, {"on_logoff": on_logoff})
     audit.done(paths.audit_log, who, "admin create", owner, name, options=list(identity.tokens), directory=vm.vmdir)
     print(f"created {owner}/{name}: {vm.vmdir}")
     return 0
@@ -90,6 +108,7 @@ def show(req: Request, paths: Paths, vm: registry.VM) -> int:
     policy = config.load(paths)
     info: dict[str, Any] = describe(vm)
     info["options"] = list(vm.identity.tokens)
+    info["on_logoff"] = registry.read_settings(vm)["on_logoff"]
     info["identity_components"] = vm.identity.components()
     disk = vm.default_disk
     info["default_disk"] = disk if os.path.exists(disk) else None
@@ -183,6 +202,14 @@ def init(req: Request, paths: Paths) -> int:
     if kvm_members:
         _say(f"note: users in group kvm ({', '.join(kvm_members)}) no longer reach /dev/kvm through it")
     _install_sudoers(paths)
+    if "--pam" in req.flags:
+        from .logon import install_pam
+
+        _say(install_pam(paths))
+    elif "--no-pam" in req.flags:
+        from .logon import uninstall_pam
+
+        _say(uninstall_pam(paths))
     _say("done")
     return 0
 

@@ -31,8 +31,11 @@ VERBS: dict[str, tuple[frozenset[str], frozenset[str], bool, bool]] = {
     "freeze": (frozenset({"--owner"}), frozenset(), True, False),
     "thaw": (frozenset({"--owner"}), frozenset(), True, False),
     "hibernate": (frozenset({"--owner"}), frozenset(), True, False),
-    "admin-init": (frozenset({"--accel"}), frozenset(), False, False),
-    "admin-create": (frozenset({"--owner", "--disk-size"}), frozenset(), True, True),
+    "admin-init": (frozenset({"--accel"}), frozenset({"--pam", "--no-pam"}), False, False),
+    "admin-create": (frozenset({"--owner", "--disk-size", "--on-logoff"}), frozenset(), True, True),
+    "admin-set": (frozenset({"--owner", "--on-logoff"}), frozenset(), True, False),
+    "admin-reap": (frozenset(), frozenset(), False, False),
+    "pam-hook": (frozenset(), frozenset(), False, False),
     "admin-delete": (frozenset({"--owner"}), frozenset({"--keep-disks"}), True, False),
     "admin-list": (frozenset(), frozenset({"--json"}), False, False),
     "admin-show": (frozenset({"--owner"}), frozenset({"--json"}), True, False),
@@ -98,6 +101,12 @@ def run(argv: list[str], environ: dict[str, str], paths: Paths) -> int:
     who = caller.identify(environ)
     req = parse(argv)
     try:
+        if req.verb == "pam-hook":
+            if not who.is_root or who.via_sudo:
+                raise PermissionRefused("pam-hook is run by pam_exec only")
+            from . import logon
+
+            return logon.hook(environ, paths)
         if req.verb.startswith("admin-"):
             if not who.is_root:
                 raise PermissionRefused("admin commands are for root only")

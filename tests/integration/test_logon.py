@@ -1,0 +1,194 @@
+"""The note's second logon path through real PAM logins (sshd on loopback, key
+authentication): the VM is thawed at a user's first logon and frozen or
+hibernated at their last logoff; crashed sessions are reaped."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ..conftest import BOOT_LINE, KVMGATE, LOG, Kvmgate, boot_options
+from .test_ssh_logon import Sshd
+
+
+@pytest.fixture(scope="module")
+def pam(kg: Kvmgate) -> Iterator[None]:
+    out = kg.ok("admin", "init", "--pam").stdout
+    assert "common-session now runs" in out or "already runs" in out
+    yield
+    kg.ok("admin", "init", "--no-pam")
+    assert "kvmgate-test" not in Path("/etc/pam.d/common-session").read_text()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory, pam: None) -> Iterator[Sshd]:
+    d = tmp_path_factory.mktemp("sshd-logon")
+    d.chmod(0o700)
+    s = Sshd(d)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def user_vm(
+    kg: Kvmgate, users, sshd: Sshd, guest: Path, vm_name: str, cleanup_vms: list, request: pytest.FixtureRequest
+) -> tuple[str, str]:
+    mode = request.param
+    user = users.make("kgl")
+    sshd.authorize(user)
+    kg.ok("admin", "create", vm_name, "--owner", user, "--on-logoff", mode, "--", *boot_options(guest))
+    cleanup_vms.append((user, vm_name))
+    kg.ok("start", vm_name, "--owner", user)
+    kg.ok("console", vm_name, "--owner", user, "--expect", BOOT_LINE, "--timeout", "90")
+    kg.ok("freeze", vm_name, "--owner", user)
+    return user, vm_name
+
+
+def wait_state(kg: Kvmgate, user: str, name: str, want: str, seconds: float = 30) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        st = kg.json("status", name, "--owner", user)
+        if st["state"] == want or time.monotonic() > deadline:
+            return st  # type: ignore[no-any-return]
+        time.sleep(0.1)
+
+
+def in_session(sshd: Sshd, user: str, name: str, command: str, expect: str) -> str:
+    r = sshd.run(
+        user,
+        f"printf '\\n{command}\\n' | {KVMGATE} console {name} --expect '{expect}' --timeout 30; "
+        f"{KVMGATE} status {name} --json",
+    )
+    assert r.returncode == 0, r.stderr + r.stdout
+    return r.stdout
+
+
+@pytest.mark.parametrize("user_vm", ["pause"], indirect=True)
+def test_pause_policy(kg: Kvmgate, sshd: Sshd, user_vm: tuple[str, str]) -> None:
+    user, name = user_vm
+    out = in_session(sshd, user, name, 'echo pam-marker > /m; echo wr""ote', "wrote")
+    assert '"state": "running"' in out, "thawed at logon"
+    st = wait_state(kg, user, name, "paused")
+    assert st["state"] == "paused" and st["qemu_status"] == "paused", "frozen at logoff"
+    out = in_session(sshd, user, name, "cat /m", "pam-marker")
+    assert '"state": "running"' in out
+    assert wait_state(kg, user, name, "paused")["state"] == "paused"
+
+
+@pytest.mark.parametrize("user_vm", ["hibernate"], indirect=True)
+def test_hibernate_policy(kg: Kvmgate, sshd: Sshd, user_vm: tuple[str, str]) -> None:
+    user, name = user_vm
+    out = in_session(sshd, user, name, 'echo hib-marker > /m; echo up=$(cut -d" " -f1 /proc/uptime)', "up=[0-9.]+\\s")
+    before = float(re.findall(r"up=([0-9.]+)", out)[-1])
+    pid = int(re.findall(r'"pid": ([0-9]+)', out)[-1])
+    st = wait_state(kg, user, name, "hibernated")
+    assert st["state"] == "hibernated", st
+    assert not Path(f"/proc/{pid}/exe").exists(), "QEMU is gone while the user is away"
+    time.sleep(2)
+    out = in_session(sshd, user, name, 'cat /m; echo up=$(cut -d" " -f1 /proc/uptime)', "up=[0-9.]+\\s")
+    after = float(re.findall(r"up=([0-9.]+)", out)[-1])
+    assert "hib-marker" in out and before <= after < before + 1.5, (before, after)
+
+
+@pytest.mark.parametrize("user_vm", ["pause"], indirect=True)
+def test_two_sessions(kg: Kvmgate, sshd: Sshd, user_vm: tuple[str, str]) -> None:
+    user, name = user_vm
+    long = subprocess.Popen(
+        [
+            "ssh",
+            "-T",
+            "-i",
+            str(sshd.dir / "userkey"),
+            "-p",
+            str(sshd.port),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            f"{user}@127.0.0.1",
+            "sleep 60",
+        ],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_state(kg, user, name, "running")["state"] == "running"
+        r = sshd.run(user, "true")  # a second session opens and closes
+        assert r.returncode == 0
+        time.sleep(2)
+        assert kg.json("status", name, "--owner", user)["state"] == "running", "one session is still open"
+    finally:
+        long.terminate()
+        long.wait()
+    assert wait_state(kg, user, name, "paused")["state"] == "paused"
+
+
+@pytest.mark.parametrize("user_vm", ["pause"], indirect=True)
+def test_crashed_session_is_reaped(kg: Kvmgate, sshd: Sshd, user_vm: tuple[str, str]) -> None:
+    user, name = user_vm
+    long = subprocess.Popen(
+        [
+            "ssh",
+            "-T",
+            "-i",
+            str(sshd.dir / "userkey"),
+            "-p",
+            str(sshd.port),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            f"{user}@127.0.0.1",
+            "sleep 60",
+        ],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_state(kg, user, name, "running")["state"] == "running"
+        leaders = [int(n.split("-")[0]) for n in os.listdir(f"/run/kvmgate-test/sessions/{user}")]
+        for pid in leaders:  # the session's sshd dies without closing its PAM session
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        long.kill()
+        long.wait()
+    time.sleep(0.5)
+    assert kg.json("status", name, "--owner", user)["state"] == "running"
+    assert f"reaped the sessions of {user}" in kg.ok("admin", "reap").stdout
+    assert kg.json("status", name, "--owner", user)["state"] == "paused"
+
+
+@pytest.mark.parametrize("user_vm", ["hibernate"], indirect=True)
+def test_broken_kvmgate_never_breaks_a_login(kg: Kvmgate, sshd: Sshd, user_vm: tuple[str, str]) -> None:
+    user, name = user_vm
+    kg.ok("hibernate", name, "--owner", user)
+    policy = Path("/opt/kvmgate-test/etc/policy.toml")
+    policy.chmod(0o666)  # kvmgate refuses a policy file others can write: restores fail
+    try:
+        r = sshd.run(user, "echo logged-in")
+        assert r.returncode == 0 and "logged-in" in r.stdout
+        time.sleep(1)
+        assert kg.json("status", name, "--owner", user)["state"] == "hibernated", "nothing was lost"
+        audit = Path(LOG, "audit.log").read_text()
+        assert "must be owned by root and not writable by others" in audit
+    finally:
+        policy.chmod(0o644)
+    r = sshd.run(user, "echo again")  # with kvmgate fixed, the next logon restores the VM
+    assert r.returncode == 0
+    deadline = time.monotonic() + 30
+    while f'"verb": "restore", "vm": "{name}"' not in Path(LOG, "audit.log").read_text():
+        assert time.monotonic() < deadline, "the VM was not restored at the next logon"
+        time.sleep(0.2)
