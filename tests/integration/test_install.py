@@ -52,3 +52,22 @@ def test_refusals_go_to_syslog(kg: Kvmgate, alice: str, dev_log: socket.socket) 
         pass  # sudo logs the command first
     assert msg.startswith("<84>") or msg.startswith("<36>") or "kvmgate[" in msg
     assert '"outcome": "refused"' in msg and f'"caller": "{alice}"' in msg and '"vm": "nosuchvm"' in msg
+
+
+def test_unit_files_verify(kg: Kvmgate, tmp_path: Path) -> None:
+    """The shipped units pass systemd-analyze verify (pointed at this installation)."""
+    units = sorted(Path(__file__).resolve().parents[2].joinpath("packaging/systemd").iterdir())
+    assert {u.name for u in units} >= {"kvmgate-reap.service", "kvmgate-reap.timer", "kvmgate-runtime.service"}
+    for unit in units:
+        (tmp_path / unit.name).write_text(unit.read_text().replace("/usr/local/bin/kvmgate", f"{PREFIX}/bin/kvmgate"))
+    r = subprocess.run(
+        ["systemd-analyze", "verify", *[str(tmp_path / u.name) for u in units]], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert "kvmgate" not in r.stderr, r.stderr
+
+
+def test_unit_commands_run(kg: Kvmgate) -> None:
+    """What the units run, run here (there is no systemd as PID 1 to start them)."""
+    kg.ok("admin", "init")
+    kg.ok("admin", "reap")
