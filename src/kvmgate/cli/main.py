@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         "/dev/kvm and /dev/net/tun permissions",
     )
     a.add_argument("--accel", choices=("auto", "kvm", "tcg"), help="set the policy's accelerator")
+    a.add_argument("--pam", action="store_true", help="install the PAM session hook in common-session (docs/logon.md)")
+    a.add_argument("--no-pam", action="store_true", help="remove the PAM session hook")
     a = acmd(
         "create",
         "define a VM for a user",
@@ -152,11 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
     a.epilog = "VM options:\n" + _options_help() + "\n\n" + EPILOG
     a.add_argument("--owner", metavar="USER", required=True)
     a.add_argument("--disk-size", metavar="SIZE", help="create the VM's default disk (qcow2), e.g. 10G")
+    a.add_argument(
+        "--on-logoff",
+        choices=("none", "pause", "hibernate"),
+        help="what happens to the VM when its owner's last session closes",
+    )
     a.add_argument("name", metavar="NAME")
     a = acmd("delete", "delete a VM (it must be stopped)")
     a.add_argument("--owner", metavar="USER", required=True)
     a.add_argument("--keep-disks", action="store_true", help="keep the disks directory under STATE/kept/")
     a.add_argument("name", metavar="NAME")
+    a = acmd("set", "change a VM's settings")
+    a.add_argument("--owner", metavar="USER", required=True)
+    a.add_argument(
+        "--on-logoff",
+        choices=("none", "pause", "hibernate"),
+        required=True,
+        help="what happens to the VM when its owner's last session closes",
+    )
+    a.add_argument("name", metavar="NAME")
+    acmd("reap", "apply the logoff policy for sessions that ended without closing (run by a timer)")
     a = acmd("list", "list every VM")
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a = acmd("show", "show a VM's identity, options and QEMU command line")
