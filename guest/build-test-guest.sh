@@ -7,7 +7,7 @@
 # prints the cache directory on success.
 set -eu
 OUT=${1:-${KVMGATE_GUEST_DIR:-/var/cache/kvmgate-test-guest}}
-RECIPE=2  # bump when this script changes what it builds
+RECIPE=4  # bump when this script changes what it builds
 if [ "$(cat "$OUT/recipe" 2>/dev/null)" = "$RECIPE" ]; then
     echo "$OUT"; exit 0
 fi
@@ -52,10 +52,24 @@ add_mod() {
 for m in virtio_ring virtio virtio_pci virtio_blk virtio_net virtio_balloon virtio_console \
          scsi_mod libata ata_piix sd_mod sr_mod isofs button evdev; do add_mod "$m"; done
 
-mkdir -p root/usr/bin root/usr/sbin root/bin root/sbin root/dev root/proc root/sys root/mnt root/cdrom root/tmp root/lib/modules root/etc
+mkdir -p root/usr/share/udhcpc root/www root/usr/bin root/usr/sbin root/bin root/sbin root/dev root/proc root/sys root/mnt root/cdrom root/tmp root/lib/modules root/etc
 cp /bin/busybox root/bin/busybox
 for m in $order; do cp "$(find "$moddir" -name "$m.ko" | head -n 1)" root/lib/modules/; done
 echo "$order" > root/lib/modules/order
+cat > root/usr/share/udhcpc/default.script <<'DHCP'
+#!/bin/sh
+# Configure the address QEMU's user-mode DHCP server (or any other) hands out.
+case "$1" in
+    bound|renew)
+        ifconfig "$interface" "$ip" netmask "${subnet:-255.255.255.0}" up
+        [ -n "$router" ] && route add default gw "$router" dev "$interface" 2>/dev/null
+        echo "KVMGATE-GUEST-NET $interface $ip" > /dev/console
+        ;;
+esac
+exit 0
+DHCP
+chmod 755 root/usr/share/udhcpc/default.script
+echo "kvmgate-guest-httpd" > root/www/index.html
 cat > root/init <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s
@@ -76,7 +90,13 @@ for d in /dev/vda /dev/sda /dev/hda; do
 done
 [ -b /dev/sr0 ] && mount -t iso9660 -o ro /dev/sr0 /cdrom 2>/dev/null
 ip link set lo up 2>/dev/null
-for n in /sys/class/net/eth*; do [ -e "$n" ] && ip link set "${n##*/}" up; done
+for n in /sys/class/net/eth*; do
+    [ -e "$n" ] || continue
+    ip link set "${n##*/}" up
+    udhcpc -i "${n##*/}" -q -n -t 5 -T 1 -s /usr/share/udhcpc/default.script >/dev/null 2>&1 &
+done
+# kvmgate.httpd on the kernel command line: serve /www on port 80 (network tests).
+grep -qw kvmgate.httpd /proc/cmdline && httpd -p 80 -h /www
 disk=none; [ -f /mnt/kvmgate-disk ] && disk=$(cat /mnt/kvmgate-disk)
 cd=none; [ -f /cdrom/kvmgate-cd ] && cd=$(cat /cdrom/kvmgate-cd)
 echo "KVMGATE-GUEST-READY kernel=$(uname -r) disk=$disk cdrom=$cd"
