@@ -306,31 +306,62 @@ def delete(paths: Paths, vm: VM, keep_disks: bool) -> str | None:
 ON_LOGOFF = ("none", "pause", "hibernate")
 
 
-def read_settings(vm: VM) -> dict[str, str]:
-    """Admin settings that are not QEMU options (the session policy), in a root-only
-    file of the VM directory: they change how kvmgate acts, never what QEMU runs."""
+DEFAULT_SETTINGS: dict[str, str | bool] = {"on_logoff": "none", "service": False, "autostart": False}
+
+
+def read_settings(vm: VM) -> dict[str, str | bool]:
+    """Admin settings that are not QEMU options (session policy, service VM), in a
+    root-only file of the VM directory: they change how kvmgate acts, never what
+    QEMU runs."""
     import json
 
     try:
         with open(vm.sub("settings.json")) as f:
             data = json.load(f)
     except FileNotFoundError:
-        return {"on_logoff": "none"}
-    if not isinstance(data, dict) or data.get("on_logoff") not in ON_LOGOFF:
+        return dict(DEFAULT_SETTINGS)
+    if (
+        not isinstance(data, dict)
+        or set(data) - set(DEFAULT_SETTINGS)
+        or data.get("on_logoff", "none") not in ON_LOGOFF
+        or not all(isinstance(data.get(k, False), bool) for k in ("service", "autostart"))
+    ):
         raise KvmgateError(f"{vm.identity.name}: corrupt settings")
-    return {"on_logoff": str(data["on_logoff"])}
+    return {**DEFAULT_SETTINGS, **data}
 
 
-def write_settings(vm: VM, settings: dict[str, str]) -> None:
+def write_settings(vm: VM, settings: dict[str, str | bool]) -> None:
     import json
 
-    if settings.get("on_logoff") not in ON_LOGOFF:
+    if settings.get("on_logoff", "none") not in ON_LOGOFF:
         raise UsageError("--on-logoff must be none, pause or hibernate")
     tmp = vm.sub("settings.json.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(settings, f)
     os.replace(tmp, vm.sub("settings.json"))
+
+
+def mark_intended_exit(vm: VM) -> None:
+    """kvmgate is about to end QEMU on purpose: a watcher must not restart it."""
+    os.close(os.open(os.path.join(vm.rundir, "intended-exit"), os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+
+
+def take_intended_exit(vm: VM) -> bool:
+    try:
+        os.unlink(os.path.join(vm.rundir, "intended-exit"))
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def wait_exit(vm: VM) -> None:
+    """Block until QEMU (which holds the VM's lock for its whole life) exits."""
+    fd = os.open(os.path.join(vm.rundir, "lock"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
 
 
 def cleanup_runtime(vm: VM) -> None:

@@ -57,7 +57,13 @@ def test_refusals_go_to_syslog(kg: Kvmgate, alice: str, dev_log: socket.socket) 
 def test_unit_files_verify(kg: Kvmgate, tmp_path: Path) -> None:
     """The shipped units pass systemd-analyze verify (pointed at this installation)."""
     units = sorted(Path(__file__).resolve().parents[2].joinpath("packaging/systemd").iterdir())
-    assert {u.name for u in units} >= {"kvmgate-reap.service", "kvmgate-reap.timer", "kvmgate-runtime.service"}
+    assert {u.name for u in units} >= {
+        "kvmgate-reap.service",
+        "kvmgate-reap.timer",
+        "kvmgate-runtime.service",
+        "kvmgate-autostart.service",
+        "kvmgate-vm@.service",
+    }
     for unit in units:
         (tmp_path / unit.name).write_text(unit.read_text().replace("/usr/local/bin/kvmgate", f"{PREFIX}/bin/kvmgate"))
     r = subprocess.run(
@@ -71,3 +77,4 @@ def test_unit_commands_run(kg: Kvmgate) -> None:
     """What the units run, run here (there is no systemd as PID 1 to start them)."""
     kg.ok("admin", "init")
     kg.ok("admin", "reap")
+    kg.ok("admin", "autostart")

@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     def owner(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--owner", metavar="USER", help="act on USER's VM (root only)")
 
-    sp = cmd("list", "list your VMs")
+    sp = cmd("list", "list your VMs (or, with --services, the service VMs everyone may use)")
     owner(sp)
+    sp.add_argument("--services", action="store_true", help="list the host's service VMs")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
     sp = cmd(
@@ -149,10 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     a = acmd(
         "create",
         "define a VM for a user",
-        usage="kvmgate admin create NAME --owner USER [--disk-size SIZE] -- OPTION...",
+        usage="kvmgate admin create NAME (--owner USER | --service) [--disk-size SIZE] -- OPTION...",
     )
     a.epilog = "VM options:\n" + _options_help() + "\n\n" + EPILOG
-    a.add_argument("--owner", metavar="USER", required=True)
+    a.add_argument("--owner", metavar="USER", help="the VM's owner (for --service: default kvmgate-svc)")
+    a.add_argument("--service", action="store_true", help="a service VM: listed for all users, started at boot")
+    a.add_argument("--no-autostart", action="store_true", help="with --service: do not start it at boot")
     a.add_argument("--disk-size", metavar="SIZE", help="create the VM's default disk (qcow2), e.g. 10G")
     a.add_argument(
         "--on-logoff",
@@ -174,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("name", metavar="NAME")
     acmd("reap", "apply the logoff policy for sessions that ended without closing (run by a timer)")
+    acmd("autostart", "start every service VM marked autostart (run at boot)")
+    a = acmd("watch", "start a service VM and wait for it; exit 1 if QEMU dies (kvmgate-vm@.service)")
+    a.add_argument("name", metavar="OWNER:NAME")
     a = acmd("list", "list every VM")
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a = acmd("show", "show a VM's identity, options and QEMU command line")

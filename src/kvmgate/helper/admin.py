@@ -52,7 +52,19 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
                 rows.append({"name": n, "owner": o, "state": "invalid", "error": str(err)})
         emit(rows, "".join(f"{r['owner']:<16} {r['name']:<32} {r['state']}\n" for r in rows), "--json" in req.flags)
         return 0
+    if verb == "autostart":
+        from .services import autostart
+
+        return autostart(who, paths)
+    if verb == "watch":
+        from .services import watch
+
+        return watch(who, paths, req.name or "")
     owner = req.flag("--owner")
+    if verb == "create" and not owner and "--service" in req.flags:
+        from .services import ensure_service_user
+
+        owner = ensure_service_user()
     if not owner:
         raise UsageError(f"admin {verb} needs --owner USER")
     name = ident.check_name(req.name or "")
@@ -71,7 +83,7 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         mode = req.flag("--on-logoff")
         if mode is None:
             raise UsageError("admin set needs --on-logoff none|pause|hibernate")
-        registry.write_settings(vm, {"on_logoff": mode})
+        registry.write_settings(vm, {**registry.read_settings(vm), "on_logoff": mode})
         audit.done(paths.audit_log, who, "admin set", owner, name, on_logoff=mode)
         print(f"{owner}/{name}: on logoff: {mode}")
         return 0
@@ -97,8 +109,11 @@ def create(req: Request, who: Caller, paths: Paths, owner: str, name: str) -> in
     image = qcow2.empty_image(parse_size(size)) if size else None
     registry.ensure_layout(paths)
     vm = registry.create(paths, identity, image)
-    if on_logoff != "none":
-        registry.write_settings(vm, {"on_logoff": on_logoff})
+    service = "--service" in req.flags
+    if on_logoff != "none" or service:
+        registry.write_settings(
+            vm, {"on_logoff": on_logoff, "service": service, "autostart": service and "--no-autostart" not in req.flags}
+        )
     audit.done(paths.audit_log, who, "admin create", owner, name, options=list(identity.tokens), directory=vm.vmdir)
     print(f"created {owner}/{name}: {vm.vmdir}")
     return 0
@@ -108,7 +123,7 @@ def show(req: Request, paths: Paths, vm: registry.VM) -> int:
     policy = config.load(paths)
     info: dict[str, Any] = describe(vm)
     info["options"] = list(vm.identity.tokens)
-    info["on_logoff"] = registry.read_settings(vm)["on_logoff"]
+    info.update(registry.read_settings(vm))
     info["identity_components"] = vm.identity.components()
     disk = vm.default_disk
     info["default_disk"] = disk if os.path.exists(disk) else None

@@ -54,6 +54,7 @@ def run(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
         options = registry.read_options(vm)
         if "-snapshot" in options:
             raise WrongState(f"{name} runs with -snapshot: its overlay ends with QEMU, so it cannot hibernate")
+        registry.mark_intended_exit(vm)
         saved = hibernate.save(vm, options)
         if not _wait_stopped(vm, 30):
             raise KvmgateError(f"{name} was saved but QEMU did not exit")

@@ -144,6 +144,7 @@ def launch_vm(
         raise KvmgateError(f"QEMU failed to start: {reason}") from None
     registry.write_pid(vm, pid)
     registry.write_options(vm, options)
+    registry.take_intended_exit(vm)  # a stale mark from an earlier run must not hide a crash
     for extra in plan.pidfiles:
         _write_admin_pidfile(extra, pid)
     return pid, accel
@@ -198,6 +199,7 @@ def stop(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     how = "killed"
     qmp_path = os.path.join(vm.rundir, "qmp.sock")
     try:
+        registry.mark_intended_exit(vm)
         with QMP(qmp_path, timeout=5) as q:
             if "--force" in req.flags:
                 q.execute("quit")
@@ -262,6 +264,8 @@ def status(req: Request, vm: registry.VM) -> int:
 
 
 def do_list(req: Request, who: Caller, paths: Paths) -> int:
+    if "--services" in req.flags:
+        return list_services(req, paths)
     owner = req.flag("--owner")
     if owner is not None and not who.is_root and owner != who.name:
         raise PermissionRefused("--owner is for root only")
@@ -276,4 +280,18 @@ def do_list(req: Request, who: Caller, paths: Paths) -> int:
         rows.append({"name": n, "owner": o, "state": describe(vm)["state"]})
     text = "".join(f"{r['owner']:<16} {r['name']:<32} {r['state']}\n" for r in rows)
     emit(rows, text, "--json" in req.flags)
+    return 0
+
+
+def list_services(req: Request, paths: Paths) -> int:
+    """Service VMs, for everyone to see (their name and state, nothing to control)."""
+    rows = []
+    for o, n in registry.list_names(paths):
+        try:
+            vm = registry.resolve(paths, o, n)
+            if registry.read_settings(vm)["service"]:
+                rows.append({"name": n, "owner": o, "state": describe(vm)["state"]})
+        except KvmgateError:
+            continue
+    emit(rows, "".join(f"{r['name']:<32} {r['state']}\n" for r in rows), "--json" in req.flags)
     return 0
