@@ -77,7 +77,16 @@ try:
 finally:
     os._exit(0)
 PY
-chmod 0755 "$libdir.new.$$/kvmgate-helper" "$libdir.new.$$/kvmgate-frontend" "$libdir.new.$$/kvmgate-pam"
+cat > "$libdir.new.$$/kvmgate-gated" <<PY
+#!$python -IS
+# kvmgate's wake-on-connect daemon; runs unprivileged as kvmgate-gated (see docs/logon.md).
+import sys
+sys.path.insert(0, "$libdir")
+from kvmgate.gated import main
+sys.exit(main())
+PY
+chmod 0755 "$libdir.new.$$/kvmgate-helper" "$libdir.new.$$/kvmgate-frontend" "$libdir.new.$$/kvmgate-pam" \
+    "$libdir.new.$$/kvmgate-gated"
 chown -R root:root "$libdir.new.$$"
 chmod -R go-w "$libdir.new.$$"
 rm -rf "$libdir.old.$$"

@@ -65,9 +65,8 @@ def as_user(
     pw = pwd.getpwnam(user)
     base = {"HOME": pw.pw_dir, "USER": user, "LOGNAME": user, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
     groups = os.getgrouplist(user, pw.pw_gid)
-    return run(
-        cmd, env=base if env is None else env, user=pw.pw_uid, group=pw.pw_gid, extra_groups=groups, cwd=pw.pw_dir, **kw
-    )  # type: ignore[arg-type]
+    kw.setdefault("cwd", pw.pw_dir if os.path.isdir(pw.pw_dir) else "/")
+    return run(cmd, env=base if env is None else env, user=pw.pw_uid, group=pw.pw_gid, extra_groups=groups, **kw)
 
 
 @dataclass

@@ -24,7 +24,7 @@ import os
 import pwd
 import stat
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from . import identity as ident
 from .errors import IdentityError, KvmgateError, NoSuchVM, UsageError, WrongState
@@ -306,10 +306,11 @@ def delete(paths: Paths, vm: VM, keep_disks: bool) -> str | None:
 ON_LOGOFF = ("none", "pause", "hibernate")
 
 
-DEFAULT_SETTINGS: dict[str, str | bool] = {"on_logoff": "none", "service": False, "autostart": False}
+DEFAULT_SETTINGS: dict[str, Any] = {"on_logoff": "none", "service": False, "autostart": False, "wake": [], "idle": 0}
+INTERNAL_PORTS = range(40000, 50000)  # loopback ports QEMU forwards to the guest for kvmgate-gated
 
 
-def read_settings(vm: VM) -> dict[str, str | bool]:
+def read_settings(vm: VM) -> dict[str, Any]:
     """Admin settings that are not QEMU options (session policy, service VM), in a
     root-only file of the VM directory: they change how kvmgate acts, never what
     QEMU runs."""
@@ -325,12 +326,27 @@ def read_settings(vm: VM) -> dict[str, str | bool]:
         or set(data) - set(DEFAULT_SETTINGS)
         or data.get("on_logoff", "none") not in ON_LOGOFF
         or not all(isinstance(data.get(k, False), bool) for k in ("service", "autostart"))
+        or not _valid_wake(data.get("wake", []))
+        or not isinstance(data.get("idle", 0), int)
     ):
         raise KvmgateError(f"{vm.identity.name}: corrupt settings")
     return {**DEFAULT_SETTINGS, **data}
 
 
-def write_settings(vm: VM, settings: dict[str, str | bool]) -> None:
+def _valid_wake(wake: Any) -> bool:
+    return isinstance(wake, list) and all(
+        isinstance(w, dict)
+        and set(w) == {"listen", "guest", "internal"}
+        and all(isinstance(w[k], int) and 1 <= w[k] <= 65535 for k in w)
+        for w in wake
+    )
+
+
+def wake_forwards(vm: VM) -> tuple[tuple[int, int], ...]:
+    return tuple((int(w["internal"]), int(w["guest"])) for w in read_settings(vm)["wake"])
+
+
+def write_settings(vm: VM, settings: dict[str, Any]) -> None:
     import json
 
     if settings.get("on_logoff", "none") not in ON_LOGOFF:

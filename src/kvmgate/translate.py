@@ -53,6 +53,7 @@ class Context(NamedTuple):
     key: str = ""  # the VM key: seeds deterministic MAC addresses
     paused: bool = False  # start with the vCPUs stopped (kvmgate's own -S)
     incoming: bool = False  # wait for a saved state on a descriptor kvmgate passes later (restore)
+    wake_forwards: tuple[tuple[int, int], ...] = ()  # (loopback port, guest port) for kvmgate-gated
 
 
 class Plan(NamedTuple):
@@ -330,6 +331,8 @@ def _network(b: _Builder, by: dict[str, list[g.Value]], ctx: Context) -> None:
     for opt in ("-tftp", "-smb", "-redir"):
         if opt in by and not users:
             raise PolicyError(opt, "needs -net user")
+    if ctx.wake_forwards and not users:
+        raise PolicyError("--wake", "needs -net user (the VM's default network)")
 
     vlans: dict[str, tuple[list[g.NetSpec], list[g.NetSpec]]] = {}
     for n in nets:
@@ -342,7 +345,8 @@ def _network(b: _Builder, by: dict[str, list[g.Value]], ctx: Context) -> None:
         for j, be in enumerate(backends):
             nid = f"kgnet{vlan}b{j}"
             ids.append(nid)
-            b.add("-netdev", _backend(b, be, nid, by if users and be is users[0] else {}))
+            first = bool(users) and be is users[0]
+            b.add("-netdev", _backend(b, be, nid, by if first else {}, ctx.wake_forwards if first else ()))
         direct = len(nics) == 1 and len(backends) == 1
         if not direct:
             for j, nid in enumerate(ids):
@@ -359,7 +363,9 @@ def _network(b: _Builder, by: dict[str, list[g.Value]], ctx: Context) -> None:
             b.add("-device", _json({"driver": model, "netdev": netdev, "mac": mac}))
 
 
-def _backend(b: _Builder, be: g.NetSpec, nid: str, extras: dict[str, list[g.Value]]) -> str:
+def _backend(
+    b: _Builder, be: g.NetSpec, nid: str, extras: dict[str, list[g.Value]], wake: tuple[tuple[int, int], ...] = ()
+) -> str:
     if be.kind == "user":
         props = [f"user,id={nid}"]
         host = be.get("hostname")
@@ -372,6 +378,8 @@ def _backend(b: _Builder, be: g.NetSpec, nid: str, extras: dict[str, list[g.Valu
         for v in extras.get("-redir", []):
             assert isinstance(v, g.Redir)
             props.append(f"hostfwd={v.proto}:127.0.0.1:{v.host_port}-{v.guest_addr}:{v.guest_port}")
+        for internal, guest in wake:
+            props.append(f"hostfwd=tcp:127.0.0.1:{internal}-:{guest}")
         return ",".join(props)
     if be.kind == "tap":
         r = b.resource("tap", path=be.get("ifname"), writable=True)

@@ -63,9 +63,11 @@ def test_unit_files_verify(kg: Kvmgate, tmp_path: Path) -> None:
         "kvmgate-runtime.service",
         "kvmgate-autostart.service",
         "kvmgate-vm@.service",
+        "kvmgate-gated.service",
     }
     for unit in units:
-        (tmp_path / unit.name).write_text(unit.read_text().replace("/usr/local/bin/kvmgate", f"{PREFIX}/bin/kvmgate"))
+        text = unit.read_text().replace("/usr/local/bin/kvmgate", f"{PREFIX}/bin/kvmgate")
+        (tmp_path / unit.name).write_text(text.replace("/usr/local/lib/kvmgate", f"{PREFIX}/lib/kvmgate"))
     r = subprocess.run(
         ["systemd-analyze", "verify", *[str(tmp_path / u.name) for u in units]], capture_output=True, text=True
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import re
@@ -80,14 +81,38 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
     if verb == "show":
         return show(req, paths, vm)
     if verb == "set":
-        mode = req.flag("--on-logoff")
-        if mode is None:
-            raise UsageError("admin set needs --on-logoff none|pause|hibernate")
-        registry.write_settings(vm, {**registry.read_settings(vm), "on_logoff": mode})
-        audit.done(paths.audit_log, who, "admin set", owner, name, on_logoff=mode)
-        print(f"{owner}/{name}: on logoff: {mode}")
-        return 0
+        return set_settings(req, who, paths, vm)
     raise UsageError(f"unknown admin verb {verb}")
+
+
+def set_settings(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
+    settings = registry.read_settings(vm)
+    mode, wake, idle = req.flag("--on-logoff"), req.flag("--wake"), req.flag("--idle")
+    if mode is None and wake is None and idle is None:
+        raise UsageError("admin set needs --on-logoff, --wake or --idle")
+    if mode is not None:
+        settings["on_logoff"] = mode
+    if idle is not None:
+        if not idle.isdigit() or int(idle) > 7 * 86400:
+            raise UsageError("--idle takes seconds (0: never)")
+        settings["idle"] = int(idle)
+    if wake is not None:
+        from .gate import set_wake
+
+        settings["wake"] = set_wake(paths, vm, wake)
+        if settings["wake"]:  # the forwards must translate for this VM before they are kept
+            policy = config.load(paths)
+            plan_for(vm._replace(), policy, [], "tcg")
+            from ..translate import Context, merge, translate
+
+            translate(
+                merge(policy.parse(list(vm.identity.tokens), "admin"), []),
+                Context(accel="tcg", wake_forwards=tuple((w["internal"], w["guest"]) for w in settings["wake"])),
+            )
+    registry.write_settings(vm, settings)
+    audit.done(paths.audit_log, who, "admin set", vm.identity.owner, vm.identity.name, settings=settings)
+    print(f"{vm.identity.owner}/{vm.identity.name}: " + json.dumps(settings, sort_keys=True))
+    return 0
 
 
 def create(req: Request, who: Caller, paths: Paths, owner: str, name: str) -> int:
@@ -199,6 +224,25 @@ def init(req: Request, paths: Paths) -> int:
         subprocess.run(["groupadd", "--system", QEMU_GROUP], check=True)
         gid = grp.getgrnam(QEMU_GROUP).gr_gid
         _say(f"created group {QEMU_GROUP} (QEMU's primary group; no user is ever a member)")
+    from .gate import GATED_USER
+
+    try:
+        pwd.getpwnam(GATED_USER)
+    except KeyError:
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                GATED_USER,
+            ],
+            check=True,
+        )
+        _say(f"created the system account {GATED_USER} (the unprivileged wake-on-connect daemon)")
     members = grp.getgrgid(gid).gr_mem
     if members:
         _say(f"WARNING: {QEMU_GROUP} has members {members}: they could ptrace VMs; remove them")

@@ -73,7 +73,8 @@ class Sessions:
         names = self.records()
         live = 0
         for name in names:
-            pid_s, _, start_s = name.partition("-")
+            pid_s, _, rest = name.partition("-")
+            start_s = rest.partition("-")[0]
             if pid_s.isdigit() and start_s.isdigit() and _leader_start(int(pid_s)) == int(start_s):
                 live += 1
             else:
@@ -81,14 +82,16 @@ class Sessions:
                     os.unlink(os.path.join(self.dir, name))
         return len(names), live
 
-    def add(self, pid: int) -> None:
+    def add(self, pid: int, tag: str = "") -> None:
         start = _leader_start(pid)
         if start is not None:
-            os.close(os.open(os.path.join(self.dir, f"{pid}-{start}"), os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            name = f"{pid}-{start}" + (f"-{tag}" if tag else "")
+            os.close(os.open(os.path.join(self.dir, name), os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
 
-    def remove(self, pid: int) -> None:
+    def remove(self, pid: int, tag: str = "") -> None:
         for name in self.records():
-            if name.partition("-")[0] == str(pid):
+            parts = name.split("-", 2)
+            if parts[0] == str(pid) and (parts[2] if len(parts) > 2 else "") == tag:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.dir, name))
 

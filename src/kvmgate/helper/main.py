@@ -40,9 +40,13 @@ VERBS: dict[str, tuple[frozenset[str], frozenset[str], bool, bool]] = {
     ),
     "admin-autostart": (frozenset(), frozenset(), False, False),
     "admin-watch": (frozenset(), frozenset(), True, False),
-    "admin-set": (frozenset({"--owner", "--on-logoff"}), frozenset(), True, False),
+    "admin-set": (frozenset({"--owner", "--on-logoff", "--wake", "--idle"}), frozenset(), True, False),
     "admin-reap": (frozenset(), frozenset(), False, False),
     "pam-hook": (frozenset(), frozenset(), False, False),
+    "gated-config": (frozenset(), frozenset(), False, False),
+    "gated-wake": (frozenset(), frozenset(), True, False),
+    "gated-hold": (frozenset({"--pid"}), frozenset({"--on", "--off"}), True, False),
+    "gated-idle": (frozenset(), frozenset(), True, False),
     "admin-delete": (frozenset({"--owner"}), frozenset({"--keep-disks"}), True, False),
     "admin-list": (frozenset(), frozenset({"--json"}), False, False),
     "admin-show": (frozenset({"--owner"}), frozenset({"--json"}), True, False),
@@ -114,6 +118,10 @@ def run(argv: list[str], environ: dict[str, str], paths: Paths) -> int:
             from . import logon
 
             return logon.hook(environ, paths)
+        if req.verb.startswith("gated-"):
+            from . import gate
+
+            return gate.run(req, who, paths)
         if req.verb.startswith("admin-"):
             if not who.is_root:
                 raise PermissionRefused("admin commands are for root only")

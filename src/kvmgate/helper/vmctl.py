@@ -49,6 +49,7 @@ def plan_for(
         gdb_socket=os.path.join(vm.rundir, "gdb.sock"),
         paused=paused,
         incoming=incoming,
+        wake_forwards=registry.wake_forwards(vm),
     )
     return translate(merge(admin_opts, user_opts), ctx)
 

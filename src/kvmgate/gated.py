@@ -1,0 +1,160 @@
+"""kvmgate-gated: wake on connect, the note's "user logs on via ssh (or http)
+into a running VM instance" without ever touching the host.
+
+An unprivileged asyncio daemon (account `kvmgate-gated`). For every port the
+admin assigned to a VM (`kvmgate admin set NAME --owner U --wake 2222:22`) it
+listens on loopback; a connection to a frozen or hibernated VM first wakes it
+(through the helper, via sudo), then is forwarded to the loopback port QEMU
+forwards to the guest. While connections are open the owner counts as logged
+on (a session record that dies with this process); after the admin's idle time
+without connections or host sessions, the VM is frozen per its policy. One
+VM's trouble never drops another's listener; SIGHUP reloads the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from .paths import installed
+
+CONNECT_TIMEOUT = 60.0
+
+
+class Gate:
+    def __init__(self, helper: list[str]) -> None:
+        self.helper = helper
+        self.servers: dict[int, asyncio.Server] = {}
+        self.conns: dict[str, int] = {}
+        self.last: dict[str, float] = {}
+        self.table: dict[int, dict[str, Any]] = {}
+
+    async def call(self, *args: str) -> tuple[int, str]:
+        p = await asyncio.create_subprocess_exec(
+            *self.helper,
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await p.communicate()
+        if p.returncode:
+            sys.stderr.write(f"kvmgate-gated: {' '.join(args)}: {err.decode().strip()}\n")
+        return p.returncode or 0, out.decode()
+
+    async def load(self) -> None:
+        code, out = await self.call("gated-config")
+        if code:
+            return
+        table = {int(r["listen"]): r for r in json.loads(out)}
+        for port in set(self.servers) - set(table):
+            self.servers.pop(port).close()
+        for port in table:
+            if port not in self.servers:
+                try:
+                    self.servers[port] = await asyncio.start_server(self.handler_for(port), "127.0.0.1", port)
+                except OSError as err:
+                    sys.stderr.write(f"kvmgate-gated: cannot listen on {port}: {err}\n")
+        self.table = table
+
+    def handler_for(self, port: int) -> Any:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self.handle(reader, writer, port)
+
+        return handler
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
+        row = self.table.get(port)
+        if row is None:
+            writer.close()
+            return
+        target = f"{row['owner']}:{row['name']}"
+        self.conns[target] = self.conns.get(target, 0) + 1
+        try:
+            if self.conns[target] == 1:
+                await self.call("gated-hold", target, "--on", "--pid", str(os.getpid()))
+            upstream = await self.reach(target, int(row["internal"]))
+            if upstream is None:
+                return
+            await self.pipe(reader, writer, *upstream)
+        finally:
+            self.conns[target] -= 1
+            self.last[target] = time.monotonic()
+            if self.conns[target] == 0:
+                await self.call("gated-hold", target, "--off", "--pid", str(os.getpid()))
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def reach(self, target: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """Connect to the guest, waking the VM first if nothing answers."""
+        with contextlib.suppress(OSError):
+            return await asyncio.open_connection("127.0.0.1", port)
+        await self.call("gated-wake", target)
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                return await asyncio.open_connection("127.0.0.1", port)
+            await asyncio.sleep(0.02)
+        return None
+
+    @staticmethod
+    async def pipe(
+        r1: asyncio.StreamReader, w1: asyncio.StreamWriter, r2: asyncio.StreamReader, w2: asyncio.StreamWriter
+    ) -> None:
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            with contextlib.suppress(Exception):
+                dst.write_eof()
+
+        await asyncio.gather(copy(r1, w2), copy(r2, w1))
+        w2.close()
+
+    async def idle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1)
+            now = time.monotonic()
+            for row in list(self.table.values()):
+                target = f"{row['owner']}:{row['name']}"
+                idle = int(row.get("idle") or 0)
+                if idle and not self.conns.get(target) and now - self.last.get(target, now) > idle:
+                    self.last.pop(target, None)
+                    await self.call("gated-idle", target)
+
+
+async def serve() -> None:
+    paths = installed()
+    helper = [paths.helper] if os.geteuid() == 0 else [paths.sudo, "-n", "--", paths.helper]
+    gate = Gate(helper)
+    await gate.load()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(gate.load()))
+    stop: asyncio.Future[None] = loop.create_future()
+
+    def finish() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, finish)
+    idle = asyncio.ensure_future(gate.idle_loop())
+    print(f"kvmgate-gated: listening on {sorted(gate.servers)}", flush=True)
+    await stop
+    idle.cancel()
+
+
+def main() -> int:
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

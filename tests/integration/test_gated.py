@@ -1,0 +1,138 @@
+"""Wake on connect: kvmgate-gated, running unprivileged, wakes a hibernated VM
+when a TCP connection reaches the VM's assigned port, and the connection reaches
+a server inside the guest; the user never logs on to the host."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ..conftest import HELPER, PREFIX, Kvmgate, as_user, boot_options
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def gated(kg: Kvmgate) -> Iterator[subprocess.Popen[str]]:
+    pw = pwd.getpwnam("kvmgate-gated")
+
+    def launch() -> subprocess.Popen[str]:
+        p = subprocess.Popen(
+            [f"{PREFIX}/lib/kvmgate/kvmgate-gated"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            user=pw.pw_uid,
+            group=pw.pw_gid,
+            extra_groups=[],
+            env={"PATH": "/usr/bin:/bin"},
+            cwd="/",
+        )
+        assert "listening on" in (p.stdout.readline() if p.stdout else "")
+        return p
+
+    procs: list[subprocess.Popen[str]] = []
+    gated.launch = lambda: procs.append(launch()) or procs[-1]  # type: ignore[attr-defined]
+    yield gated  # type: ignore[misc]
+    for p in procs:
+        p.terminate()
+        p.wait(10)
+
+
+def get(port: int, timeout: float = 60) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=timeout) as r:
+        return r.read().decode()
+
+
+def test_connection_wakes_a_hibernated_vm(
+    kg: Kvmgate, users, gated, guest: Path, vm_name: str, cleanup_vms: list
+) -> None:
+    user = users.make("kgw")
+    port = _free_port()
+    opts = boot_options(guest)
+    opts[opts.index("-append") + 1] += " kvmgate.httpd"
+    kg.ok(
+        "admin",
+        "create",
+        vm_name,
+        "--owner",
+        user,
+        "--on-logoff",
+        "hibernate",
+        "--",
+        *opts,
+        "-net",
+        "nic",
+        "-net",
+        "user",
+    )
+    cleanup_vms.append((user, vm_name))
+    settings = kg.ok("admin", "set", vm_name, "--owner", user, "--wake", f"{port}:80", "--idle", "3").stdout
+    assert f'"listen": {port}' in settings
+    kg.ok("start", vm_name, "--owner", user)
+    kg.ok("console", vm_name, "--owner", user, "--expect", r"KVMGATE-GUEST-NET eth0", "--timeout", "90")
+    kg.ok("hibernate", vm_name, "--owner", user)
+    assert kg.json("status", vm_name, "--owner", user)["state"] == "hibernated"
+
+    p = gated.launch()
+    assert get(port).strip() == "kvmgate-guest-httpd"  # the connection woke the VM and reached the guest
+    assert kg.json("status", vm_name, "--owner", user)["state"] == "running"
+
+    # idle, with no connection and no host session: hibernated again, per its policy
+    deadline = time.monotonic() + 30
+    while kg.json("status", vm_name, "--owner", user)["state"] != "hibernated":
+        assert time.monotonic() < deadline, "the idle VM was not hibernated"
+        time.sleep(0.3)
+
+    # gated restarts without losing its listeners
+    p.terminate()
+    p.wait(10)
+    gated.launch()
+    assert get(port).strip() == "kvmgate-guest-httpd"
+    listeners = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+    assert [line.split()[3] for line in listeners.splitlines()] == [f"127.0.0.1:{port}"]
+
+
+def test_open_connection_counts_as_a_session(
+    kg: Kvmgate, users, gated, guest: Path, vm_name: str, cleanup_vms: list
+) -> None:
+    user = users.make("kgx")
+    port = _free_port()
+    opts = boot_options(guest)
+    opts[opts.index("-append") + 1] += " kvmgate.httpd"
+    kg.ok(
+        "admin", "create", vm_name, "--owner", user, "--on-logoff", "pause", "--", *opts, "-net", "nic", "-net", "user"
+    )
+    cleanup_vms.append((user, vm_name))
+    kg.ok("admin", "set", vm_name, "--owner", user, "--wake", f"{port}:80", "--idle", "1")
+    kg.ok("start", vm_name, "--owner", user)
+    kg.ok("console", vm_name, "--owner", user, "--expect", r"KVMGATE-GUEST-NET eth0", "--timeout", "90")
+    gated.launch()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")  # httpd answers and keeps reading nothing more
+        time.sleep(0.5)
+        records = os.listdir(f"/run/kvmgate-test/sessions/{user}")
+        assert any("-gated-" in r for r in records), records
+        kg.ok("admin", "reap")  # a held session keeps the VM awake even through a reap
+        assert kg.json("status", vm_name, "--owner", user)["state"] == "running"
+
+
+def test_only_gated_may_use_gated_verbs(kg: Kvmgate, alice: str) -> None:
+    for verb in (["gated-config"], ["gated-wake", f"{alice}:x"], ["gated-idle", f"{alice}:x"]):
+        r = as_user(alice, ["sudo", "-n", HELPER, *verb])
+        assert r.returncode == 3 and "only kvmgate-gated" in r.stderr
+    r = as_user("kvmgate-gated", ["sudo", "-n", HELPER, "gated-config"])
+    assert r.returncode == 0 and isinstance(json.loads(r.stdout), list)
