@@ -78,7 +78,11 @@ class Gate:
         self.conns[target] = self.conns.get(target, 0) + 1
         try:
             if self.conns[target] == 1:
+                # The first connection: hold the owner logged on, and wake the VM. A frozen
+                # VM's QEMU still accepts TCP (the guest would just never answer), so a
+                # successful connect proves nothing; waking is idempotent.
                 await self.call("gated-hold", target, "--on", "--pid", str(os.getpid()))
+                await self.call("gated-wake", target)
             upstream = await self.reach(target, int(row["internal"]))
             if upstream is None:
                 return
@@ -92,10 +96,7 @@ class Gate:
                 writer.close()
 
     async def reach(self, target: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        """Connect to the guest, waking the VM first if nothing answers."""
-        with contextlib.suppress(OSError):
-            return await asyncio.open_connection("127.0.0.1", port)
-        await self.call("gated-wake", target)
+        """Connect to the guest's forward, retrying while a woken VM comes up."""
         deadline = time.monotonic() + CONNECT_TIMEOUT
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):

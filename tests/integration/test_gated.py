@@ -136,3 +136,21 @@ def test_only_gated_may_use_gated_verbs(kg: Kvmgate, alice: str) -> None:
         assert r.returncode == 3 and "only kvmgate-gated" in r.stderr
     r = as_user("kvmgate-gated", ["sudo", "-n", HELPER, "gated-config"])
     assert r.returncode == 0 and isinstance(json.loads(r.stdout), list)
+
+
+def test_wakes_frozen_and_crashed_vms(kg: Kvmgate, users, gated, guest: Path, vm_name: str, cleanup_vms: list) -> None:
+    user = users.make("kgy")
+    port = _free_port()
+    opts = boot_options(guest)
+    opts[opts.index("-append") + 1] += " kvmgate.httpd"
+    kg.ok("admin", "create", vm_name, "--owner", user, "--", *opts, "-net", "nic", "-net", "user")
+    cleanup_vms.append((user, vm_name))
+    kg.ok("admin", "set", vm_name, "--owner", user, "--wake", f"{port}:80")
+    kg.ok("start", vm_name, "--owner", user)
+    kg.ok("console", vm_name, "--owner", user, "--expect", r"KVMGATE-GUEST-NET eth0", "--timeout", "90")
+    gated.launch()
+    kg.ok("freeze", vm_name, "--owner", user)  # QEMU still accepts TCP; only a thaw makes the guest answer
+    assert get(port, timeout=20).strip() == "kvmgate-guest-httpd"
+    os.kill(kg.json("status", vm_name, "--owner", user)["pid"], 9)  # a crash: gated keeps listening
+    time.sleep(1)
+    assert get(port).strip() == "kvmgate-guest-httpd"  # the next connection starts the VM again

@@ -69,6 +69,8 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
     vm = _target(paths, req.name or "")
     root = Caller(0, "gated", False)
     if req.verb == "gated-wake":
+        if registry.is_running(vm) and _qemu_status(vm) == "running":
+            return 0
         if registry.is_running(vm):
             r = Request("thaw")
             r.name = vm.identity.name
@@ -102,6 +104,13 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         r.name = vm.identity.name
         return sessions.run(r, root, paths, vm)
     raise UsageError(f"unknown verb {req.verb}")
+
+
+def _qemu_status(vm: registry.VM) -> str:
+    from ..qmp import QMP
+
+    with QMP(os.path.join(vm.rundir, "qmp.sock"), timeout=10) as q:
+        return str(q.execute("query-status").get("status"))
 
 
 def set_wake(paths: Paths, vm: registry.VM, spec: str) -> list[dict[str, int]]:
