@@ -81,8 +81,9 @@ class Gate:
                 # The first connection: hold the owner logged on, and wake the VM. A frozen
                 # VM's QEMU still accepts TCP (the guest would just never answer), so a
                 # successful connect proves nothing; waking is idempotent.
-                await self.call("gated-hold", target, "--on", "--pid", str(os.getpid()))
-                await self.call("gated-wake", target)
+                await asyncio.gather(
+                    self.call("gated-hold", target, "--on", "--pid", str(os.getpid())), self.call("gated-wake", target)
+                )
             upstream = await self.reach(target, int(row["internal"]))
             if upstream is None:
                 return

@@ -157,7 +157,13 @@ def show(req: Request, paths: Paths, vm: registry.VM) -> int:
     except PolicyError as err:
         info["qemu_argv"] = None
         info["error"] = str(err)
-    text = "".join(f"{k}: {' '.join(v) if isinstance(v, list) else v}\n" for k, v in info.items())
+
+    def show_value(v: Any) -> str:
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            return " ".join(v)
+        return v if isinstance(v, str) else json.dumps(v)
+
+    text = "".join(f"{k}: {show_value(v)}\n" for k, v in info.items())
     emit(info, text, "--json" in req.flags)
     return 0
 
