@@ -161,3 +161,28 @@ def test_wrapper_killed_mid_hibernate(kg: Kvmgate, alice: str, vm: str) -> None:
     guest_run(kg, alice, vm, "cat /m", "kill-marker")
     kg.ok("hibernate", vm, user=alice)  # a later hibernate cleans up and works
     assert json.loads(kg.ok("status", vm, "--json", user=alice).stdout)["state"] == "hibernated"
+
+
+def test_progress_on_a_terminal(kg: Kvmgate, alice: str, vm: str) -> None:
+    """Saves and restores show progress when stderr is a terminal (and not otherwise)."""
+    import pty
+
+    for verb in ("hibernate", "start"):
+        leader, follower = pty.openpty()
+        p = subprocess.Popen(
+            [KVMGATE, verb, vm, "--owner", alice], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower
+        )
+        os.close(follower)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert p.wait(60) == 0
+        os.close(leader)
+        assert re.search(rb"(transferring|checking): [0-9]+ MiB", out), out
+    assert state(kg, alice, vm)["state"] == "running"
