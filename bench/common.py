@@ -44,3 +44,26 @@ def report(title: str, base: list[float], ours: list[float], unit: str = "ms") -
         f"ratio {mo / mb:.2f}x, overhead {mo - mb:+.1f} {unit}",
     ]
     return "\n".join(lines)
+
+
+def bare_argv(sock: str, *extra: str, mem: str = "256") -> list[str]:
+    """The bare QEMU command the benchmarks compare kvmgate with: the same VM, a QMP socket."""
+    return [
+        "/usr/bin/qemu-system-x86_64",
+        "-nodefaults",
+        "-no-user-config",
+        "-machine",
+        "pc",
+        "-accel",
+        "tcg",
+        "-m",
+        mem,
+        "-display",
+        "none",
+        "-vga",
+        "none",
+        *BOOT,
+        "-qmp",
+        f"unix:{sock},server=on,wait=off",
+        *extra,
+    ]

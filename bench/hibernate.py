@@ -24,33 +24,10 @@ import time
 
 from qemu.qmp import QMPClient
 
-from common import BOOT, GUEST_BOOT_LINE, KVMGATE, USER, define, report, setup, sh
+from common import BOOT, GUEST_BOOT_LINE, KVMGATE, USER, bare_argv, define, report, setup, sh
 
 VM = "benchhib"
 MEM = ["-m", "256"]
-
-
-def bare_argv(sock: str, *extra: str) -> list[str]:
-    return [
-        "/usr/bin/qemu-system-x86_64",
-        "-nodefaults",
-        "-no-user-config",
-        "-machine",
-        "pc",
-        "-accel",
-        "tcg",
-        *MEM,
-        "-display",
-        "none",
-        "-vga",
-        "none",
-        *BOOT,
-        "-qmp",
-        f"unix:{sock},server=on,wait=off",
-        "-serial",
-        "none",
-        *extra,
-    ]
 
 
 async def qmp(sock: str) -> QMPClient:
@@ -71,7 +48,7 @@ async def wait_migration(c: QMPClient) -> None:
 
 async def raw_save(tmp: str) -> tuple[float, float, str]:
     sock, path = os.path.join(tmp, "q.sock"), os.path.join(tmp, "raw.state")
-    p = subprocess.Popen(bare_argv(sock), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(bare_argv(sock, "-serial", "none"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     c = await qmp(sock)
     await asyncio.sleep(6)  # let the guest boot, as the kvmgate VM has
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -94,7 +71,9 @@ async def raw_save(tmp: str) -> tuple[float, float, str]:
 async def raw_restore(tmp: str, path: str) -> float:
     sock = os.path.join(tmp, "q2.sock")
     t0 = time.perf_counter()
-    p = subprocess.Popen(bare_argv(sock, "-incoming", "defer"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        bare_argv(sock, "-serial", "none", "-incoming", "defer"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     c = await qmp(sock)
     fd = os.open(path, os.O_RDONLY)
     c.send_fd_scm(fd)

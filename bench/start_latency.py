@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 
-from common import BOOT, KVMGATE, USER, define, report, setup, sh
+from common import BOOT, KVMGATE, USER, bare_argv, define, report, setup, sh
 from kvmgate.qmp import wait_ready
 
 VM = "benchstart"
@@ -25,25 +25,7 @@ OPTS = ["-m", "256", "-nographic", "-net", "none", *BOOT]
 
 def bare_once(tmp: str) -> float:
     sock = os.path.join(tmp, "qmp.sock")
-    argv = [
-        "/usr/bin/qemu-system-x86_64",
-        "-nodefaults",
-        "-no-user-config",
-        "-machine",
-        "pc",
-        "-accel",
-        "tcg",
-        "-m",
-        "256",
-        "-display",
-        "none",
-        "-vga",
-        "none",
-        "-S",
-        *BOOT,
-        "-qmp",
-        f"unix:{sock},server=on,wait=off",
-    ]
+    argv = bare_argv(sock, "-S")
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_ready(sock, time.monotonic() + 30, lambda: p.poll() is None)

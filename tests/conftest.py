@@ -236,3 +236,10 @@ def boot_options(guest: Path, *extra: str) -> list[str]:
         "console=ttyS0 quiet",
         *extra,
     ]
+
+
+def httpd_options(guest: Path, *extra: str) -> list[str]:
+    """A guest that serves HTTP on port 80 (busybox httpd), on user-mode networking."""
+    opts = boot_options(guest)
+    opts[opts.index("-append") + 1] += " kvmgate.httpd"
+    return [*opts, "-net", "nic", "-net", "user", *extra]

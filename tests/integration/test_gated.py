@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import HELPER, PREFIX, Kvmgate, as_user, boot_options
+from ..conftest import HELPER, PREFIX, Kvmgate, as_user, httpd_options
 
 
 def _free_port() -> int:
@@ -62,8 +62,6 @@ def test_connection_wakes_a_hibernated_vm(
 ) -> None:
     user = users.make("kgw")
     port = _free_port()
-    opts = boot_options(guest)
-    opts[opts.index("-append") + 1] += " kvmgate.httpd"
     kg.ok(
         "admin",
         "create",
@@ -73,11 +71,7 @@ def test_connection_wakes_a_hibernated_vm(
         "--on-logoff",
         "hibernate",
         "--",
-        *opts,
-        "-net",
-        "nic",
-        "-net",
-        "user",
+        *httpd_options(guest),
     )
     cleanup_vms.append((user, vm_name))
     settings = kg.ok("admin", "set", vm_name, "--owner", user, "--wake", f"{port}:80", "--idle", "3").stdout
@@ -111,11 +105,7 @@ def test_open_connection_counts_as_a_session(
 ) -> None:
     user = users.make("kgx")
     port = _free_port()
-    opts = boot_options(guest)
-    opts[opts.index("-append") + 1] += " kvmgate.httpd"
-    kg.ok(
-        "admin", "create", vm_name, "--owner", user, "--on-logoff", "pause", "--", *opts, "-net", "nic", "-net", "user"
-    )
+    kg.ok("admin", "create", vm_name, "--owner", user, "--on-logoff", "pause", "--", *httpd_options(guest))
     cleanup_vms.append((user, vm_name))
     kg.ok("admin", "set", vm_name, "--owner", user, "--wake", f"{port}:80", "--idle", "1")
     kg.ok("start", vm_name, "--owner", user)
@@ -141,9 +131,7 @@ def test_only_gated_may_use_gated_verbs(kg: Kvmgate, alice: str) -> None:
 def test_wakes_frozen_and_crashed_vms(kg: Kvmgate, users, gated, guest: Path, vm_name: str, cleanup_vms: list) -> None:
     user = users.make("kgy")
     port = _free_port()
-    opts = boot_options(guest)
-    opts[opts.index("-append") + 1] += " kvmgate.httpd"
-    kg.ok("admin", "create", vm_name, "--owner", user, "--", *opts, "-net", "nic", "-net", "user")
+    kg.ok("admin", "create", vm_name, "--owner", user, "--", *httpd_options(guest))
     cleanup_vms.append((user, vm_name))
     kg.ok("admin", "set", vm_name, "--owner", user, "--wake", f"{port}:80")
     kg.ok("start", vm_name, "--owner", user)

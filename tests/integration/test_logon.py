@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,27 +99,7 @@ def test_hibernate_policy(kg: Kvmgate, sshd: Sshd, user_vm: tuple[str, str]) -> 
 @pytest.mark.parametrize("user_vm", ["pause"], indirect=True)
 def test_two_sessions(kg: Kvmgate, sshd: Sshd, user_vm: tuple[str, str]) -> None:
     user, name = user_vm
-    long = subprocess.Popen(
-        [
-            "ssh",
-            "-T",
-            "-i",
-            str(sshd.dir / "userkey"),
-            "-p",
-            str(sshd.port),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            f"{user}@127.0.0.1",
-            "sleep 60",
-        ],
-        stdin=subprocess.DEVNULL,
-    )
+    long = sshd.popen(user, "sleep 60")
     try:
         assert wait_state(kg, user, name, "running")["state"] == "running"
         r = sshd.run(user, "true")  # a second session opens and closes
@@ -136,27 +115,7 @@ def test_two_sessions(kg: Kvmgate, sshd: Sshd, user_vm: tuple[str, str]) -> None
 @pytest.mark.parametrize("user_vm", ["pause"], indirect=True)
 def test_crashed_session_is_reaped(kg: Kvmgate, sshd: Sshd, user_vm: tuple[str, str]) -> None:
     user, name = user_vm
-    long = subprocess.Popen(
-        [
-            "ssh",
-            "-T",
-            "-i",
-            str(sshd.dir / "userkey"),
-            "-p",
-            str(sshd.port),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            f"{user}@127.0.0.1",
-            "sleep 60",
-        ],
-        stdin=subprocess.DEVNULL,
-    )
+    long = sshd.popen(user, "sleep 60")
     try:
         assert wait_state(kg, user, name, "running")["state"] == "running"
         leaders = [int(n.split("-")[0]) for n in os.listdir(f"/run/kvmgate-test/sessions/{user}")]

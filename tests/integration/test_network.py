@@ -9,7 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ..conftest import Kvmgate, boot_options
+from ..conftest import Kvmgate, httpd_options
 
 
 def _free_port() -> int:
@@ -22,8 +22,6 @@ def test_redir_reaches_the_guest_on_loopback_only(
     kg: Kvmgate, alice: str, vm_name: str, cleanup_vms: list, guest: Path
 ) -> None:
     port = _free_port()
-    opts = boot_options(guest)
-    opts[opts.index("-append") + 1] += " kvmgate.httpd"
     kg.ok(
         "admin",
         "create",
@@ -31,13 +29,7 @@ def test_redir_reaches_the_guest_on_loopback_only(
         "--owner",
         alice,
         "--",
-        *opts,
-        "-net",
-        "nic,model=virtio",
-        "-net",
-        "user,hostname=web",
-        "-redir",
-        f"tcp:{port}::80",
+        *httpd_options(guest, "-redir", f"tcp:{port}::80"),
     )
     cleanup_vms.append((alice, vm_name))
     kg.ok("start", vm_name, user=alice)

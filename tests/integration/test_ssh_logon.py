@@ -61,31 +61,34 @@ class Sshd:
             os.chown(p, pw.pw_uid, pw.pw_gid)
         (ssh / "authorized_keys").chmod(0o600)
 
+    def command(self, user: str, command: str) -> list[str]:
+        return [
+            "ssh",
+            "-T",
+            "-i",
+            str(self.dir / "userkey"),
+            "-p",
+            str(self.port),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            f"{user}@127.0.0.1",
+            command,
+        ]
+
     def run(self, user: str, command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [
-                "ssh",
-                "-T",
-                "-i",
-                str(self.dir / "userkey"),
-                "-p",
-                str(self.port),
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                f"{user}@127.0.0.1",
-                command,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
+            self.command(user, command), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
         )
+
+    def popen(self, user: str, command: str) -> subprocess.Popen[bytes]:
+        """A session that stays open while the command runs."""
+        return subprocess.Popen(self.command(user, command), stdin=subprocess.DEVNULL)
 
     def stop(self) -> None:
         self.proc.terminate()

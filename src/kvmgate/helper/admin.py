@@ -232,22 +232,7 @@ def init(req: Request, paths: Paths) -> int:
         _say(f"created group {QEMU_GROUP} (QEMU's primary group; no user is ever a member)")
     from .gate import GATED_USER
 
-    try:
-        pwd.getpwnam(GATED_USER)
-    except KeyError:
-        subprocess.run(
-            [
-                "useradd",
-                "--system",
-                "--no-create-home",
-                "--home-dir",
-                "/nonexistent",
-                "--shell",
-                "/usr/sbin/nologin",
-                GATED_USER,
-            ],
-            check=True,
-        )
+    if ensure_system_user(GATED_USER):
         _say(f"created the system account {GATED_USER} (the unprivileged wake-on-connect daemon)")
     members = grp.getgrgid(gid).gr_mem
     if members:
@@ -328,6 +313,28 @@ def _visudo(*args: str) -> None:
         os.unlink(args[1])
     if check.returncode != 0:
         raise KvmgateError(f"visudo refused the sudoers configuration: {(check.stdout + check.stderr).strip()}")
+
+
+def ensure_system_user(name: str) -> bool:
+    """Create a system account with no home and no shell; True if it was created."""
+    try:
+        pwd.getpwnam(name)
+        return False
+    except KeyError:
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ],
+            check=True,
+        )
+        return True
 
 
 def _device(path: str, gid: int, mode: int, what: str) -> None:

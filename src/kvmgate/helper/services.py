@@ -12,9 +12,7 @@ in `kvmgate list --services` and cannot control them (they are not theirs).
 from __future__ import annotations
 
 import os
-import pwd
 import signal
-import subprocess
 import sys
 from types import FrameType
 
@@ -30,22 +28,9 @@ SERVICE_USER = "kvmgate-svc"
 
 
 def ensure_service_user() -> str:
-    try:
-        pwd.getpwnam(SERVICE_USER)
-    except KeyError:
-        subprocess.run(
-            [
-                "useradd",
-                "--system",
-                "--no-create-home",
-                "--home-dir",
-                "/nonexistent",
-                "--shell",
-                "/usr/sbin/nologin",
-                SERVICE_USER,
-            ],
-            check=True,
-        )
+    from .admin import ensure_system_user
+
+    ensure_system_user(SERVICE_USER)
     return SERVICE_USER
 
 
