@@ -151,3 +151,21 @@ def test_broken_kvmgate_never_breaks_a_login(kg: Kvmgate, sshd: Sshd, user_vm: t
     while f'"verb": "restore", "vm": "{name}"' not in Path(LOG, "audit.log").read_text():
         assert time.monotonic() < deadline, "the VM was not restored at the next logon"
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize("user_vm", ["hibernate"], indirect=True)
+def test_logoff_then_immediate_logon(kg: Kvmgate, sshd: Sshd, user_vm: tuple[str, str]) -> None:
+    """The logoff's hibernate and the next logon's restore race; the user must end up with a running VM."""
+    user, name = user_vm
+    first = sshd.popen(user, "sleep 60")
+    assert wait_state(kg, user, name, "running")["state"] == "running"
+    first.terminate()
+    second = sshd.popen(user, "sleep 60")
+    try:
+        first.wait()
+        time.sleep(8)  # let both workers finish, in whatever order they were spawned
+        assert wait_state(kg, user, name, "running")["state"] == "running"
+    finally:
+        second.terminate()
+        second.wait()
+    assert wait_state(kg, user, name, "hibernated")["state"] == "hibernated"

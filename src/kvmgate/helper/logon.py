@@ -144,7 +144,29 @@ def _detach(work: object) -> None:
 
 
 def apply(paths: Paths, user: str, action: str) -> None:
-    """Thaw, or freeze/hibernate per policy, each of user's VMs that has a session policy."""
+    """Thaw, or freeze/hibernate per policy, each of user's VMs that has a session policy.
+
+    Workers for one user run one at a time (a lock), and each decides on the
+    session count as it is when it runs, not as it was when it was spawned: a
+    logoff immediately followed by a logon can never leave the VM asleep under
+    a logged-on user, nor awake after they left.
+    """
+    sessions_of = Sessions(paths, user)
+    locks = os.path.join(paths.run, "logon-work")
+    os.makedirs(locks, 0o700, exist_ok=True)
+    fd = os.open(os.path.join(locks, user), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with sessions_of.locked():
+            live = sessions_of.prune()[1]
+        if (action == "thaw") != (live > 0):
+            return  # the situation changed since this worker was spawned; a later one handles it
+        _apply(paths, user, action)
+    finally:
+        os.close(fd)
+
+
+def _apply(paths: Paths, user: str, action: str) -> None:
     from . import hibernate, sessions
 
     who = Caller(0, "pam", False)
