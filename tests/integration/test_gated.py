@@ -128,6 +128,17 @@ def test_only_gated_may_use_gated_verbs(kg: Kvmgate, alice: str) -> None:
     assert r.returncode == 0 and isinstance(json.loads(r.stdout), list)
 
 
+def test_gated_acts_only_on_vms_with_wake_ports(
+    kg: Kvmgate, alice: str, guest: Path, vm_name: str, cleanup_vms: list
+) -> None:
+    kg.ok("admin", "create", vm_name, "--owner", alice, "--", *httpd_options(guest))
+    cleanup_vms.append((alice, vm_name))
+    for verb in ("gated-wake", "gated-idle"):
+        r = as_user("kvmgate-gated", ["sudo", "-n", HELPER, verb, f"{alice}:{vm_name}"])
+        assert r.returncode == 4, r.stderr
+    assert kg.json("status", vm_name, "--owner", alice)["state"] == "stopped"
+
+
 def test_wakes_frozen_and_crashed_vms(kg: Kvmgate, users, gated, guest: Path, vm_name: str, cleanup_vms: list) -> None:
     user = users.make("kgy")
     port = _free_port()

@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import identity as ident
 from .. import registry
-from ..errors import KvmgateError, PermissionRefused, UsageError
+from ..errors import KvmgateError, NoSuchVM, PermissionRefused, UsageError
 from ..paths import Paths
 from .caller import Caller
 from .main import Request
@@ -67,6 +67,8 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         print(json.dumps(config(paths)))
         return 0
     vm = _target(paths, req.name or "")
+    if not who.is_root and not registry.read_settings(vm)["wake"]:
+        raise NoSuchVM(vm.identity.name)  # gated acts only on VMs the admin gave wake ports
     root = Caller(0, "gated", False)
     if req.verb == "gated-wake":
         if registry.is_running(vm) and _qemu_status(vm) == "running":
