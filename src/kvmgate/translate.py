@@ -61,7 +61,6 @@ class Plan(NamedTuple):
     resources: tuple[Resource, ...]
     memory_mib: int
     pidfiles: tuple[str, ...] = ()
-    has_console: bool = True
 
     def fds(self) -> list[int]:
         return [r.fd for r in self.resources]
@@ -267,7 +266,7 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
 
     _network(b, by, ctx)
     pidfiles = tuple(v.canonical for v in by.get("-pidfile", []))
-    return Plan(tuple(b.argv), tuple(b.resources), memory, pidfiles, has_console=con is not None)
+    return Plan(tuple(b.argv), tuple(b.resources), memory, pidfiles)
 
 
 def _disk(b: _Builder, opt: str, path: str, snapshot: bool, geometry: g.Value | None) -> None:

@@ -52,14 +52,6 @@ def setup(key: str, limit_bytes: int) -> str | None:
     return None
 
 
-def limit_of(procs_path: str) -> int | None:
-    d = os.path.dirname(procs_path)
-    for name in ("memory.max", "memory.limit_in_bytes"):
-        with contextlib.suppress(OSError, ValueError), open(os.path.join(d, name)) as f:
-            return int(f.read())
-    return None
-
-
 def remove(key: str) -> None:
     for base in (os.path.join(ROOT, GROUP), os.path.join(ROOT, "memory", GROUP)):
         with contextlib.suppress(OSError):

@@ -31,7 +31,6 @@ MAX_BLOB = 1 << 30
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
-QEMU_ENV_KEYS = ("PATH", "TMPDIR", "HOME", "LC_ALL")
 
 
 class FileRefused(KvmgateError):

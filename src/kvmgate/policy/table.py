@@ -30,10 +30,6 @@ class OptionSpec(NamedTuple):
     user_ok: bool = True
     fixed: bool = False
 
-    @property
-    def takes_value(self) -> bool:
-        return self.parse is not None
-
 
 def _o(name: str, parse: Parser | None, default: ListName, summary: str, **kw: bool) -> OptionSpec:
     return OptionSpec(name, parse, default, summary, **kw)
@@ -102,9 +98,3 @@ OPTIONS: dict[str, OptionSpec] = {
         _o("-daemonize", None, "unused", "daemonize (kvmgate supervises QEMU itself)", fixed=True),
     )
 }
-
-
-# Options a value may be given for in the note's vocabulary as `-opt value`; used to
-# refuse spellings QEMU would accept but the note does not (`--m`, `-m=256`).
-def lookup(token: str) -> OptionSpec | None:
-    return OPTIONS.get(token)
