@@ -81,6 +81,9 @@ def relay(sock: socket.socket, log: BinaryIO, pattern: re.Pattern[bytes] | None,
     try:
         while True:
             data = log.read(65536)
+            if not data and os.fstat(log.fileno()).st_size < log.tell():
+                log.seek(0)  # the log was emptied (kvmgate admin reap keeps it bounded)
+                continue
             if data:
                 out.write(data)
                 out.flush()

@@ -200,9 +200,27 @@ def _request(verb: str, name: str) -> Request:
     return req
 
 
+CONSOLE_LOG_MAX = 8 << 20
+
+
+def trim_console_logs(paths: Paths) -> None:
+    """A guest can print to its serial port without end, and QEMU's console log has
+    no size limit: empty every log past CONSOLE_LOG_MAX (QEMU appends, so it simply
+    continues at the start; readers notice the file shrank)."""
+    for owner, name in registry.list_names(paths):
+        with contextlib.suppress(KvmgateError, OSError):
+            vm = registry.resolve(paths, owner, name)
+            log = vm.sub("log", "console.log")
+            if os.stat(log).st_size > CONSOLE_LOG_MAX:
+                os.truncate(log, 0)
+                print(f"emptied the console log of {owner}/{name}")
+
+
 def reap(paths: Paths) -> None:
     """Prune sessions whose leaders died without closing (crashes, kill -9) and
-    apply the logoff policy for users left with none. Run by a timer."""
+    apply the logoff policy for users left with none; keep console logs bounded.
+    Run every minute by kvmgate-reap.timer."""
+    trim_console_logs(paths)
     root = os.path.join(paths.run, "sessions")
     try:
         users = sorted(os.listdir(root))
