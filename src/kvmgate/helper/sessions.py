@@ -14,10 +14,11 @@ from .caller import Caller
 from .main import Request
 from .vmctl import PAUSED, _wait_stopped, start
 
-
-def _status(vm: registry.VM) -> str:
-    with QMP(os.path.join(vm.rundir, "qmp.sock"), timeout=10) as q:
-        return str(q.execute("query-status").get("status"))
+# verb -> (QMP command, states in which there is nothing to do, past tense)
+VCPU: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "freeze": ("stop", PAUSED, "froze"),
+    "thaw": ("cont", ("running",), "thawed"),
+}
 
 
 def run(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
@@ -29,27 +30,19 @@ def run(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
         return start(req, who, paths, vm)  # a hibernated VM thaws by being restored
     if not running:
         raise WrongState(f"{name} is not running")
-    try:
-        if req.verb == "freeze":
-            if _status(vm) in PAUSED:
-                print(f"{name} is already frozen")
-                return 0
+    if req.verb in VCPU:
+        command, already, done = VCPU[req.verb]
+        try:
             with QMP(os.path.join(vm.rundir, "qmp.sock"), timeout=10) as q:
-                q.execute("stop")
-            audit.done(paths.audit_log, who, "freeze", vm.identity.owner, name)
-            print(f"froze {name}")
-            return 0
-        if req.verb == "thaw":
-            if _status(vm) == "running":
-                print(f"{name} is already running")
-                return 0
-            with QMP(os.path.join(vm.rundir, "qmp.sock"), timeout=10) as q:
-                q.execute("cont")
-            audit.done(paths.audit_log, who, "thaw", vm.identity.owner, name)
-            print(f"thawed {name}")
-            return 0
-    except QMPError as err:
-        raise KvmgateError(f"{name}: the monitor refused: {err}") from None
+                if q.execute("query-status").get("status") in already:
+                    print(f"{name} is already {'frozen' if req.verb == 'freeze' else 'running'}")
+                    return 0
+                q.execute(command)
+        except QMPError as err:
+            raise KvmgateError(f"{name}: the monitor refused: {err}") from None
+        audit.done(paths.audit_log, who, req.verb, vm.identity.owner, name)
+        print(f"{done} {name}")
+        return 0
     if req.verb == "hibernate":
         options = registry.read_options(vm)
         if "-snapshot" in options:
