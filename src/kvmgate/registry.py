@@ -165,6 +165,15 @@ def is_running(vm: VM) -> bool:
         os.close(fd)
 
 
+def wait_stopped(vm: VM, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not is_running(vm):
+            return True
+        time.sleep(0.01)
+    return not is_running(vm)
+
+
 def lock(vm: VM) -> int:
     """Take the VM's exclusive lock, or raise WrongState: exactly one start wins."""
     _mkdir(vm.rundir, 0o700)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from qemu.qmp import QMPClient
 
-from ..conftest import RUN, Kvmgate, boot_options
+from ..conftest import RUN, Kvmgate
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,3 @@ def test_every_note_option_is_covered(files: dict, guest: Path) -> None:
     assert {n for n, o in OPTIONS.items() if o.default == "admin"} == set(ADMIN_OPTIONS)
     assert set(user_cases(files, guest)) == set(USER_OPTIONS)
     assert set(admin_cases(files)) == set(ADMIN_OPTIONS)
-
-
-def test_boot_options_are_sane(guest: Path) -> None:
-    assert "-kernel" in boot_options(guest)

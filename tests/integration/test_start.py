@@ -145,19 +145,7 @@ def test_admin_memory_user_kernel_boots(kg: Kvmgate, alice: str, vm_name: str, c
     user brings the kernel, initrd and command line (all in their list)."""
     kg.ok("admin", "create", vm_name, "--owner", alice, "--", "-m", "256", "-nographic")
     cleanup_vms.append((alice, vm_name))
-    kg.ok(
-        "start",
-        vm_name,
-        "--owner",
-        alice,
-        "--",
-        "-kernel",
-        f"{guest}/vmlinuz",
-        "-initrd",
-        f"{guest}/initrd.img",
-        "-append",
-        "console=ttyS0 quiet",
-    )
+    kg.ok("start", vm_name, "--owner", alice, "--", *boot_options(guest)[3:])  # -kernel, -initrd, -append
     r = kg("console", vm_name, "--owner", alice, "--expect", BOOT_LINE, "--timeout", "90")
     assert r.returncode == 0 and "KVMGATE-GUEST-READY" in r.stdout
 

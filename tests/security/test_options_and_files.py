@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -77,11 +76,6 @@ def test_comma_in_a_path_is_just_a_file_name(kg: Kvmgate, alice: str, alice_vm: 
         3,
         "no such file, or not permitted",
     )
-
-
-def test_nul_cannot_be_passed(kg: Kvmgate, alice: str, alice_vm: str) -> None:
-    with pytest.raises(ValueError):
-        kg("start", alice_vm, "--", "-append", "a\0b", user=alice)
 
 
 # 4. Protocol prefixes: refused by the front end, and by the helper when called directly.
@@ -191,8 +185,6 @@ def test_unreadable_files_look_missing(
 def test_symlink_swap_race(kg: Kvmgate, alice: str, alice_vm: str, guest: Path) -> None:
     good = give(alice, guest / "disk.raw", "good.img")
     swap = home(alice) / "swap.img"
-    stop = threading.Event()
-    swapper = as_user  # the swapping runs as alice, in her own process
     script = (
         "import os,sys\n"
         f"good, target, link = {str(good)!r}, '/etc/shadow', {str(swap)!r}\n"
@@ -203,7 +195,7 @@ def test_symlink_swap_race(kg: Kvmgate, alice: str, alice_vm: str, guest: Path) 
         "        except FileNotFoundError: pass\n"
         "        os.symlink(t, tmp); os.replace(tmp, link)\n"
     )
-    proc = threading.Thread(target=lambda: swapper(alice, ["/usr/bin/python3", "-c", script], timeout=120))
+    proc = threading.Thread(target=lambda: as_user(alice, ["/usr/bin/python3", "-c", script], timeout=120))
     proc.start()
     try:
         seen_ok = 0
@@ -220,7 +212,6 @@ def test_symlink_swap_race(kg: Kvmgate, alice: str, alice_vm: str, guest: Path) 
                 assert qemu_pids() <= before  # no new QEMU (a stopped one may still be exiting)
         assert seen_ok  # the race was really run both ways
     finally:
-        stop.set()
         (home(alice) / "swap.img.stop").touch()
         proc.join()
         for p in (swap, home(alice) / "swap.img.stop", home(alice) / "swap.img.t"):
@@ -326,6 +317,3 @@ def test_users_cannot_run_anything_else_through_sudo(kg: Kvmgate, alice: str) ->
     for cmd in (["/bin/sh", "-c", "id"], ["/usr/bin/qemu-system-x86_64", "-version"], ["-u", "root", "/bin/true"]):
         r = as_user(alice, ["sudo", "-n", *cmd])
         assert r.returncode != 0 and "password is required" in r.stderr
-
-
-_ = time  # the race test uses wall time only through threads

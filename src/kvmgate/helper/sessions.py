@@ -12,7 +12,7 @@ from ..qmp import QMP, QMPError
 from . import audit, cgroup, hibernate
 from .caller import Caller
 from .main import Request
-from .vmctl import PAUSED, _wait_stopped, start
+from .vmctl import PAUSED, start
 
 # verb -> (QMP command, states in which there is nothing to do, past tense)
 VCPU: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -49,7 +49,7 @@ def run(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
             raise WrongState(f"{name} runs with -snapshot: its overlay ends with QEMU, so it cannot hibernate")
         registry.mark_intended_exit(vm)
         saved = hibernate.save(vm, options)
-        if not _wait_stopped(vm, 30):
+        if not registry.wait_stopped(vm, 30):
             raise KvmgateError(f"{name} was saved but QEMU did not exit")
         registry.cleanup_runtime(vm)
         cgroup.remove(vm.key)

@@ -22,15 +22,19 @@ from .main import Request, emit
 
 QEMU_GROUP = "kvmgate-qemu"
 START_TIMEOUT = 30.0
-DETACH = b"\x1d"  # Ctrl-]
 PAUSED = ("paused", "prelaunch", "suspended", "postmigrate")
 
 
-def target(req: Request, who: Caller, paths: Paths) -> registry.VM:
+def owner_of(req: Request, who: Caller) -> str | None:
+    """Whose VMs the request is about: --owner is root's; everyone else acts on their own."""
     owner = req.flag("--owner")
     if owner is not None and not who.is_root and owner != who.name:
         raise PermissionRefused("--owner is for root only")
-    return registry.resolve(paths, owner or who.name, req.name or "")
+    return owner if who.is_root else who.name
+
+
+def target(req: Request, who: Caller, paths: Paths) -> registry.VM:
+    return registry.resolve(paths, owner_of(req, who) or who.name, req.name or "")
 
 
 def plan_for(
@@ -180,15 +184,6 @@ def _kill(pid: int) -> None:
 # ------------------------------------------------------------------------------ stop
 
 
-def _wait_stopped(vm: registry.VM, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not registry.is_running(vm):
-            return True
-        time.sleep(0.01)
-    return not registry.is_running(vm)
-
-
 def stop(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     if not registry.is_running(vm):
         raise WrongState(f"{vm.identity.name} is not running")
@@ -210,14 +205,14 @@ def stop(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
                 how = "powered down"
     except (OSError, QMPError):
         pass
-    stopped = _wait_stopped(vm, 5 if how == "quit" else timeout)
+    stopped = registry.wait_stopped(vm, 5 if how == "quit" else timeout)
     if not stopped:
         pid = registry.read_pid(vm)
         if pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         how = "killed after timeout"
-        stopped = _wait_stopped(vm, 10)
+        stopped = registry.wait_stopped(vm, 10)
     if not stopped:
         raise KvmgateError(f"{vm.identity.name} did not stop")
     registry.cleanup_runtime(vm)
@@ -267,11 +262,7 @@ def status(req: Request, vm: registry.VM) -> int:
 def do_list(req: Request, who: Caller, paths: Paths) -> int:
     if "--services" in req.flags:
         return list_services(req, paths)
-    owner = req.flag("--owner")
-    if owner is not None and not who.is_root and owner != who.name:
-        raise PermissionRefused("--owner is for root only")
-    if not who.is_root:
-        owner = who.name
+    owner = owner_of(req, who)
     rows = []
     for o, n in registry.list_names(paths, owner):
         try:
