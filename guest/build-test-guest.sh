@@ -7,7 +7,7 @@
 # prints the cache directory on success.
 set -eu
 OUT=${1:-${KVMGATE_GUEST_DIR:-/var/cache/kvmgate-test-guest}}
-RECIPE=4  # bump when this script changes what it builds
+RECIPE=5  # bump when this script changes what it builds
 if [ "$(cat "$OUT/recipe" 2>/dev/null)" = "$RECIPE" ]; then
     echo "$OUT"; exit 0
 fi
@@ -70,6 +70,9 @@ exit 0
 DHCP
 chmod 755 root/usr/share/udhcpc/default.script
 echo "kvmgate-guest-httpd" > root/www/index.html
+# An ssh server's greeting, for tests that follow a forwarded ssh port into the guest.
+printf '#!/bin/sh\necho SSH-2.0-kvmgate-test-guest\nsleep 2\n' > root/usr/bin/kvmgate-ssh-banner
+chmod 755 root/usr/bin/kvmgate-ssh-banner
 cat > root/init <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s
@@ -97,6 +100,8 @@ for n in /sys/class/net/eth*; do
 done
 # kvmgate.httpd on the kernel command line: serve /www on port 80 (network tests).
 grep -qw kvmgate.httpd /proc/cmdline && httpd -p 80 -h /www
+# kvmgate.ssh: answer on port 22 with an ssh greeting (no real sshd in busybox).
+grep -qw kvmgate.ssh /proc/cmdline && nc -ll -p 22 -e /usr/bin/kvmgate-ssh-banner &
 disk=none; [ -f /mnt/kvmgate-disk ] && disk=$(cat /mnt/kvmgate-disk)
 cd=none; [ -f /cdrom/kvmgate-cd ] && cd=$(cat /cdrom/kvmgate-cd)
 echo "KVMGATE-GUEST-READY kernel=$(uname -r) disk=$disk cdrom=$cd"

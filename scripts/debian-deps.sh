@@ -3,7 +3,7 @@
 #   scripts/debian-deps.sh runtime   what the product needs
 #   scripts/debian-deps.sh test      plus what the test suite and benchmarks need
 set -eu
-runtime="python3 qemu-system-x86 qemu-utils sudo iproute2 util-linux"
+runtime="python3 qemu-system-x86 qemu-utils sudo iproute2 util-linux nftables dnsmasq-base"
 guest="busybox-static cpio genisoimage kmod e2fsprogs"
 test="python3-venv openssh-server openssh-client procps psmisc iputils-ping samba gcc libc6-dev systemd"
 case "${1:-runtime}" in

@@ -112,7 +112,23 @@ class Kvmgate:
         return sorted(out)
 
 
-DEFAULT_POLICY = 'accel = "tcg"\nstop_timeout = 10\n'
+# The test installation's networks never share a name with a real one's: its own
+# interface prefix (taps kt<n>, nftables tables kvmgate_kt), bridge, subnet and ports.
+DEFAULT_POLICY = """\
+accel = "tcg"
+stop_timeout = 10
+[host]
+ifprefix = "kt"
+[ports]
+pool = [21000, 21999]
+internal = [41000, 41999]
+[networks.private]
+type = "private"
+[networks.services]
+type = "services"
+bridge = "ktsvc0"
+subnet = "10.78.0.0/24"
+"""
 
 
 @pytest.fixture(scope="session")
@@ -146,10 +162,12 @@ def kg(guest: Path) -> Iterator[Kvmgate]:
         check=True,
     )
     k = Kvmgate()
+    os.makedirs(ETC, 0o755, exist_ok=True)
+    k.write_policy(DEFAULT_POLICY)  # before init, which brings the policy's networks up
     k.ok("admin", "init", "--accel", "tcg")
-    k.write_policy(DEFAULT_POLICY)
     yield k
     _stop_everything(k)
+    k("admin", "net-down")
     if os.path.exists(SUDOERS):
         os.unlink(SUDOERS)
     shutil.rmtree(RUN, ignore_errors=True)

@@ -2,9 +2,10 @@
 into a running VM instance" without ever touching the host.
 
 An unprivileged asyncio daemon (account `kvmgate-gated`). For every port the
-admin assigned to a VM (`kvmgate admin set NAME --owner U --wake 2222:22`) it
-listens on loopback; a connection to a frozen or hibernated VM first wakes it
-(through the helper, via sudo), then is forwarded to the loopback port QEMU
+admin forwards for a VM that wakes on connect (`kvmgate admin set NAME --owner U
+--forward ssh --wake on`) it listens on the pool's address (loopback by
+default); a connection to a frozen or hibernated VM first wakes it (through the
+helper, via sudo), then is forwarded to the loopback port QEMU
 forwards to the guest. While connections are open the owner counts as logged
 on (a session record that dies with this process); after the admin's idle time
 without connections or host sessions, the VM is frozen per its policy. One
@@ -58,7 +59,9 @@ class Gate:
         for port in table:
             if port not in self.servers:
                 try:
-                    self.servers[port] = await asyncio.start_server(self.handler_for(port), "127.0.0.1", port)
+                    self.servers[port] = await asyncio.start_server(
+                        self.handler_for(port), table[port].get("bind", "127.0.0.1"), port
+                    )
                 except OSError as err:
                     sys.stderr.write(f"kvmgate-gated: cannot listen on {port}: {err}\n")
         self.table = table

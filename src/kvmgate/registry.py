@@ -237,7 +237,9 @@ def write_pid(vm: VM, pid: int) -> None:
 # ------------------------------------------------------------------ admin changes
 
 
-def create(paths: Paths, identity: ident.Identity, empty_image: bytes | None) -> VM:
+def create(
+    paths: Paths, identity: ident.Identity, empty_image: bytes | None, settings: dict[str, Any] | None = None
+) -> VM:
     """Build the VM directory under a temporary name, then publish it with one
     rename and one exclusive symlink: a failure leaves nothing behind."""
     pw = pwd.getpwnam(identity.owner)
@@ -264,6 +266,8 @@ def create(paths: Paths, identity: ident.Identity, empty_image: bytes | None) ->
         _mkdir(os.path.join(stage, "log"), 0o700)
         _mkdir(os.path.join(stage, "disks"), 0o700)
         _mkdir(os.path.join(stage, "tmp"), 0o700)
+        if settings is not None:
+            _write_settings_in(stage, settings)
         if empty_image is not None:
             fd = os.open(
                 os.path.join(stage, "disks", DEFAULT_DISK),
@@ -315,14 +319,20 @@ def delete(paths: Paths, vm: VM, keep_disks: bool) -> str | None:
 ON_LOGOFF = ("none", "pause", "hibernate")
 
 
-DEFAULT_SETTINGS: dict[str, Any] = {"on_logoff": "none", "service": False, "autostart": False, "wake": [], "idle": 0}
-INTERNAL_PORTS = range(40000, 50000)  # loopback ports QEMU forwards to the guest for kvmgate-gated
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "on_logoff": "none",
+    "service": False,
+    "autostart": False,
+    "wake": False,  # kvmgate-gated owns the forwarded ports and wakes the VM on a connection
+    "idle": 0,
+    "forwards": [],  # [{"service", "guest", "port", "internal"}]: host port -> guest TCP port
+    "nics": [],  # [{"network", "mac", "tap", "ip"}]: NICs on the admin's named networks
+}
 
 
 def read_settings(vm: VM) -> dict[str, Any]:
-    """Admin settings that are not QEMU options (session policy, service VM), in a
-    root-only file of the VM directory: they change how kvmgate acts, never what
-    QEMU runs."""
+    """Admin settings that are not QEMU options (session policy, service VM, ports,
+    networks), in a root-only file of the VM directory."""
     import json
 
     try:
@@ -334,37 +344,60 @@ def read_settings(vm: VM) -> dict[str, Any]:
         not isinstance(data, dict)
         or set(data) - set(DEFAULT_SETTINGS)
         or data.get("on_logoff", "none") not in ON_LOGOFF
-        or not all(isinstance(data.get(k, False), bool) for k in ("service", "autostart"))
-        or not _valid_wake(data.get("wake", []))
+        or not all(isinstance(data.get(k, False), bool) for k in ("service", "autostart", "wake"))
         or not isinstance(data.get("idle", 0), int)
+        or not _valid_rows(data.get("forwards", []), _FORWARD)
+        or not _valid_rows(data.get("nics", []), _NIC)
     ):
         raise KvmgateError(f"{vm.identity.name}: corrupt settings")
     return {**DEFAULT_SETTINGS, **data}
 
 
-def _valid_wake(wake: Any) -> bool:
-    return isinstance(wake, list) and all(
-        isinstance(w, dict)
-        and set(w) == {"listen", "guest", "internal"}
-        and all(isinstance(w[k], int) and 1 <= w[k] <= 65535 for k in w)
-        for w in wake
+def _port(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= 32
+
+
+_FORWARD = {"service": _text, "guest": _port, "port": _port, "internal": lambda v: v is None or _port(v)}
+_NIC = {"network": _text, "mac": _text, "tap": lambda v: v is None or _text(v), "ip": lambda v: v is None or _text(v)}
+
+
+def _valid_rows(rows: Any, schema: dict[str, Any]) -> bool:
+    return isinstance(rows, list) and all(
+        isinstance(r, dict) and set(r) == set(schema) and all(check(r[k]) for k, check in schema.items()) for r in rows
     )
 
 
-def wake_forwards(vm: VM) -> tuple[tuple[int, int], ...]:
-    return tuple((int(w["internal"]), int(w["guest"])) for w in read_settings(vm)["wake"])
+def all_settings(paths: Paths) -> list[tuple[VM, dict[str, Any]]]:
+    """Every VM with its settings: what allocations are checked against. A VM that
+    does not resolve is skipped (its allocations are freed with it)."""
+    out = []
+    for owner, name in list_names(paths):
+        try:
+            vm = resolve(paths, owner, name)
+            out.append((vm, read_settings(vm)))
+        except KvmgateError:
+            continue
+    return out
 
 
 def write_settings(vm: VM, settings: dict[str, Any]) -> None:
+    _write_settings_in(vm.vmdir, settings)
+
+
+def _write_settings_in(vmdir: str, settings: dict[str, Any]) -> None:
     import json
 
     if settings.get("on_logoff", "none") not in ON_LOGOFF:
         raise UsageError("--on-logoff must be none, pause or hibernate")
-    tmp = vm.sub("settings.json.tmp")
+    tmp = os.path.join(vmdir, "settings.json.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(settings, f)
-    os.replace(tmp, vm.sub("settings.json"))
+    os.replace(tmp, os.path.join(vmdir, "settings.json"))
 
 
 def mark_intended_exit(vm: VM) -> None:

@@ -41,6 +41,26 @@ class Resource(NamedTuple):
     writable: bool = False
     fmt: str | None = None  # disks: "raw" or "qcow2"
     of: str | None = None  # disks and overlays: the drive node ("hda", ...)
+    bridge: str | None = None  # taps: the bridge the helper attaches them to
+    isolated: bool = False  # taps: an isolated bridge port (user VMs on a services network)
+
+
+class Forward(NamedTuple):
+    """A host port QEMU's user network forwards to a guest TCP port."""
+
+    bind: str
+    port: int
+    guest: int
+
+
+class Nic(NamedTuple):
+    """A NIC on a network the admin named (`admin create --network`)."""
+
+    network: str
+    mac: str
+    tap: str | None = None  # None: QEMU's user-mode network
+    bridge: str | None = None
+    isolated: bool = False
 
 
 class Context(NamedTuple):
@@ -49,11 +69,12 @@ class Context(NamedTuple):
     accel: Accel
     default_disk: str | None = None  # the VM's own disk, used as -hda if none is given
     gdb_socket: str | None = None  # runtime path for -s
-    vnc_host: str = "127.0.0.1"
+    vnc_socket: str | None = None  # -vnc as a unix socket at this path; None: loopback TCP with a password
     key: str = ""  # the VM key: seeds deterministic MAC addresses
     paused: bool = False  # start with the vCPUs stopped (kvmgate's own -S)
     incoming: bool = False  # wait for a saved state on a descriptor kvmgate passes later (restore)
-    wake_forwards: tuple[tuple[int, int], ...] = ()  # (loopback port, guest port) for kvmgate-gated
+    forwards: tuple[Forward, ...] = ()  # --forward ports, on the first user-mode network
+    nics: tuple[Nic, ...] = ()  # --network NICs; empty: the note's -net options (or its default)
 
 
 class Plan(NamedTuple):
@@ -61,6 +82,7 @@ class Plan(NamedTuple):
     resources: tuple[Resource, ...]
     memory_mib: int
     pidfiles: tuple[str, ...] = ()
+    dirs: tuple[tuple[str, str], ...] = ()  # (-tftp|-smb, directory) QEMU reads as the owner: checked first
 
     def fds(self) -> list[int]:
         return [r.fd for r in self.resources]
@@ -262,11 +284,17 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
         b.add("-L", bios.canonical)
     vnc = one("-vnc")
     if vnc:
-        b.add("-vnc", f"{ctx.vnc_host}:{vnc.canonical}")
+        # Never a public listener: a unix socket in a directory only the owner can
+        # enter, or loopback TCP with a password kvmgate sets at every start.
+        if ctx.vnc_socket:
+            b.add("-vnc", f"unix:{ctx.vnc_socket}")
+        else:
+            b.add("-vnc", f"127.0.0.1:{vnc.canonical},password=on")
 
     _network(b, by, ctx)
     pidfiles = tuple(v.canonical for v in by.get("-pidfile", []))
-    return Plan(tuple(b.argv), tuple(b.resources), memory, pidfiles)
+    dirs = tuple((n, v.canonical) for n in ("-tftp", "-smb") for v in by.get(n, []))
+    return Plan(tuple(b.argv), tuple(b.resources), memory, pidfiles, dirs)
 
 
 def _disk(b: _Builder, opt: str, path: str, snapshot: bool, geometry: g.Value | None) -> None:
@@ -317,8 +345,12 @@ def _disk(b: _Builder, opt: str, path: str, snapshot: bool, geometry: g.Value | 
 
 
 def _network(b: _Builder, by: dict[str, list[g.Value]], ctx: Context) -> None:
-    """Legacy `-net` VLANs become hubs of today's netdevs. No -net at all means the
-    note's default, `-net nic -net user`; `-net none` means no network."""
+    """Either the admin's named networks (`ctx.nics`) or the note's legacy `-net`
+    VLANs, which become hubs of today's netdevs. No -net at all means the note's
+    default, `-net nic -net user`; `-net none` means no network."""
+    if ctx.nics:
+        _named_networks(b, by, ctx)
+        return
     nets = [v for v in by.get("-net", []) if isinstance(v, g.NetSpec)]
     if any(n.kind == "none" for n in nets):
         if len(nets) > 1:
@@ -327,11 +359,7 @@ def _network(b: _Builder, by: dict[str, list[g.Value]], ctx: Context) -> None:
     elif not nets:
         nets = [g.parse_net("-net", "nic", g.Limits()), g.parse_net("-net", "user", g.Limits())]
     users = [n for n in nets if n.kind == "user"]
-    for opt in ("-tftp", "-smb", "-redir"):
-        if opt in by and not users:
-            raise PolicyError(opt, "needs -net user")
-    if ctx.wake_forwards and not users:
-        raise PolicyError("--wake", "needs -net user (the VM's default network)")
+    _needs_user_net(by, ctx, bool(users))
 
     vlans: dict[str, tuple[list[g.NetSpec], list[g.NetSpec]]] = {}
     for n in nets:
@@ -345,7 +373,7 @@ def _network(b: _Builder, by: dict[str, list[g.Value]], ctx: Context) -> None:
             nid = f"kgnet{vlan}b{j}"
             ids.append(nid)
             first = bool(users) and be is users[0]
-            b.add("-netdev", _backend(b, be, nid, by if first else {}, ctx.wake_forwards if first else ()))
+            b.add("-netdev", _backend(b, be, nid, by if first else {}, ctx.forwards if first else ()))
         direct = len(nics) == 1 and len(backends) == 1
         if not direct:
             for j, nid in enumerate(ids):
@@ -362,8 +390,39 @@ def _network(b: _Builder, by: dict[str, list[g.Value]], ctx: Context) -> None:
             b.add("-device", _json({"driver": model, "netdev": netdev, "mac": mac}))
 
 
+def _needs_user_net(by: dict[str, list[g.Value]], ctx: Context, has_user: bool) -> None:
+    if has_user:
+        return
+    for opt in ("-tftp", "-smb", "-redir"):
+        if opt in by:
+            raise PolicyError(opt, "needs -net user")
+    if ctx.forwards:
+        raise PolicyError("--forward", "needs the user network (QEMU's user-mode NAT forwards the ports)")
+
+
+def _named_networks(b: _Builder, by: dict[str, list[g.Value]], ctx: Context) -> None:
+    """One virtio NIC per named network, with the MAC kvmgate allocated for it.
+    Bridged NICs get a tap the helper creates and passes as an fd."""
+    if "-net" in by:
+        raise PolicyError("-net", "this VM is on named networks (--network); -net cannot be added")
+    users = [n for n in ctx.nics if n.tap is None]
+    _needs_user_net(by, ctx, bool(users))
+    for i, nic in enumerate(ctx.nics):
+        nid = f"kgnic{i}"
+        if nic.tap is None:
+            user = g.NetSpec("user", "user")
+            b.add(
+                "-netdev",
+                _backend(b, user, nid, by if nic is users[0] else {}, ctx.forwards if nic is users[0] else ()),
+            )
+        else:
+            r = b.resource("tap", path=nic.tap, writable=True, bridge=nic.bridge, isolated=nic.isolated)
+            b.add("-netdev", f"tap,id={nid},fd={r.fd}")
+        b.add("-device", _json({"driver": "virtio-net-pci", "netdev": nid, "mac": nic.mac}))
+
+
 def _backend(
-    b: _Builder, be: g.NetSpec, nid: str, extras: dict[str, list[g.Value]], wake: tuple[tuple[int, int], ...] = ()
+    b: _Builder, be: g.NetSpec, nid: str, extras: dict[str, list[g.Value]], forwards: tuple[Forward, ...] = ()
 ) -> str:
     if be.kind == "user":
         props = [f"user,id={nid}"]
@@ -377,8 +436,8 @@ def _backend(
         for v in extras.get("-redir", []):
             assert isinstance(v, g.Redir)
             props.append(f"hostfwd={v.proto}:127.0.0.1:{v.host_port}-{v.guest_addr}:{v.guest_port}")
-        for internal, guest in wake:
-            props.append(f"hostfwd=tcp:127.0.0.1:{internal}-:{guest}")
+        for f in forwards:
+            props.append(f"hostfwd=tcp:{f.bind}:{f.port}-:{f.guest}")
         return ",".join(props)
     if be.kind == "tap":
         r = b.resource("tap", path=be.get("ifname"), writable=True)

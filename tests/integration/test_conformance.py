@@ -98,7 +98,7 @@ def admin_cases(f: dict[str, str]) -> dict[str, list[str]]:
         ],
         "-tftp": ["-net", "nic", "-net", "user", "-tftp", f["tftp"]],
         "-smb": ["-net", "nic", "-net", "user", "-smb", f["tftp"]],
-        "-redir": ["-net", "nic", "-net", "user", "-redir", f"tcp:{free_port()}::22"],
+        "-redir": ["-net", "nic", "-net", "user", "-redir", "tcp:21990::22"],  # inside the test pool
         "-monitor": ["-monitor", "none"],
         "-vmchannel": ["-vmchannel", "di:org.kvmgate.test,null"],
         "-balloon": ["-balloon", "virtio"],

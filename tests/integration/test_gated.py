@@ -19,10 +19,12 @@ import pytest
 from ..conftest import HELPER, PREFIX, Kvmgate, as_user, httpd_options
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def wake_port(kg: Kvmgate, user: str, name: str, *extra: str) -> int:
+    """Forward guest port 80 through kvmgate-gated; returns the host port from the pool."""
+    kg.ok("admin", "set", name, "--owner", user, "--forward", "http", "--wake", "on", *extra)
+    rows = kg.json("ports", name, "--owner", user)
+    assert [(r["service"], r["via"]) for r in rows] == [("http", "kvmgate-gated")]
+    return int(rows[0]["port"])
 
 
 @pytest.fixture
@@ -61,7 +63,6 @@ def test_connection_wakes_a_hibernated_vm(
     kg: Kvmgate, users, gated, guest: Path, vm_name: str, cleanup_vms: list
 ) -> None:
     user = users.make("kgw")
-    port = _free_port()
     kg.ok(
         "admin",
         "create",
@@ -74,8 +75,7 @@ def test_connection_wakes_a_hibernated_vm(
         *httpd_options(guest),
     )
     cleanup_vms.append((user, vm_name))
-    settings = kg.ok("admin", "set", vm_name, "--owner", user, "--wake", f"{port}:80", "--idle", "3").stdout
-    assert f'"listen": {port}' in settings
+    port = wake_port(kg, user, vm_name, "--idle", "3")
     kg.ok("start", vm_name, "--owner", user)
     kg.ok("console", vm_name, "--owner", user, "--expect", r"KVMGATE-GUEST-NET eth0", "--timeout", "90")
     kg.ok("hibernate", vm_name, "--owner", user)
@@ -104,10 +104,9 @@ def test_open_connection_counts_as_a_session(
     kg: Kvmgate, users, gated, guest: Path, vm_name: str, cleanup_vms: list
 ) -> None:
     user = users.make("kgx")
-    port = _free_port()
     kg.ok("admin", "create", vm_name, "--owner", user, "--on-logoff", "pause", "--", *httpd_options(guest))
     cleanup_vms.append((user, vm_name))
-    kg.ok("admin", "set", vm_name, "--owner", user, "--wake", f"{port}:80", "--idle", "1")
+    port = wake_port(kg, user, vm_name, "--idle", "1")
     kg.ok("start", vm_name, "--owner", user)
     kg.ok("console", vm_name, "--owner", user, "--expect", r"KVMGATE-GUEST-NET eth0", "--timeout", "90")
     gated.launch()
@@ -141,10 +140,9 @@ def test_gated_acts_only_on_vms_with_wake_ports(
 
 def test_wakes_frozen_and_crashed_vms(kg: Kvmgate, users, gated, guest: Path, vm_name: str, cleanup_vms: list) -> None:
     user = users.make("kgy")
-    port = _free_port()
     kg.ok("admin", "create", vm_name, "--owner", user, "--", *httpd_options(guest))
     cleanup_vms.append((user, vm_name))
-    kg.ok("admin", "set", vm_name, "--owner", user, "--wake", f"{port}:80")
+    port = wake_port(kg, user, vm_name)
     kg.ok("start", vm_name, "--owner", user)
     kg.ok("console", vm_name, "--owner", user, "--expect", r"KVMGATE-GUEST-NET eth0", "--timeout", "90")
     gated.launch()

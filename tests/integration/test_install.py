@@ -64,6 +64,7 @@ def test_unit_files_verify(kg: Kvmgate, tmp_path: Path) -> None:
         "kvmgate-autostart.service",
         "kvmgate-vm@.service",
         "kvmgate-gated.service",
+        "kvmgate-network.service",
     }
     for unit in units:
         text = unit.read_text().replace("/usr/local/bin/kvmgate", f"{PREFIX}/bin/kvmgate")

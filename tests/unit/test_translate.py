@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from kvmgate.errors import PolicyError
 from kvmgate.policy.policy import Policy
-from kvmgate.translate import Context, merge, translate
+from kvmgate.translate import Context, Forward, Nic, merge, translate
 
 ARGV_DIR = Path(__file__).resolve().parent.parent / "argv"
 CTX = Context(accel="kvm", default_disk=None, key="0123456789abcdef01234567", gdb_socket="/run/kvmgate/k/gdb.sock")
@@ -77,18 +77,33 @@ DEFINITIONS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "smb": (["-net", "nic", "-net", "user", "-smb", "/srv/share"], []),
     "tap-only": (["-net", "nic", "-net", "tap,ifname=kgtap1,script=no"], []),
+    "named-networks": (["-m", "256"], []),
+    "vnc-unix": ([], ["-vnc", "1"]),
+}
+
+NICS = (
+    Nic("user", "52:54:00:00:00:01"),
+    Nic("services", "52:54:00:00:00:02", "kgt7", "kgsvc0", isolated=True),
+    Nic("private", "52:54:00:00:00:03", "kgt8", "kgp3e8"),
+)
+# name -> the context it is translated in, where it is not CTX
+CONTEXTS = {
+    "named-networks": CTX._replace(
+        nics=NICS, forwards=(Forward("127.0.0.1", 20000, 22), Forward("127.0.0.1", 40000, 80))
+    ),
+    "vnc-unix": CTX._replace(vnc_socket="/run/kvmgate-display/k/vnc.sock"),
 }
 
 
-def argv_for(admin: list[str], user: list[str], policy: Policy | None = None) -> list[str]:
+def argv_for(admin: list[str], user: list[str], policy: Policy | None = None, ctx: Context = CTX) -> list[str]:
     p = policy or Policy()
-    return list(translate(merge(p.parse(admin, "admin"), p.parse(user, "user")), CTX).argv)
+    return list(translate(merge(p.parse(admin, "admin"), p.parse(user, "user")), ctx).argv)
 
 
 @pytest.mark.parametrize("name", sorted(DEFINITIONS))
 def test_expected_argv(name: str) -> None:
     admin, user = DEFINITIONS[name]
-    got = argv_for(admin, user)
+    got = argv_for(admin, user, ctx=CONTEXTS.get(name, CTX))
     path = ARGV_DIR / f"{name}.json"
     if os.environ.get("KVMGATE_REGEN"):
         path.write_text(json.dumps({"admin": admin, "user": user, "argv": got}, indent=1) + "\n")

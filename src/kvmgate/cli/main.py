@@ -133,6 +133,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", metavar="SECONDS", help="give up (or, without --expect, detach) after SECONDS")
     sp.add_argument("name", metavar="NAME")
 
+    sp = cmd("ports", "show a VM's forwarded host ports (admin create --forward, -redir)")
+    owner(sp)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("name", metavar="NAME")
+
+    sp = cmd(
+        "ssh",
+        "ssh into a VM through its forwarded ssh port",
+        usage="kvmgate ssh [--owner USER] NAME [-- SSH-OPTION... [COMMAND...]]",
+    )
+    sp.epilog = (
+        "Runs ssh(1) as you, to the host port kvmgate forwards to the guest's port 22\n"
+        "(the forward named ssh, or else the one to guest port 22). Arguments after --\n"
+        "go to ssh: options first, then an optional remote command. The host key is\n"
+        "remembered under the alias kvmgate-OWNER-NAME, so VMs never clash in known_hosts.\n"
+        "Example: kvmgate ssh dev -- -l root uptime\n\n" + EPILOG
+    )
+    owner(sp)
+    sp.add_argument("name", metavar="NAME")
+
+    sp = cmd("vnc", "show how to reach a running VM's display (a socket only you can open, or a port and password)")
+    owner(sp)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("name", metavar="NAME")
+
     ap = cmd("admin", "host and VM administration (root only)")
     asub = ap.add_subparsers(dest="admin_verb", metavar="ADMIN-COMMAND", required=True)
 
@@ -162,20 +187,28 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("none", "pause", "hibernate"),
         help="what happens to the VM when its owner's last session closes",
     )
+    _network_flags(a)
     a.add_argument("name", metavar="NAME")
-    a = acmd("delete", "delete a VM (it must be stopped)")
+    a = acmd("delete", "delete a VM (it must be stopped); frees its ports, MACs and addresses")
     a.add_argument("--owner", metavar="USER", required=True)
     a.add_argument("--keep-disks", action="store_true", help="keep the disks directory under STATE/kept/")
     a.add_argument("name", metavar="NAME")
-    a = acmd("set", "change a VM's settings")
+    a = acmd("set", "change a VM's settings (they apply from its next start)")
     a.add_argument("--owner", metavar="USER", required=True)
     a.add_argument(
         "--on-logoff",
         choices=("none", "pause", "hibernate"),
-        required=True,
         help="what happens to the VM when its owner's last session closes",
     )
+    a.add_argument("--idle", metavar="SECONDS", help="with --wake on: freeze after this long without connections")
+    _network_flags(a)
     a.add_argument("name", metavar="NAME")
+    acmd(
+        "net-up",
+        "idempotent network set-up: services bridges, the nftables rules, dnsmasq (run at boot by "
+        "kvmgate-network.service; starts of bridged VMs do it themselves after a reboot)",
+    )
+    acmd("net-down", "stop dnsmasq, remove kvmgate's nftables tables and its bridges that have no ports")
     acmd("reap", "apply the logoff policy for sessions that ended without closing (run by a timer)")
     acmd("autostart", "start every service VM marked autostart (run at boot)")
     a = acmd("watch", "start a service VM and wait for it; exit 1 if QEMU dies (kvmgate-vm@.service)")
@@ -187,6 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.add_argument("name", metavar="NAME")
     return p
+
+
+def _network_flags(a: argparse.ArgumentParser) -> None:
+    a.add_argument(
+        "--network",
+        metavar="NET[,NET...]",
+        help="one NIC on each named network from the policy (user, private, services, ...)",
+    )
+    a.add_argument(
+        "--forward",
+        metavar="SPEC[,SPEC...]",
+        help="forward host ports from the pool to the guest: ssh, http, NAME=GUESTPORT, GUESTPORT, each with "
+        "an optional @HOSTPORT inside the pool; none removes them",
+    )
+    a.add_argument(
+        "--wake",
+        choices=("on", "off"),
+        help="kvmgate-gated owns the forwarded ports and wakes a frozen, hibernated or stopped VM on a connection",
+    )
 
 
 def absolutize(tokens: list[str]) -> list[str]:
@@ -226,10 +278,74 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:
             return EXIT_USAGE if e.code else 0
         return EXIT_USAGE
+    if args[0] == "ssh":
+        return ssh(args[1:], vm_options)
     helper_argv = list(args)
     if vm_options:
         helper_argv += ["--", *absolutize(vm_options)]
     return exec_helper(helper_argv)
+
+
+# ssh(1)'s own option letters (OpenSSH 9), those taking a value after the colon.
+SSH_FLAGS = "46AaCfGgKkMNnqsTtVvXxYy"
+SSH_VALUED = "BbcDEeFIiJLlmOoPpQRSWw"
+
+
+def split_ssh_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """ssh's options, then the remote command (the first word that is not an option)."""
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            return args[:i], args[i + 1 :]
+        if not a.startswith("-") or a == "-":
+            break
+        j = 1
+        while j < len(a):
+            if a[j] in SSH_VALUED:
+                if j == len(a) - 1:
+                    i += 1  # the value is the next word
+                break
+            j += 1
+        i += 1
+    return args[:i], args[i:]
+
+
+def ssh(args: list[str], extra: list[str]) -> int:
+    import json
+    import subprocess
+
+    owner: list[str] = []
+    if len(args) == 3 and args[0] == "--owner":
+        owner, args = args[:2], args[2:]
+    if len(args) != 1 or args[0].startswith("-"):
+        sys.stderr.write("kvmgate: usage: kvmgate ssh [--owner USER] NAME [-- SSH-OPTION... [COMMAND...]]\n")
+        return EXIT_USAGE
+    name = args[0]
+    sudo, helper = _sudo_and_helper()
+    cmd = [helper] if os.geteuid() == 0 else [sudo, "-n", "--", helper]
+    p = subprocess.run([*cmd, "ports", name, *owner, "--json"], capture_output=True, text=True, check=False)
+    if p.returncode:
+        sys.stderr.write(p.stderr)
+        return p.returncode
+    rows = json.loads(p.stdout)
+    row = next((r for r in rows if r["service"] == "ssh"), None) or next(
+        (r for r in rows if r["guest_port"] == 22), None
+    )
+    if row is None:
+        sys.stderr.write(f"kvmgate: {name} has no forwarded ssh port (the admin adds one with --forward ssh)\n")
+        return EXIT_REFUSED
+    host = "127.0.0.1" if row["host"] == "0.0.0.0" else row["host"]  # noqa: S104 - reach a public port locally
+    import pwd
+
+    who = owner[1] if owner else pwd.getpwuid(os.getuid()).pw_name
+    options, command = split_ssh_args(extra)
+    argv = ["ssh", "-p", str(row["port"]), "-o", f"HostKeyAlias=kvmgate-{who}-{name}", *options, host, *command]
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as err:
+        sys.stderr.write(f"kvmgate: cannot run ssh: {err.strerror}\n")
+    return 1
 
 
 def _sudo_and_helper() -> tuple[str, str]:

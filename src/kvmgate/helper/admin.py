@@ -53,6 +53,14 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
                 rows.append({"name": n, "owner": o, "state": "invalid", "error": str(err)})
         emit(rows, "".join(f"{r['owner']:<16} {r['name']:<32} {r['state']}\n" for r in rows), "--json" in req.flags)
         return 0
+    if verb in ("net-up", "net-down"):
+        from . import network
+
+        policy = config.load(paths)
+        registry.ensure_layout(paths)
+        for line in network.up(paths, policy) if verb == "net-up" else network.down(paths, policy):
+            print(f"{verb}: {line}")
+        return 0
     if verb == "autostart":
         from .services import autostart
 
@@ -74,7 +82,11 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         return create(req, who, paths, owner, name)
     vm = registry.resolve(paths, owner, name)
     if verb == "delete":
-        kept = registry.delete(paths, vm, "--keep-disks" in req.flags)
+        from . import network
+
+        with network.alloc_lock(paths):
+            kept = registry.delete(paths, vm, "--keep-disks" in req.flags)
+        network.sync(paths, config.load(paths))  # its ports, MACs and addresses are free again
         audit.done(paths.audit_log, who, "admin delete", owner, name, kept=kept)
         print(f"deleted {owner}/{name}" + (f"; disks kept in {kept}" if kept else ""))
         return 0
@@ -87,32 +99,50 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
 
 def set_settings(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     settings = registry.read_settings(vm)
-    mode, wake, idle = req.flag("--on-logoff"), req.flag("--wake"), req.flag("--idle")
-    if mode is None and wake is None and idle is None:
-        raise UsageError("admin set needs --on-logoff, --wake or --idle")
+    mode, idle = req.flag("--on-logoff"), req.flag("--idle")
+    if all(req.flag(f) is None for f in ("--on-logoff", "--idle", "--wake", "--forward", "--network")):
+        raise UsageError("admin set needs --on-logoff, --idle, --wake, --forward or --network")
     if mode is not None:
         settings["on_logoff"] = mode
     if idle is not None:
         if not idle.isdigit() or int(idle) > 7 * 86400:
             raise UsageError("--idle takes seconds (0: never)")
         settings["idle"] = int(idle)
-    if wake is not None:
-        from .gate import set_wake
-
-        settings["wake"] = set_wake(paths, vm, wake)
-        if settings["wake"]:  # the forwards must translate for this VM before they are kept
-            policy = config.load(paths)
-            plan_for(vm._replace(), policy, [], "tcg")
-            from ..translate import Context, merge, translate
-
-            translate(
-                merge(policy.parse(list(vm.identity.tokens), "admin"), []),
-                Context(accel="tcg", wake_forwards=tuple((w["internal"], w["guest"]) for w in settings["wake"])),
-            )
-    registry.write_settings(vm, settings)
+    settings = _allocate(req, paths, vm, settings, lambda s: registry.write_settings(vm, s))
     audit.done(paths.audit_log, who, "admin set", vm.identity.owner, vm.identity.name, settings=settings)
     print(f"{vm.identity.owner}/{vm.identity.name}: " + json.dumps(settings, sort_keys=True))
     return 0
+
+
+def _allocate(
+    req: Request, paths: Paths, vm: registry.VM, settings: dict[str, Any], commit: Any, sync: bool = True
+) -> dict[str, Any]:
+    """Choose the VM's networks, ports and wake-up under the allocation lock, check
+    that the result translates, then `commit` it (still under the lock) and load
+    the host's rules. Any refusal happens before `commit`: nothing is half-built."""
+    from ..policy.network import parse_forwards
+    from . import network
+
+    policy = config.load(paths)
+    nets, fwd, wake = req.flag("--network"), req.flag("--forward"), req.flag("--wake")
+    if wake not in (None, "on", "off"):
+        raise UsageError("--wake takes on or off")
+    plan_for(vm, policy, [], "tcg", settings=settings)  # the options' own errors first
+    with network.alloc_lock(paths):
+        settings = network.allocate_for(
+            paths,
+            policy.net,
+            vm,
+            settings,
+            networks=nets.split(",") if nets is not None else None,
+            forwards=parse_forwards(fwd, policy.net.ports) if fwd is not None else None,
+            wake=None if wake is None else wake == "on",
+        )
+        plan_for(vm, policy, [], "tcg", settings=settings)  # must translate before it is kept
+        commit(settings)
+    if sync:
+        network.sync(paths, policy)
+    return settings
 
 
 def create(req: Request, who: Caller, paths: Paths, owner: str, name: str) -> int:
@@ -126,19 +156,18 @@ def create(req: Request, who: Caller, paths: Paths, owner: str, name: str) -> in
     opts = policy.parse(req.options, "admin")
     identity = ident.Identity(owner, name, tuple(t for o in opts for t in o.tokens()))
     vm = registry.vm_for(paths, identity)
-    plan_for(vm, policy, [], "tcg")  # the options must translate before anything is created
+    if req.flag("--network") is not None and any(o.name == "-net" for o in opts):
+        raise PolicyError("--network", "use either the admin's named networks or -net options, not both")
     on_logoff = req.flag("--on-logoff") or "none"
     if on_logoff not in registry.ON_LOGOFF:
         raise UsageError("--on-logoff must be none, pause or hibernate")
     size = req.flag("--disk-size")
     image = qcow2.empty_image(parse_size(size)) if size else None
-    registry.ensure_layout(paths)
-    vm = registry.create(paths, identity, image)
     service = "--service" in req.flags
-    if on_logoff != "none" or service:
-        registry.write_settings(
-            vm, {"on_logoff": on_logoff, "service": service, "autostart": service and "--no-autostart" not in req.flags}
-        )
+    settings = dict(registry.DEFAULT_SETTINGS)
+    settings.update(on_logoff=on_logoff, service=service, autostart=service and "--no-autostart" not in req.flags)
+    registry.ensure_layout(paths)
+    _allocate(req, paths, vm, settings, lambda s: registry.create(paths, identity, image, s))
     audit.done(paths.audit_log, who, "admin create", owner, name, options=list(identity.tokens), directory=vm.vmdir)
     print(f"created {owner}/{name}: {vm.vmdir}")
     return 0
@@ -185,6 +214,28 @@ def default_policy(accel: str) -> str:
         '# user = ["-smp"]',
         "# admin = []",
         "# unused = []",
+        "",
+        "[ports]",
+        "pool = [20000, 20999]      # host ports for admin create --forward",
+        'bind = "127.0.0.1"         # forwarded ports listen here; "0.0.0.0" makes them public',
+        "protect = true             # nftables: on this host only the VM's owner (and root) may connect",
+        "internal = [40000, 40999]  # loopback ports between kvmgate-gated and QEMU",
+        "",
+        "[vnc]",
+        'mode = "unix"              # unix: a socket only the owner can open; tcp: loopback port + password',
+        "",
+        "[host]",
+        'ifprefix = "kg"            # taps are kgt<n>, private bridges kgp<uid>, nftables tables kvmgate_kg',
+        "",
+        "# Named networks (admin create --network NAME). user is QEMU's NAT and always exists.",
+        "[networks.user]",
+        'type = "user"',
+        "[networks.private]         # one bridge per owner: an owner's VMs see each other",
+        'type = "private"',
+        "[networks.services]        # user VMs on isolated ports reach service VMs, never each other",
+        'type = "services"',
+        'bridge = "kgsvc0"',
+        'subnet = "10.77.0.0/24"     # host .1 (DHCP only), VMs .2 and up, one fixed address per MAC',
         "",
         "[limits]",
         "mem_min_mib = 16",
@@ -252,6 +303,10 @@ def init(req: Request, paths: Paths) -> int:
     if kvm_members:
         _say(f"note: users in group kvm ({', '.join(kvm_members)}) no longer reach /dev/kvm through it")
     _install_sudoers(paths)
+    from . import network
+
+    for line in network.up(paths, config.load(paths)):
+        _say(f"network: {line}")
     if "--pam" in req.flags:
         from .logon import install_pam
 

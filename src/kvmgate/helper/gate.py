@@ -1,6 +1,6 @@
 """The privileged side of wake on connect: what `kvmgate-gated` (an unprivileged
 daemon, running as the `kvmgate-gated` account) may ask of the helper through
-sudo, and the admin's `--wake` settings.
+sudo.
 
 gated may: read the listener table, wake a VM (thaw, restore or start it), hold
 a VM's owner "logged on" while connections are open, and ask for an idle VM to
@@ -9,17 +9,14 @@ be frozen per its policy (refused while the owner has a live session).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import pwd
-import socket
 from typing import Any
 
 from .. import identity as ident
 from .. import registry
-from ..errors import KvmgateError, NoSuchVM, PermissionRefused, UsageError
+from ..errors import NoSuchVM, PermissionRefused, UsageError
 from ..paths import Paths
 from .caller import Caller
 from .main import Request
@@ -46,14 +43,23 @@ def _target(paths: Paths, target: str) -> registry.VM:
 
 
 def config(paths: Paths) -> list[dict[str, Any]]:
+    """gated's listener table: every forwarded port of every VM that wakes on connect."""
+    from . import config as policy_config
+
+    bind = policy_config.load(paths).net.ports.bind
     rows = []
-    for owner, name in registry.list_names(paths):
-        with contextlib.suppress(KvmgateError):
-            vm = registry.resolve(paths, owner, name)
-            s = registry.read_settings(vm)
-            for w in s["wake"]:
+    for vm, s in registry.all_settings(paths):
+        for f in s["forwards"] if s["wake"] else []:
+            if f["internal"]:
                 rows.append(
-                    {"owner": owner, "name": name, "listen": w["listen"], "internal": w["internal"], "idle": s["idle"]}
+                    {
+                        "owner": vm.identity.owner,
+                        "name": vm.identity.name,
+                        "bind": bind,
+                        "listen": f["port"],
+                        "internal": f["internal"],
+                        "idle": s["idle"],
+                    }
                 )
     return rows
 
@@ -104,44 +110,3 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         r.name = vm.identity.name
         return sessions.run(r, root, paths, vm)
     raise UsageError(f"unknown verb {req.verb}")
-
-
-def set_wake(paths: Paths, vm: registry.VM, spec: str) -> list[dict[str, int]]:
-    """`--wake LISTEN:GUEST[,LISTEN:GUEST...]` or `none`. Listen ports are unique on
-    the host; each gets a loopback port that QEMU forwards to the guest port."""
-    if spec == "none":
-        return []
-    pairs = []
-    for item in spec.split(","):
-        a, sep, b = item.partition(":")
-        if not (sep and a.isdigit() and b.isdigit() and 1024 <= int(a) <= 65535 and 1 <= int(b) <= 65535):
-            raise UsageError("--wake takes LISTEN:GUEST port pairs, listen ports 1024-65535 (or none)")
-        pairs.append((int(a), int(b)))
-    lock = os.open(os.path.join(paths.state, ".ports.lock"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        taken_listen, taken_internal = set(), set()
-        for row in config(paths):
-            if (row["owner"], row["name"]) != (vm.identity.owner, vm.identity.name):
-                taken_listen.add(row["listen"])
-                taken_internal.add(row["internal"])
-        out = []
-        busy = taken_listen | taken_internal | {listen for listen, _ in pairs}
-        for listen, guest in pairs:
-            if listen in taken_listen or listen in taken_internal:
-                raise KvmgateError(f"--wake: port {listen} is already assigned to another VM")
-            internal = next(p for p in registry.INTERNAL_PORTS if p not in busy and _free(p))
-            busy.add(internal)
-            out.append({"listen": listen, "guest": guest, "internal": internal})
-        return out
-    finally:
-        os.close(lock)
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False

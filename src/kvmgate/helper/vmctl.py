@@ -7,11 +7,13 @@ import grp
 import os
 import pwd
 import signal
+import socket
 import time
 from typing import Any
 
 from .. import registry
 from ..errors import IdentityError, KvmgateError, NoSuchVM, PermissionRefused, PolicyError, UsageError, WrongState
+from ..hostnet import attachments
 from ..paths import Paths
 from ..policy.policy import Policy
 from ..qmp import QMP, QMPError, wait_ready
@@ -38,7 +40,13 @@ def target(req: Request, who: Caller, paths: Paths) -> registry.VM:
 
 
 def plan_for(
-    vm: registry.VM, policy: Policy, user_tokens: list[str], accel: Accel, paused: bool = False, incoming: bool = False
+    vm: registry.VM,
+    policy: Policy,
+    user_tokens: list[str],
+    accel: Accel,
+    paused: bool = False,
+    incoming: bool = False,
+    settings: dict[str, Any] | None = None,
 ) -> Plan:
     try:
         admin_opts = policy.parse(list(vm.identity.tokens), "admin")
@@ -46,6 +54,13 @@ def plan_for(
         raise IdentityError(f"{vm.identity.name}: the VM's identity fails validation ({err})") from None
     user_opts = policy.parse(user_tokens, "user")
     default_disk = vm.default_disk if os.path.exists(vm.default_disk) else None
+    if settings is None:
+        settings = registry.read_settings(vm)
+    try:
+        uid = pwd.getpwnam(vm.identity.owner).pw_uid
+    except KeyError:
+        raise NoSuchVM(vm.identity.name) from None
+    forwards, nics = attachments(policy.net, settings, uid)
     ctx = Context(
         accel=accel,
         default_disk=default_disk,
@@ -53,9 +68,49 @@ def plan_for(
         gdb_socket=os.path.join(vm.rundir, "gdb.sock"),
         paused=paused,
         incoming=incoming,
-        wake_forwards=registry.wake_forwards(vm),
+        forwards=forwards,
+        nics=nics,
+        vnc_socket=vnc_socket(vm) if policy.net.vnc == "unix" else None,
     )
     return translate(merge(admin_opts, user_opts), ctx)
+
+
+def vnc_dir(vm: registry.VM) -> str:
+    """RUN-display/<key>/: the owner's own directory (0700) holding the VNC socket.
+    Its parent is root's and cannot be listed."""
+    return os.path.join(os.path.dirname(vm.rundir) + "-display", vm.key)
+
+
+def vnc_socket(vm: registry.VM) -> str:
+    return os.path.join(vnc_dir(vm), "vnc.sock")
+
+
+def _prepare_vnc(vm: registry.VM, plan: Plan, uid: int) -> None:
+    import shutil
+
+    d = vnc_dir(vm)
+    shutil.rmtree(d, ignore_errors=True)  # fd-based: safe against links the owner planted
+    if "-vnc" not in plan.argv or not any(a.startswith("unix:") for a in plan.argv):
+        return
+    os.makedirs(os.path.dirname(d), 0o711, exist_ok=True)
+    os.chmod(os.path.dirname(d), 0o711)
+    os.mkdir(d, 0o700)
+    os.chown(d, uid, -1)
+
+
+def _set_vnc_password(vm: registry.VM, plan: Plan) -> None:
+    """TCP VNC: a fresh random password at every start, readable by root only
+    (`kvmgate vnc` shows it to the owner). VNC passwords are 8 characters."""
+    import secrets
+
+    if not any(a.endswith(",password=on") for a in plan.argv):
+        return
+    password = secrets.token_urlsafe(6)[:8]
+    with QMP(os.path.join(vm.rundir, "qmp.sock"), timeout=5) as q:
+        q.execute("change-vnc-password", {"password": password})
+    fd = os.open(os.path.join(vm.rundir, "vnc.password"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password)
 
 
 def run(req: Request, who: Caller, paths: Paths) -> int:
@@ -76,6 +131,10 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         from .console import console
 
         return console(req, who, vm)
+    if req.verb == "ports":
+        return ports(req, paths, vm)
+    if req.verb == "vnc":
+        return vnc(req, vm)
     raise UsageError(f"unknown verb {req.verb}")
 
 
@@ -118,7 +177,19 @@ def launch_vm(
     accel = config.accel(policy)
     plan = plan_for(vm, policy, options, accel, paused, incoming)  # all validation before any change
     where = launch.Where(vm.rundir, vm.sub("log"), vm.sub("tmp"))
+    launch.check_dirs(plan, pw, qemu_gid)
     fds = launch.open_user_resources(plan, pw, qemu_gid, where.tmpdir)  # the last refusals
+    try:
+        # Bridged NICs and protected ports need the host's networks and rules: after a
+        # reboot, the first such start brings them back (cheap when they are up).
+        if any(r.bridge for r in plan.resources) or "hostfwd=" in " ".join(plan.argv):
+            from . import network
+
+            network.ensure_up(paths, policy)
+            network.attach_taps(paths, policy, plan.resources)
+    except BaseException:
+        launch.close_all(fds)  # the taps vanish with their last descriptor
+        raise
     try:
         lock_fd = registry.lock(vm)
     except BaseException:
@@ -126,6 +197,7 @@ def launch_vm(
         raise
     try:
         fds |= launch.open_runtime_resources(plan, where, lock_fd)
+        _prepare_vnc(vm, plan, pw.pw_uid)
         limit = (plan.memory_mib + policy.memory_overhead_mib) << 20
         procs = cgroup.setup(vm.key, limit)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -147,6 +219,11 @@ def launch_vm(
         reason = _log_tail(vm.sub("log", "qemu.log")) or str(err)
         _kill(pid)
         raise KvmgateError(f"QEMU failed to start: {reason}") from None
+    try:
+        _set_vnc_password(vm, plan)
+    except (OSError, QMPError) as err:
+        _kill(pid)
+        raise KvmgateError(f"cannot set the VNC password: {err}") from None
     registry.write_pid(vm, pid)
     registry.write_options(vm, options)
     registry.take_intended_exit(vm)  # a stale mark from an earlier run must not hide a crash
@@ -287,3 +364,85 @@ def list_services(req: Request, paths: Paths) -> int:
             continue
     emit(rows, "".join(f"{r['name']:<32} {r['state']}\n" for r in rows), "--json" in req.flags)
     return 0
+
+
+# --------------------------------------------------------------------- ports and vnc
+
+
+def forwarded(policy: Policy, vm: registry.VM) -> list[dict[str, Any]]:
+    """The VM's host ports: `--forward`s (through kvmgate-gated when it wakes the VM)
+    and the note's `-redir`s."""
+    s = registry.read_settings(vm)
+    rows: list[dict[str, Any]] = [
+        {
+            "service": f["service"],
+            "guest_port": f["guest"],
+            "host": policy.net.ports.bind,
+            "port": f["port"],
+            "via": "kvmgate-gated" if f["internal"] else "qemu",
+        }
+        for f in s["forwards"]
+    ]
+    t = vm.identity.tokens
+    for i in range(len(t) - 1):
+        if t[i] == "-redir":
+            proto, host_port, _, guest = t[i + 1].split(":")
+            rows.append(
+                {
+                    "service": f"redir-{proto}",
+                    "guest_port": int(guest),
+                    "host": "127.0.0.1",
+                    "port": int(host_port),
+                    "via": "qemu",
+                }
+            )
+    return rows
+
+
+def ports(req: Request, paths: Paths, vm: registry.VM) -> int:
+    rows = forwarded(config.load(paths), vm)
+    text = "".join(
+        f"{r['service']:<12} {r['host']}:{r['port']} -> guest:{r['guest_port']} ({r['via']})\n" for r in rows
+    )
+    emit(rows, text or f"{vm.identity.name} has no forwarded ports\n", "--json" in req.flags)
+    return 0
+
+
+def vnc(req: Request, vm: registry.VM) -> int:
+    """How the owner reaches the VM's display; nothing listens on a public address."""
+    if not registry.is_running(vm):
+        raise WrongState(f"{vm.identity.name} is not running")
+    argv = _running_argv(vm)
+    spec = next((argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "-vnc"), None)
+    if spec is None:
+        raise WrongState(f"{vm.identity.name} was started without -vnc")
+    host = socket.gethostname()
+    if spec.startswith("unix:"):
+        path = spec[5:]
+        info: dict[str, Any] = {
+            "kind": "unix",
+            "socket": path,
+            "tunnel": f"ssh -N -L 5900:{path} {vm.identity.owner}@{host}",
+            "viewer": "vncviewer localhost:5900 (after the tunnel)",
+        }
+    else:
+        hostport = spec.split(",", 1)[0]
+        port = 5900 + int(hostport.rsplit(":", 1)[1])
+        with open(os.path.join(vm.rundir, "vnc.password")) as f:
+            password = f.read().strip()
+        info = {
+            "kind": "tcp",
+            "host": "127.0.0.1",
+            "port": port,
+            "password": password,
+            "tunnel": f"ssh -N -L {port}:127.0.0.1:{port} {vm.identity.owner}@{host}",
+            "viewer": f"vncviewer 127.0.0.1::{port}",
+        }
+    emit(info, "".join(f"{k}: {v}\n" for k, v in info.items()), "--json" in req.flags)
+    return 0
+
+
+def _running_argv(vm: registry.VM) -> list[str]:
+    pid = registry.read_pid(vm)
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [a.decode() for a in f.read().split(b"\0")]

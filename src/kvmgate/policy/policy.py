@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 from ..errors import PolicyError
 from . import grammar as g
+from . import network
 from .table import LISTS, OPTIONS, ListName, OptionSpec
 
 ACCELS = ("auto", "kvm", "tcg")
@@ -42,6 +43,7 @@ class Policy(NamedTuple):
     stop_timeout: int = 30
     memory_overhead_mib: int = 256
     max_open_files: int = 4096
+    net: network.HostNet = network.default()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -50,6 +52,7 @@ class Policy(NamedTuple):
             return PolicyError("policy", msg)
 
         known = {"accel", "qemu", "stop_timeout", "memory_overhead_mib", "max_open_files", "lists", "limits"}
+        known |= {"host", "ports", "vnc", "networks"}
         extra = set(data) - known
         if extra:
             raise fail(f"unknown key {sorted(extra)[0]!r}")
@@ -74,6 +77,7 @@ class Policy(NamedTuple):
                 kw[key] = v
         kw["lists"] = cls._lists(data.get("lists", {}), fail)
         kw["limits"] = cls._limits(data.get("limits", {}), fail)
+        kw["net"] = network.parse(data)
         return cls(**kw)
 
     @staticmethod
