@@ -19,7 +19,6 @@ import time
 from common import BOOT, GUEST_BOOT_LINE, KVMGATE, USER, define, setup, sh
 
 VM = "benchgate"
-LISTEN = 31000
 MANY = "benchmany"
 
 
@@ -54,8 +53,9 @@ def main() -> None:
     setup()
     append = "console=ttyS0 quiet kvmgate.httpd"
     define(VM, "-m", "256", "-nographic", "-net", "nic", "-net", "user", *BOOT[:-1], append)
-    sh(KVMGATE, "admin", "set", VM, "--owner", USER, "--wake", f"{LISTEN}:80")
-    internal = json.loads(sh(KVMGATE, "admin", "show", VM, "--owner", USER, "--json").stdout)["wake"][0]["internal"]
+    sh(KVMGATE, "admin", "set", VM, "--owner", USER, "--forward", "http", "--wake", "on")
+    fw = json.loads(sh(KVMGATE, "admin", "show", VM, "--owner", USER, "--json").stdout)["forwards"][0]
+    listen, internal = fw["port"], fw["internal"]
     sh(KVMGATE, "start", VM, "--owner", USER)
     sh(KVMGATE, "console", VM, "--owner", USER, "--expect", "KVMGATE-GUEST-NET", "--timeout", "120")
     sh(KVMGATE, "console", VM, "--owner", USER, "--expect", GUEST_BOOT_LINE, "--timeout", "120")
@@ -64,13 +64,13 @@ def main() -> None:
     try:
         for _ in range(args.runs):
             direct.append(first_byte(internal))
-            running.append(first_byte(LISTEN))
+            running.append(first_byte(listen))
             time.sleep(0.2)
             sh(KVMGATE, "freeze", VM, "--owner", USER)
-            paused.append(first_byte(LISTEN))
+            paused.append(first_byte(listen))
             time.sleep(0.2)
             sh(KVMGATE, "hibernate", VM, "--owner", USER)
-            hibernated.append(first_byte(LISTEN))
+            hibernated.append(first_byte(listen))
             time.sleep(0.2)
         for title, xs in (
             ("direct to the running VM's forward (baseline)", direct),
@@ -97,8 +97,10 @@ def main() -> None:
         MANY,
         "--owner",
         USER,
+        "--forward",
+        ",".join(f"p{1000 + i}={1000 + i}" for i in range(200)),
         "--wake",
-        ",".join(f"{32000 + i}:{1000 + i}" for i in range(200)),
+        "on",
     )
     gated = start_gated()
     try:
@@ -114,8 +116,8 @@ def main() -> None:
     finally:
         gated.terminate()
         gated.wait()
-        sh(KVMGATE, "admin", "set", MANY, "--owner", USER, "--wake", "none")
-        sh(KVMGATE, "admin", "set", VM, "--owner", USER, "--wake", "none")
+        sh(KVMGATE, "admin", "set", MANY, "--owner", USER, "--forward", "none", "--wake", "off")
+        sh(KVMGATE, "admin", "set", VM, "--owner", USER, "--forward", "none", "--wake", "off")
     _ = os
 
 
