@@ -30,9 +30,9 @@ id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
 # Start from a clean definition each time the demo runs.
 kvmgate stop "$vm" --owner "$user" --force >/dev/null 2>&1 || true
 kvmgate admin delete "$vm" --owner "$user" >/dev/null 2>&1 || true
-kvmgate admin create "$vm" --owner "$user" --disk-size 64M -- \
+kvmgate admin create "$vm" --owner "$user" --disk-size 64M --forward http -- \
     -m 256 -nographic \
-    -kernel "$guest/vmlinuz" -initrd "$guest/initrd.img" -append "console=ttyS0 quiet"
+    -kernel "$guest/vmlinuz" -initrd "$guest/initrd.img" -append "console=ttyS0 quiet kvmgate.httpd"
 kvmgate admin show "$vm" --owner "$user" | grep -E '^(owner|name|options):'
 
 # From here on, everything is the demo user's own command: the front end runs as
@@ -44,6 +44,20 @@ line=$(as_user kvmgate console "$vm" --expect 'KVMGATE-GUEST-READY[^\r\n]*[\r\n]
        | tr -d '\r' | grep -a -o 'KVMGATE-GUEST-READY.*' | head -n 1)
 echo "demo: guest boot line: $line"
 as_user kvmgate list
+
+# The guest's web server, through the port kvmgate forwards from its pool (loopback,
+# and usable by the VM's owner only).
+as_user kvmgate ports "$vm"
+port=$(as_user kvmgate ports "$vm" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)[0]["port"])')
+page=$(as_user python3 -c '
+import sys, time, urllib.request
+for _ in range(60):
+    try:
+        print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=5).read().decode().strip()); break
+    except OSError:
+        time.sleep(0.5)
+' "$port")
+echo "demo: the guest's web page through forwarded port $port: $page"
 
 # The note's second logon path: the VM is frozen or hibernated while its user is away.
 printf 'echo demo-marker-$((6*7)) > /marker; echo wr""ote\n' \

@@ -96,4 +96,9 @@ rm -rf "$libdir.old.$$"
 # Byte-compile as root, in place, so Python never writes caches at run time.
 "$python" -I -S -m compileall -q -f "$libdir/kvmgate" >/dev/null
 ln -sf "$libdir/kvmgate-frontend" "$prefix/bin/kvmgate"
+# The documentation the units and --help point at, and the units and PAM snippet to copy from.
+doc=$prefix/share/doc/kvmgate
+mkdir -p "$doc"
+cp "$src/../../docs/"*.md "$src/../../README.md" "$doc/"
+cp -R "$src/../../packaging" "$doc/"
 echo "installed kvmgate in $libdir (command: $prefix/bin/kvmgate)"

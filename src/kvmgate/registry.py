@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 from . import identity as ident
 from .errors import IdentityError, KvmgateError, NoSuchVM, UsageError, WrongState
 from .paths import Paths
+from .regex import Regex
 
 DEFAULT_DISK = "disk0.qcow2"
 
@@ -357,12 +358,26 @@ def _port(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535
 
 
-def _text(v: Any) -> bool:
-    return isinstance(v, str) and 0 < len(v) <= 32
+def _match(pattern: str) -> Any:
+    rx = Regex(pattern)  # compiled on first use: most helper runs never read a NIC
+    return lambda v: isinstance(v, str) and rx.fullmatch(v) is not None
 
 
-_FORWARD = {"service": _text, "guest": _port, "port": _port, "internal": lambda v: v is None or _port(v)}
-_NIC = {"network": _text, "mac": _text, "tap": lambda v: v is None or _text(v), "ip": lambda v: v is None or _text(v)}
+# Values that reach `ip -batch`, the nftables ruleset and dnsmasq: strict shapes, so
+# even a damaged settings file can never smuggle a command or a rule into them.
+_IFNAME = _match(r"[a-z][a-z0-9]{0,14}")
+_NIC = {
+    "network": _match(r"[a-z][a-z0-9]{0,15}"),
+    "mac": _match(r"52:54:00(:[0-9a-f]{2}){3}"),
+    "tap": lambda v: v is None or _IFNAME(v),
+    "ip": lambda v: v is None or _match(r"[0-9]{1,3}(\.[0-9]{1,3}){3}")(v),
+}
+_FORWARD = {
+    "service": _match(r"[a-z][a-z0-9-]{0,15}"),
+    "guest": _port,
+    "port": _port,
+    "internal": lambda v: v is None or _port(v),
+}
 
 
 def _valid_rows(rows: Any, schema: dict[str, Any]) -> bool:

@@ -4,9 +4,11 @@ except that the generated ruleset is given to `nft --check` where nft exists."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -209,3 +211,24 @@ def test_vnc_never_listens_publicly(display: str, unix: bool) -> None:
     argv = list(translate(merge(p.parse([], "admin"), p.parse(["-vnc", display], "user")), ctx).argv)
     v = argv[argv.index("-vnc") + 1]
     assert v.startswith("unix:") if unix else (v.startswith("127.0.0.1:") and v.endswith(",password=on"))
+
+
+@pytest.mark.parametrize(
+    "nic",
+    [
+        {"network": "services", "mac": "52:54:00:00:00:01", "tap": "kgt0\nlink del eth0", "ip": "10.77.0.2"},
+        {"network": "services", "mac": "52:54:00:00:00:01", "tap": 'kgt0" } ; flush ruleset ; {', "ip": None},
+        {"network": "services", "mac": "52:54:00:00:00:01,10.0.0.1\nff", "tap": "kgt0", "ip": None},
+        {"network": "services", "mac": "52:54:00:00:00:01", "tap": "kgt0", "ip": "10.77.0.2,set:x"},
+        {"network": "services", "mac": "52:54:00:00:00:01", "tap": "kgt0"},
+    ],
+)
+def test_settings_that_could_inject_into_ip_nft_or_dnsmasq_are_corrupt(tmp_path: Path, nic: dict) -> None:
+    from kvmgate import registry
+    from kvmgate.errors import KvmgateError
+    from kvmgate.identity import Identity
+
+    vm = registry.VM(Identity("alice", "vm", ()), str(tmp_path), str(tmp_path))
+    (tmp_path / "settings.json").write_text(json.dumps({"nics": [nic]}))
+    with pytest.raises(KvmgateError, match="corrupt settings"):
+        registry.read_settings(vm)

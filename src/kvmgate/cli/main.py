@@ -33,6 +33,8 @@ files:
   /etc/kvmgate/policy.toml   the admin's policy (root-owned)
   /var/lib/kvmgate/          VM identities, disks, logs (see docs/layout.md)
   /run/kvmgate/              root-only runtime state: QMP and console sockets, locks
+  /run/kvmgate-display/      VNC sockets, each in a directory only its VM's owner can enter
+  docs/networks.md           networks, forwarded ports, VNC (installed under /usr/local/share/doc/kvmgate)
 """
 
 
@@ -106,22 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", metavar="SECONDS", help="power-down grace time (default from the policy)")
     sp.add_argument("name", metavar="NAME")
 
-    sp = cmd("freeze", "pause a VM's virtual CPUs; its memory stays in place")
-    owner(sp)
-    sp.add_argument("name", metavar="NAME")
+    def on_vm(name: str, help: str, reads: bool = False) -> argparse.ArgumentParser:
+        """A command on one VM; one that only reads also takes --json."""
+        sp = cmd(name, help)
+        owner(sp)
+        if reads:
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.add_argument("name", metavar="NAME")
+        return sp
 
-    sp = cmd("thaw", "resume a frozen VM, or restore a hibernated one")
-    owner(sp)
-    sp.add_argument("name", metavar="NAME")
-
-    sp = cmd("hibernate", "save the whole VM to its directory and end QEMU; start or thaw restores it")
-    owner(sp)
-    sp.add_argument("name", metavar="NAME")
-
-    sp = cmd("status", "show a VM's state: running, paused, hibernated or stopped")
-    owner(sp)
-    sp.add_argument("--json", action="store_true", help="machine-readable output")
-    sp.add_argument("name", metavar="NAME")
+    on_vm("freeze", "pause a VM's virtual CPUs; its memory stays in place")
+    on_vm("thaw", "resume a frozen VM, or restore a hibernated one")
+    on_vm("hibernate", "save the whole VM to its directory and end QEMU; start or thaw restores it")
+    on_vm("status", "show a VM's state: running, paused, hibernated or stopped", reads=True)
 
     sp = cmd("console", "attach to a VM's serial console (detach with Ctrl-])")
     sp.epilog = (
@@ -133,10 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", metavar="SECONDS", help="give up (or, without --expect, detach) after SECONDS")
     sp.add_argument("name", metavar="NAME")
 
-    sp = cmd("ports", "show a VM's forwarded host ports (admin create --forward, -redir)")
-    owner(sp)
-    sp.add_argument("--json", action="store_true", help="machine-readable output")
-    sp.add_argument("name", metavar="NAME")
+    on_vm("ports", "show a VM's forwarded host ports (admin create --forward, -redir)", reads=True)
 
     sp = cmd(
         "ssh",
@@ -153,10 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     owner(sp)
     sp.add_argument("name", metavar="NAME")
 
-    sp = cmd("vnc", "show how to reach a running VM's display (a socket only you can open, or a port and password)")
-    owner(sp)
-    sp.add_argument("--json", action="store_true", help="machine-readable output")
-    sp.add_argument("name", metavar="NAME")
+    on_vm("vnc", "show how to reach a running VM's display (a socket only you can open, or a port and password)", True)
 
     ap = cmd("admin", "host and VM administration (root only)")
     asub = ap.add_subparsers(dest="admin_verb", metavar="ADMIN-COMMAND", required=True)

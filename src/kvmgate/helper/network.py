@@ -89,8 +89,9 @@ def allocate_for(
     """New settings for `vm` with ports, MACs, addresses and taps chosen. The caller
     holds `alloc_lock` until the settings are written. Values the VM already has
     are kept where the request still asks for them."""
-    others = [s for v, s in registry.all_settings(paths) if v.key != vm.key]
-    other_vms = [v for v, _ in registry.all_settings(paths) if v.key != vm.key]
+    everyone = [(v, s) for v, s in registry.all_settings(paths) if v.key != vm.key]
+    others = [s for _, s in everyone]
+    other_vms = [v for v, _ in everyone]
     taken_ports = {f["port"] for s in others for f in s["forwards"]} | {p for v in other_vms for p in _redir_ports(v)}
     taken_internal = {f["internal"] for s in others for f in s["forwards"] if f["internal"]}
     taken_macs = {n["mac"] for s in others for n in s["nics"]}
@@ -344,6 +345,9 @@ def attach_taps(paths: Paths, policy: Policy, resources: Sequence[Resource]) -> 
     taps = [r for r in resources if r.kind == "tap" and r.bridge]
     if not taps:
         return
+    services = {n.bridge for n in policy.net.networks.values() if n.kind == "services"}
+    if any(r.bridge in services and not _exists(r.bridge) for r in taps):
+        up(paths, policy)  # a services network added to the policy since the last net-up
     with _flock(os.path.join(paths.run, "net.lock")):
         cmds = []
         for r in taps:
