@@ -438,7 +438,7 @@ def wait_exit(vm: VM) -> None:
 
 
 def cleanup_runtime(vm: VM) -> None:
-    for name in ("qmp.sock", "console.sock", "pid", "options.json"):
+    for name in ("qmp.sock", "console.sock", "pid", "options.json", "vnc.password", "vnc.port"):
         try:
             os.unlink(os.path.join(vm.rundir, name))
         except OSError as err:

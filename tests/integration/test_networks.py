@@ -358,7 +358,9 @@ def test_vnc_tcp_is_loopback_with_a_fresh_password(net: Net, vms: list, alice: s
     info = net.json("vnc", vm["name"], user=alice)
     assert info["kind"] == "tcp" and info["host"] == "127.0.0.1" and info["port"] == 5907
     assert len(info["password"]) == 8
-    assert _rfb(net, "5907", bob).strip() == "types [2]"  # VNC authentication required, for anyone
+    assert _rfb(net, "5907", alice).strip() == "types [2]"  # VNC authentication required, even for the owner
+    assert _rfb(net, "5907", None).strip() == "types [2]"
+    assert _rfb(net, "5907", bob).startswith("refused ConnectionRefusedError")  # others cannot even connect
     listeners = net.sh("ss", "-Hltn").stdout
     assert "127.0.0.1:5907 " in listeners and not re.search(r"(0\.0\.0\.0|\*|\[::\]):5907", listeners)
     assert net.kvmgate("vnc", vm["name"], user=bob).returncode == 4  # the password is the owner's
@@ -524,3 +526,27 @@ def test_net_up_is_idempotent_and_comes_back_after_a_reboot(net: Net, vms: list,
         "120",
     )
     assert net.sh("nft", "list", "ruleset").stdout == state[0]
+
+
+def test_a_bridged_vm_keeps_its_network_across_hibernate(net: Net, vms: list, alice: str, guest: Path) -> None:
+    vm = create(net, vms, alice, name(), "--network", "services", "--", *boot(guest))
+    ip, tap = vm["nics"][0]["ip"], vm["nics"][0]["tap"]
+    up_with_address(net, alice, vm["name"], ip, alice)
+    net.ok("hibernate", vm["name"], user=alice)
+    assert tap not in net.links()  # the tap went with QEMU
+    net.ok("start", vm["name"], user=alice)  # restore: a new tap, on the bridge, isolated, same MAC
+    assert re.search(rf"{tap}:.*master ktsvc0.*\n.*isolated on", net.sh("bridge", "-d", "link", "show").stdout)
+    out = net.guest(alice, vm["name"], "udhcpc -i eth0 -q -n -t 5 -T 1 -s /usr/share/udhcpc/default.script")
+    assert f"lease of {ip} obtained" in out
+
+
+def test_a_freed_address_is_leased_to_the_next_vm(net: Net, vms: list, alice: str, guest: Path) -> None:
+    """dnsmasq would keep a deleted VM's address leased to its old MAC; kvmgate makes it forget."""
+    first = create(net, vms, alice, name(), "--network", "services", "--", *boot(guest))
+    up_with_address(net, alice, first["name"], first["nics"][0]["ip"], alice)
+    net.ok("stop", first["name"], "--force", user=alice)
+    net.ok("admin", "delete", first["name"], "--owner", alice)
+    vms.remove((alice, first["name"]))
+    second = create(net, vms, alice, name(), "--network", "services", "--", *boot(guest))
+    assert second["nics"][0]["ip"] == first["nics"][0]["ip"] and second["nics"][0]["mac"] != first["nics"][0]["mac"]
+    up_with_address(net, alice, second["name"], second["nics"][0]["ip"], alice)

@@ -18,6 +18,7 @@ import pwd
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -206,7 +207,20 @@ def _rules(paths: Paths, net: HostNet) -> tuple[str, dict[str, list[tuple[str, s
             else:
                 ports.append(hostnet.PortRule(f["port"], (uid,)))
         ports.extend(hostnet.PortRule(p, (uid,)) for p in _redir_ports(vm))
+        vnc = _vnc_port(vm)
+        if vnc:
+            ports.append(hostnet.PortRule(vnc, (uid,)))
     return hostnet.ruleset(net.nft_table, sorted(bridges), taps, ports), dhcp
+
+
+def _vnc_port(vm: registry.VM) -> int | None:
+    """A running VM's loopback VNC port (vnc.mode = tcp), written at its start."""
+    try:
+        with open(os.path.join(vm.rundir, "vnc.port")) as f:
+            port = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return port if registry.is_running(vm) else None
 
 
 def netrun(paths: Paths) -> str:
@@ -216,6 +230,11 @@ def netrun(paths: Paths) -> str:
 
 def sync(paths: Paths, policy: Policy) -> None:
     """Load the ruleset and dnsmasq's hosts files from the registry (idempotent)."""
+    with _flock(os.path.join(paths.run, "net.lock")):
+        _sync(paths, policy)
+
+
+def _sync(paths: Paths, policy: Policy) -> None:
     text, dhcp = _rules(paths, policy.net)
     _run([NFT, "-f", "-"], text)
     d = netrun(paths)
@@ -223,14 +242,46 @@ def sync(paths: Paths, policy: Policy) -> None:
     os.chmod(d, 0o755)  # the helper's umask is 077
     for name, rows in dhcp.items():
         path = os.path.join(d, f"{name}.hosts")
+        text = hostnet.dhcp_hosts(rows)
+        try:
+            with open(path) as f:
+                before = set(f.read().splitlines())
+        except FileNotFoundError:
+            before = set()
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            f.write(hostnet.dhcp_hosts(rows))
+            f.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
         pid = _dnsmasq_pid(paths, name)
-        if pid:
+        if not pid:
+            continue
+        if before - set(text.splitlines()):
+            # An address was freed: dnsmasq would keep it leased to the old MAC for the
+            # lease time and refuse it to the next VM. Its leases live only in memory
+            # (--leasefile-ro), so a restart forgets them.
+            _stop(pid)
+            _start_dnsmasq(paths, policy.net.networks[name])
+        else:
             os.kill(pid, signal.SIGHUP)  # re-reads the hosts file
+
+
+def _stop(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    for _ in range(100):
+        if not os.path.exists(f"/proc/{pid}/cmdline"):
+            return
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        time.sleep(0.02)
+
+
+def _start_dnsmasq(paths: Paths, network: Network) -> None:
+    if _exists(network.bridge):  # else net-up starts it with the bridge
+        hosts = os.path.join(netrun(paths), f"{network.name}.hosts")
+        _run(hostnet.dnsmasq_argv(DNSMASQ, network, _pidfile(paths, network.name), hosts))
 
 
 def _dnsmasq_pid(paths: Paths, name: str) -> int | None:
@@ -293,12 +344,11 @@ def up(paths: Paths, policy: Policy) -> list[str]:
                 continue
             ensure_bridge(network.bridge, network)
             done.append(f"bridge {network.bridge} {network.subnet}")
-        sync(paths, policy)
+        _sync(paths, policy)
         done.append(f"nftables tables {policy.net.nft_table}")
         for network in policy.net.networks.values():
             if network.kind == "services" and _dnsmasq_pid(paths, network.name) is None:
-                hosts = os.path.join(netrun(paths), f"{network.name}.hosts")
-                _run(hostnet.dnsmasq_argv(DNSMASQ, network, _pidfile(paths, network.name), hosts))
+                _start_dnsmasq(paths, network)
                 done.append(f"dnsmasq on {network.bridge}")
         with open(_marker(paths), "w") as f:
             f.write(_netns())
@@ -323,7 +373,7 @@ def down(paths: Paths, policy: Policy) -> list[str]:
         for network in policy.net.networks.values():
             pid = _dnsmasq_pid(paths, network.name)
             if pid:
-                os.kill(pid, signal.SIGTERM)
+                _stop(pid)
                 done.append(f"stopped dnsmasq on {network.bridge}")
         with contextlib.suppress(KvmgateError):
             _run([NFT, "-f", "-"], hostnet.remove(policy.net.nft_table))

@@ -98,19 +98,26 @@ def _prepare_vnc(vm: registry.VM, plan: Plan, uid: int) -> None:
     os.chown(d, uid, -1)
 
 
-def _set_vnc_password(vm: registry.VM, plan: Plan) -> None:
+def _set_vnc_password(paths: Paths, policy: Policy, vm: registry.VM, plan: Plan) -> None:
     """TCP VNC: a fresh random password at every start, readable by root only
-    (`kvmgate vnc` shows it to the owner). VNC passwords are 8 characters."""
+    (`kvmgate vnc` shows it to the owner), and the port guarded like a forwarded
+    one, so other local users cannot even connect. VNC passwords are 8 characters."""
     import secrets
 
-    if not any(a.endswith(",password=on") for a in plan.argv):
+    spec = next((a for a in plan.argv if a.endswith(",password=on")), None)
+    if spec is None:
         return
     password = secrets.token_urlsafe(6)[:8]
     with QMP(os.path.join(vm.rundir, "qmp.sock"), timeout=5) as q:
         q.execute("change-vnc-password", {"password": password})
-    fd = os.open(os.path.join(vm.rundir, "vnc.password"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(password)
+    for name, value in (("vnc.password", password), ("vnc.port", str(5900 + int(spec.split(",")[0].rsplit(":")[1])))):
+        fd = os.open(os.path.join(vm.rundir, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(value)
+    if policy.net.ports.protect:
+        from . import network
+
+        network.sync(paths, policy)
 
 
 def run(req: Request, who: Caller, paths: Paths) -> int:
@@ -220,7 +227,7 @@ def launch_vm(
         _kill(pid)
         raise KvmgateError(f"QEMU failed to start: {reason}") from None
     try:
-        _set_vnc_password(vm, plan)
+        _set_vnc_password(paths, policy, vm, plan)
     except (OSError, QMPError) as err:
         _kill(pid)
         raise KvmgateError(f"cannot set the VNC password: {err}") from None
