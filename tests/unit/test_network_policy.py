@@ -232,3 +232,20 @@ def test_settings_that_could_inject_into_ip_nft_or_dnsmasq_are_corrupt(tmp_path:
     (tmp_path / "settings.json").write_text(json.dumps({"nics": [nic]}))
     with pytest.raises(KvmgateError, match="corrupt settings"):
         registry.read_settings(vm)
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_ipv4_round_trip(n: int) -> None:
+    from kvmgate.policy.network import int_to_ip, ip_to_int
+
+    assert ip_to_int(int_to_ip(n)) == n
+
+
+@pytest.mark.parametrize(
+    "text", ["1.2.3", "1.2.3.4.5", "256.1.1.1", "01.2.3.4", "1.2.3.-4", "\u0661.2.3.4", "a.b.c.d", ""]
+)
+def test_bad_ipv4_is_refused(text: str) -> None:
+    from kvmgate.policy.network import ip_to_int
+
+    with pytest.raises(ValueError):
+        ip_to_int(text)

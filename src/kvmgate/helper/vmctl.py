@@ -86,10 +86,11 @@ def vnc_socket(vm: registry.VM) -> str:
 
 
 def _prepare_vnc(vm: registry.VM, plan: Plan, uid: int) -> None:
-    import shutil
-
     d = vnc_dir(vm)
-    shutil.rmtree(d, ignore_errors=True)  # fd-based: safe against links the owner planted
+    if os.path.lexists(d):
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)  # fd-based: safe against links the owner planted
     if "-vnc" not in plan.argv or not any(a.startswith("unix:") for a in plan.argv):
         return
     os.makedirs(os.path.dirname(d), 0o711, exist_ok=True)
@@ -98,16 +99,17 @@ def _prepare_vnc(vm: registry.VM, plan: Plan, uid: int) -> None:
     os.chown(d, uid, -1)
 
 
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
 def _set_vnc_password(paths: Paths, policy: Policy, vm: registry.VM, plan: Plan) -> None:
     """TCP VNC: a fresh random password at every start, readable by root only
     (`kvmgate vnc` shows it to the owner), and the port guarded like a forwarded
     one, so other local users cannot even connect. VNC passwords are 8 characters."""
-    import secrets
-
     spec = next((a for a in plan.argv if a.endswith(",password=on")), None)
     if spec is None:
         return
-    password = secrets.token_urlsafe(6)[:8]
+    password = "".join(_ALPHABET[b % 64] for b in os.urandom(8))  # 48 random bits; no `secrets` import
     with QMP(os.path.join(vm.rundir, "qmp.sock"), timeout=5) as q:
         q.execute("change-vnc-password", {"password": password})
     for name, value in (("vnc.password", password), ("vnc.port", str(5900 + int(spec.split(",")[0].rsplit(":")[1])))):
