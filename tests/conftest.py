@@ -32,6 +32,8 @@ HELPER = f"{PREFIX}/lib/kvmgate/kvmgate-helper"
 SUDOERS = "/etc/sudoers.d/kvmgate-test"
 GUEST = os.environ.get("KVMGATE_GUEST_DIR", "/var/cache/kvmgate-test-guest")
 BOOT_LINE = r"KVMGATE-GUEST-READY[^\r\n]*[\r\n]"
+# ssh(1) options for throwaway test hosts: never prompt, never remember a host key.
+SSH_THROWAWAY = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
 
 
 def run(

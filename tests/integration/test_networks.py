@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import BOOT_LINE, DEFAULT_POLICY, ETC, KVMGATE, RUN, Kvmgate, boot_options, run
+from ..conftest import BOOT_LINE, DEFAULT_POLICY, ETC, KVMGATE, RUN, SSH_THROWAWAY, Kvmgate, boot_options, run
 
 SNIFF = r"""
 import json, socket, sys, time
@@ -259,18 +259,12 @@ def test_forwarded_ports_reach_the_guest_for_its_owner_only(
         vm["name"],
         "--",
         "-v",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
+        *SSH_THROWAWAY,
         "true",
         user=alice,
         timeout=60,
     )
     assert "remote software version kvmgate-test-guest" in r.stderr, r.stderr
-    assert f"HostKeyAlias=kvmgate-{alice}-{vm['name']}" in r.stderr or "kvmgate-" in r.stderr
 
     # Bob can neither see Alice's ports nor ssh into her VM.
     assert net.kvmgate("ports", vm["name"], user=bob).returncode == 4

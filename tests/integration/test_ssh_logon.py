@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import KVMGATE, Kvmgate, boot_options
+from ..conftest import KVMGATE, SSH_THROWAWAY, Kvmgate, boot_options
 
 
 def _free_port() -> int:
@@ -69,12 +69,7 @@ class Sshd:
             str(self.dir / "userkey"),
             "-p",
             str(self.port),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
+            *SSH_THROWAWAY,
             "-o",
             "LogLevel=ERROR",
             f"{user}@127.0.0.1",
