@@ -160,6 +160,17 @@ def test_services_network_reach_isolation_and_spoofing(net: Net, vms: list, alic
     up_with_address(net, alice, a["name"], aip, alice)
     up_with_address(net, bob, b["name"], bip, bob)
 
+    # What users are told: their own VM's address, and the service VMs' addresses.
+    assert net.json("status", a["name"], user=alice)["networks"] == [  # type: ignore[index]
+        {"network": "services", "mac": amac, "ip": aip}
+    ]
+    services = net.json("list", "--services", user=bob)
+    assert {"network": "services", "mac": svc["nics"][0]["mac"], "ip": sip} in next(
+        r["addresses"]
+        for r in services
+        if r["name"] == svc["name"]  # type: ignore[union-attr]
+    )
+
     # The bridge as kvmgate built it: user VMs isolated, the service VM not.
     ports = net.sh("bridge", "-d", "link", "show").stdout
     for nic, isolated in ((svc, "off"), (a, "on"), (b, "on")):

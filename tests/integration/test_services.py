@@ -27,7 +27,7 @@ def test_service_vm_life(kg: Kvmgate, alice: str, vm_name: str, cleanup_vms: lis
     kg.ok("admin", "autostart")  # idempotent: a running service VM is left alone
 
     rows = json.loads(kg.ok("list", "--services", "--json", user=alice).stdout)
-    assert {"name": vm_name, "owner": SVC, "state": "running"} in rows
+    assert {"name": vm_name, "owner": SVC, "state": "running", "addresses": []} in rows
     for verb in ("stop", "freeze", "hibernate", "console"):
         r = kg(verb, vm_name, user=alice)
         assert r.returncode == 4, (verb, r.stderr)

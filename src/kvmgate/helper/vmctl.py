@@ -338,9 +338,16 @@ def describe(vm: registry.VM) -> dict[str, Any]:
     return info
 
 
+def _addresses(vm: registry.VM) -> list[dict[str, Any]]:
+    """The VM's NICs on named networks: what users need to reach it (and service VMs)."""
+    return [{"network": n["network"], "mac": n["mac"], "ip": n["ip"]} for n in registry.read_settings(vm)["nics"]]
+
+
 def status(req: Request, vm: registry.VM) -> int:
     info = describe(vm)
-    text = "".join(f"{k}: {v}\n" for k, v in info.items())
+    info["networks"] = _addresses(vm)
+    text = "".join(f"{k}: {v}\n" for k, v in info.items() if k != "networks")
+    text += "".join(f"network: {a['network']} mac {a['mac']} ip {a['ip'] or '-'}\n" for a in info["networks"])
     emit(info, text, "--json" in req.flags)
     return 0
 
@@ -368,10 +375,15 @@ def list_services(req: Request, paths: Paths) -> int:
         try:
             vm = registry.resolve(paths, o, n)
             if registry.read_settings(vm)["service"]:
-                rows.append({"name": n, "owner": o, "state": describe(vm)["state"]})
+                addresses = [a for a in _addresses(vm) if a["ip"]]
+                rows.append({"name": n, "owner": o, "state": describe(vm)["state"], "addresses": addresses})
         except KvmgateError:
             continue
-    emit(rows, "".join(f"{r['name']:<32} {r['state']}\n" for r in rows), "--json" in req.flags)
+    text = "".join(
+        f"{r['name']:<32} {r['state']:<11} " + " ".join(f"{a['network']}:{a['ip']}" for a in r["addresses"]) + "\n"
+        for r in rows
+    )
+    emit(rows, text, "--json" in req.flags)
     return 0
 
 
