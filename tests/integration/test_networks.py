@@ -555,3 +555,23 @@ def test_a_freed_address_is_leased_to_the_next_vm(net: Net, vms: list, alice: st
     second = create(net, vms, alice, name(), "--network", "services", "--", *boot(guest))
     assert second["nics"][0]["ip"] == first["nics"][0]["ip"] and second["nics"][0]["mac"] != first["nics"][0]["mac"]
     up_with_address(net, alice, second["name"], second["nics"][0]["ip"], alice)
+
+
+def test_a_subverted_dnsmasq_cannot_aim_roots_signals(net: Net) -> None:
+    """dnsmasq writes its pid file as `nobody`; a pid planted there (here: a process whose
+    command line even says dnsmasq) must not be signalled by kvmgate."""
+    net.ok("admin", "net-up")
+    pidfile = Path(f"{RUN}-net/services.{os.stat(f'/run/netns/{net.ns}').st_ino}.pid")
+    real = pidfile.read_text()
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "dnsmasq", f"--pid-file={pidfile}"])
+    try:
+        pidfile.write_text(f"{decoy.pid}\n")
+        net.ok("admin", "net-down")
+        time.sleep(0.3)
+        assert decoy.poll() is None  # still alive: neither HUP nor TERM reached it
+    finally:
+        decoy.kill()
+        decoy.wait()
+        pidfile.write_text(real)
+        net.kvmgate("admin", "net-down")
+        net.ok("admin", "net-up")

@@ -285,14 +285,19 @@ def _start_dnsmasq(paths: Paths, network: Network) -> None:
 
 
 def _dnsmasq_pid(paths: Paths, name: str) -> int | None:
+    """The pid dnsmasq wrote, if that process is the dnsmasq kvmgate started with this
+    very pid file: dnsmasq writes it as `nobody`, so a subverted dnsmasq must not be
+    able to point root's signals at some other process."""
+    pidfile = _pidfile(paths, name)
     try:
-        with open(_pidfile(paths, name)) as f:
+        with open(pidfile) as f:
             pid = int(f.read().strip() or "0")
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"dnsmasq" in f.read():
-                return pid
+            argv = f.read().split(b"\0")
     except (OSError, ValueError):
-        pass
+        return None
+    if pid > 1 and argv[0] == DNSMASQ.encode() and f"--pid-file={pidfile}".encode() in argv:
+        return pid
     return None
 
 
