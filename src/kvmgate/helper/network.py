@@ -29,11 +29,11 @@ from ..policy import grammar as g
 from ..policy.network import ForwardRequest, HostNet, Network, int_to_ip, ip_to_int
 from ..policy.policy import Policy
 from ..translate import Resource
+from .gate import GATED_USER
 
 IP = "/usr/sbin/ip"
 NFT = "/usr/sbin/nft"
 DNSMASQ = "/usr/sbin/dnsmasq"
-GATED_USER = "kvmgate-gated"
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 
