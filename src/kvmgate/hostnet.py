@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from .errors import PolicyError
+from .policy import grammar as g
 from .policy.network import HostNet, Network, int_to_ip
 from .translate import Forward, Nic
 
@@ -151,3 +152,8 @@ def attachments(net: HostNet, settings: dict[str, Any], owner_uid: int) -> tuple
         isolated = network.kind == "services" and not settings["service"]
         nics.append(Nic(n["network"], n["mac"], n["tap"], bridge, isolated))
     return forwards, tuple(nics)
+
+
+def redirs(tokens: Sequence[str]) -> list[g.Redir]:
+    """The note's `-redir`s among a VM's admin options (already validated canonical tokens)."""
+    return [g.parse_redir("-redir", tokens[i + 1], g.Limits()) for i in range(len(tokens) - 1) if tokens[i] == "-redir"]

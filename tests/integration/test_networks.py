@@ -518,7 +518,7 @@ def test_net_up_is_idempotent_and_comes_back_after_a_reboot(net: Net, vms: list,
     # A reboot, as far as kvmgate can tell: no bridge, no rules, no dnsmasq, an empty /run.
     net.ok("admin", "net-down")
     assert "ktsvc0" not in net.links() and "kvmgate_kt" not in net.sh("nft", "list", "tables").stdout
-    os.unlink(f"{RUN}/net.up") if os.path.exists(f"{RUN}/net.up") else None
+    Path(f"{RUN}/net.up").unlink(missing_ok=True)
     net.ok("start", vm["name"], user=alice)  # the first bridged start rebuilds the host side
     net.ok(
         "console",

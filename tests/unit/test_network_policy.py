@@ -249,3 +249,11 @@ def test_bad_ipv4_is_refused(text: str) -> None:
 
     with pytest.raises(ValueError):
         ip_to_int(text)
+
+
+def test_redirs_are_read_from_the_admin_tokens() -> None:
+    tokens = ["-m", "256", "-redir", "tcp:21000::22", "-append", "redir", "-redir", "udp:21001:10.0.2.15:53"]
+    assert [(r.proto, r.host_port, r.guest_port) for r in hostnet.redirs(tokens)] == [
+        ("tcp", 21000, 22),
+        ("udp", 21001, 53),
+    ]

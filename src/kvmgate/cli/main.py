@@ -279,8 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     return exec_helper(helper_argv)
 
 
-# ssh(1)'s own option letters (OpenSSH 9), those taking a value after the colon.
-SSH_FLAGS = "46AaCfGgKkMNnqsTtVvXxYy"
+# ssh(1)'s option letters that take a value (OpenSSH 9); every other letter is a flag.
 SSH_VALUED = "BbcDEeFIiJLlmOoPpQRSWw"
 
 

@@ -25,7 +25,6 @@ from typing import Any
 from .. import allocate, hostnet, registry
 from ..errors import KvmgateError, PolicyError
 from ..paths import Paths
-from ..policy import grammar as g
 from ..policy.network import ForwardRequest, HostNet, Network, int_to_ip, ip_to_int
 from ..policy.policy import Policy
 from ..translate import Resource
@@ -62,8 +61,7 @@ def alloc_lock(paths: Paths) -> contextlib.AbstractContextManager[None]:
 
 
 def _redir_ports(vm: registry.VM) -> set[int]:
-    t = vm.identity.tokens
-    return {g.parse_redir("-redir", t[i + 1], g.Limits()).host_port for i in range(len(t) - 1) if t[i] == "-redir"}
+    return {r.host_port for r in hostnet.redirs(vm.identity.tokens)}
 
 
 def _bindable(bind: str) -> Any:
@@ -157,20 +155,7 @@ def allocate_for(
     out["forwards"] = rows
     if out["wake"] and not rows:
         raise PolicyError("--wake", "needs forwarded ports (--forward): kvmgate-gated listens on them")
-    if out["forwards"] and not _has_user_network(vm, out):
-        raise PolicyError("--forward", "needs the user network (QEMU's user-mode NAT forwards the ports)")
     return out
-
-
-def _has_user_network(vm: registry.VM, settings: dict[str, Any]) -> bool:
-    if settings["nics"]:
-        return any(n["tap"] is None for n in settings["nics"])
-    t = vm.identity.tokens
-    nets = [t[i + 1] for i in range(len(t) - 1) if t[i] == "-net"]
-    return not nets or any(n.split(",", 1)[0] == "user" for n in nets)
-
-
-# ------------------------------------------------------------------------ host state
 
 
 def _uid(name: str) -> int | None:
@@ -206,7 +191,9 @@ def _rules(paths: Paths, net: HostNet) -> tuple[str, dict[str, list[tuple[str, s
                 ports.append(hostnet.PortRule(f["internal"], (gated,)))  # only gated reaches QEMU's end
             else:
                 ports.append(hostnet.PortRule(f["port"], (uid,)))
-        ports.extend(hostnet.PortRule(p, (uid,)) for p in _redir_ports(vm))
+        ports.extend(
+            hostnet.PortRule(r.host_port, (uid,)) for r in hostnet.redirs(vm.identity.tokens) if r.proto == "tcp"
+        )
         vnc = _vnc_port(vm)
         if vnc:
             ports.append(hostnet.PortRule(vnc, (uid,)))
@@ -386,7 +373,8 @@ def down(paths: Paths, policy: Policy) -> list[str]:
         names = {n.bridge for n in policy.net.networks.values() if n.kind == "services"}
         names |= {i for i in os.listdir("/sys/class/net") if i.startswith(policy.net.ifprefix + "p")}
         for name in sorted(names):
-            if _exists(name) and not os.listdir(f"/sys/class/net/{name}/brif"):
+            brif = f"/sys/class/net/{name}/brif"  # only bridges, and only empty ones
+            if os.path.isdir(brif) and not os.listdir(brif):
                 _run([IP, "link", "del", name])
                 done.append(f"removed bridge {name}")
         with contextlib.suppress(FileNotFoundError):

@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import registry
 from ..errors import IdentityError, KvmgateError, NoSuchVM, PermissionRefused, PolicyError, UsageError, WrongState
-from ..hostnet import attachments
+from ..hostnet import attachments, redirs
 from ..paths import Paths
 from ..policy.policy import Policy
 from ..qmp import QMP, QMPError, wait_ready
@@ -404,19 +404,16 @@ def forwarded(policy: Policy, vm: registry.VM) -> list[dict[str, Any]]:
         }
         for f in s["forwards"]
     ]
-    t = vm.identity.tokens
-    for i in range(len(t) - 1):
-        if t[i] == "-redir":
-            proto, host_port, _, guest = t[i + 1].split(":")
-            rows.append(
-                {
-                    "service": f"redir-{proto}",
-                    "guest_port": int(guest),
-                    "host": "127.0.0.1",
-                    "port": int(host_port),
-                    "via": "qemu",
-                }
-            )
+    rows += [
+        {
+            "service": f"redir-{r.proto}",
+            "guest_port": r.guest_port,
+            "host": "127.0.0.1",
+            "port": r.host_port,
+            "via": "qemu",
+        }
+        for r in redirs(vm.identity.tokens)
+    ]
     return rows
 
 

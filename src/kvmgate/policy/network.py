@@ -122,9 +122,6 @@ class HostNet(NamedTuple):
     def nft_table(self) -> str:
         return f"kvmgate_{self.ifprefix}"
 
-    def tap_name(self, n: int) -> str:
-        return f"{self.ifprefix}t{n}"
-
     def network(self, name: str) -> Network:
         net = self.networks.get(name)
         if net is None:
