@@ -48,7 +48,7 @@ cat > "$libdir.new.$$/kvmgate-helper" <<PY
 import os
 import sys
 sys.path.insert(0, "$libdir")
-from kvmgate.helper.main import main
+from kvmgate.entry import main
 code = main()
 sys.stdout.flush()
 sys.stderr.flush()
@@ -72,7 +72,7 @@ import os
 import sys
 sys.path.insert(0, "$libdir")
 try:
-    from kvmgate.helper.main import main
+    from kvmgate.entry import main
     main(["pam-hook"])
 finally:
     os._exit(0)

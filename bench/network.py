@@ -29,7 +29,7 @@ import tempfile
 import time
 
 from common import BOOT, GUEST, KVMGATE, USER, bare_argv, setup, sh
-from kvmgate.translate import SANDBOX
+from kvmgate.model.translate import SANDBOX
 
 SVC, CLIENT, FWD = "benchsvc", "benchcli", "benchfwd"
 SVC_OWNER = "kvmgate-svc"

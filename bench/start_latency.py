@@ -17,7 +17,7 @@ import tempfile
 import time
 
 from common import BOOT, KVMGATE, USER, bare_argv, define, report, setup, sh
-from kvmgate.qmp import wait_ready
+from kvmgate.host.qmp import wait_ready
 
 VM = "benchstart"
 OPTS = ["-m", "256", "-nographic", "-net", "none", *BOOT]

@@ -1,8 +1,16 @@
-"""One exception root; every refusal carries its exit code, mapped in one place.
+"""One exception root; every error kvmgate reports lives here, with its exit code.
 
-Exit codes are a stable interface (scripts and the PAM hook depend on them):
-0 ok, 1 internal error, 2 usage, 3 refused by policy or permission,
-4 no such VM for this caller, 5 wrong state.
+Exit codes are a stable interface (scripts, the PAM hook and gated depend on
+them), decided only by the class of the exception:
+
+    0 ok, 1 internal error, 2 usage, 3 refused by policy or permission,
+    4 no such VM for this caller, 5 wrong state,
+    6 done, but by force (e.g. `stop` had to kill after the timeout),
+    7 `admin watch`: the watched VM died.
+
+Errors from outside kvmgate (OSError, CalledProcessError, QEMU's QMP errors)
+are translated into these at the boundary where their meaning is known; what
+reaches the entry point untranslated is an internal error (exit 1).
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ EXIT_USAGE = 2
 EXIT_REFUSED = 3
 EXIT_NO_SUCH_VM = 4
 EXIT_WRONG_STATE = 5
+EXIT_FORCED = 6
+EXIT_VM_DIED = 7
 
 
 class KvmgateError(Exception):
@@ -40,6 +50,23 @@ class PermissionRefused(KvmgateError):
     exit_code = EXIT_REFUSED
 
 
+class FileRefused(KvmgateError):
+    """A user-named file that cannot be used. Missing and unreadable look alike."""
+
+    exit_code = EXIT_REFUSED
+
+
+class Qcow2Refused(FileRefused):
+    """A qcow2 header kvmgate will not hand to QEMU (backing file, data file, ...)."""
+
+
+class Exhausted(KvmgateError):
+    """A pool (ports, addresses, MACs, taps) has no free value left: the admin's
+    policy sizes the pool, so this is a refusal, not an internal error."""
+
+    exit_code = EXIT_REFUSED
+
+
 class NoSuchVM(KvmgateError):
     """Also raised for a VM that exists but is not the caller's: the two must look alike."""
 
@@ -54,7 +81,26 @@ class WrongState(KvmgateError):
     exit_code = EXIT_WRONG_STATE
 
 
+class Busy(WrongState):
+    """Another operation holds the VM's lock longer than a caller will wait."""
+
+
 class IdentityError(KvmgateError):
     """A VM identity (directory name) that does not decode or validate."""
 
     exit_code = EXIT_REFUSED
+
+
+class QMPError(KvmgateError):
+    """QEMU's monitor refused a command or went away. Internal unless a verb
+    knows what the refusal means for the user and translates it."""
+
+    def __init__(self, message: str, error_class: str = "") -> None:
+        super().__init__(message)
+        self.error_class = error_class
+
+
+class VMDied(KvmgateError):
+    """`admin watch`: QEMU exited without kvmgate asking it to."""
+
+    exit_code = EXIT_VM_DIED

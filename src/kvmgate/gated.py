@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from .paths import installed
+from kvmgate.paths import installed
 
 CONNECT_TIMEOUT = 60.0
 

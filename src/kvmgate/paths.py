@@ -10,7 +10,7 @@ import os
 import re
 from typing import NamedTuple
 
-from .regex import Regex
+from kvmgate.model.regex import Regex
 
 _SAFE = Regex(r"/[A-Za-z0-9_./-]*", re.ASCII)
 
@@ -56,3 +56,9 @@ def installed() -> Paths:
     except ImportError:
         return Paths()
     return Paths(**baked).checked()
+
+
+# The system accounts kvmgate makes (`admin init`, `admin create --service`).
+QEMU_GROUP = "kvmgate-qemu"  # QEMU's primary group; no user is ever a member
+GATED_USER = "kvmgate-gated"  # the unprivileged wake-on-connect daemon
+SERVICE_USER = "kvmgate-svc"  # the default owner of service VMs

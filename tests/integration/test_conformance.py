@@ -191,7 +191,7 @@ def test_loadvm(kg: Kvmgate, alice: str, vm_name: str, cleanup_vms: list, files:
 
 
 def test_every_note_option_is_covered(files: dict, guest: Path) -> None:
-    from kvmgate.policy.table import OPTIONS
+    from kvmgate.model.policy.table import OPTIONS
 
     assert {n for n, o in OPTIONS.items() if o.default == "user"} == set(USER_OPTIONS) | {"-loadvm"}
     assert {n for n, o in OPTIONS.items() if o.default == "admin"} == set(ADMIN_OPTIONS)

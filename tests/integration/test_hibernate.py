@@ -186,3 +186,19 @@ def test_progress_on_a_terminal(kg: Kvmgate, alice: str, vm: str) -> None:
         os.close(leader)
         assert re.search(rb"(transferring|checking): [0-9]+ MiB", out), out
     assert state(kg, alice, vm)["state"] == "running"
+
+
+def test_a_vm_whose_admin_options_say_snapshot_refuses_to_hibernate(
+    kg: Kvmgate, alice: str, vm_name: str, cleanup_vms: list, guest: Path
+) -> None:
+    """The review's bug: only the user's -snapshot was checked, so a VM whose admin
+    fixed -snapshot hibernated and lost its overlay. It must refuse and keep running."""
+    kg.ok("admin", "create", vm_name, "--owner", alice, "--", *boot_options(guest), "-snapshot")
+    cleanup_vms.append((alice, vm_name))
+    kg.ok("start", vm_name, user=alice)
+    kg.ok("console", vm_name, "--expect", BOOT_LINE, "--timeout", "90", user=alice)
+    guest_run(kg, alice, vm_name, "echo kept > /m; echo wr''ote", "wrote")
+    r = kg("hibernate", vm_name, user=alice)
+    assert r.returncode == 5 and "-snapshot" in r.stderr, r.stderr
+    assert state(kg, alice, vm_name)["state"] == "running"
+    assert "kept" in guest_run(kg, alice, vm_name, "cat /m; echo do''ne", "done")

@@ -65,6 +65,7 @@ def test_unit_files_verify(kg: Kvmgate, tmp_path: Path) -> None:
         "kvmgate-vm@.service",
         "kvmgate-gated.service",
         "kvmgate-network.service",
+        "kvmgate.slice",
     }
     for unit in units:
         text = unit.read_text().replace("/usr/local/bin/kvmgate", f"{PREFIX}/bin/kvmgate")

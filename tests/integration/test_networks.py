@@ -545,6 +545,19 @@ def test_a_bridged_vm_keeps_its_network_across_hibernate(net: Net, vms: list, al
     assert f"lease of {ip} obtained" in out
 
 
+def test_starting_a_running_bridged_vm_is_wrong_state_and_opens_nothing(
+    net: Net, vms: list, alice: str, guest: Path
+) -> None:
+    """The review's bug: the tap was opened before the VM's lock, so this start died
+    with EBUSY (exit 1). Now the state is checked first, under the VM's lock."""
+    vm = create(net, vms, alice, name(), "--network", "private", "--", *boot(guest))
+    net.ok("start", vm["name"], user=alice)
+    links = net.links()
+    r = net.kvmgate("start", vm["name"], user=alice)
+    assert r.returncode == 5 and r.stderr.strip() == f"kvmgate: {vm['name']} is already running", r.stderr
+    assert net.links() == links
+
+
 def test_a_freed_address_is_leased_to_the_next_vm(net: Net, vms: list, alice: str, guest: Path) -> None:
     """dnsmasq would keep a deleted VM's address leased to its old MAC; kvmgate makes it forget."""
     first = create(net, vms, alice, name(), "--network", "services", "--", *boot(guest))

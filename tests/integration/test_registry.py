@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmgate import identity as ident
+from kvmgate.model import identity as ident
 
 from ..conftest import STATE, Kvmgate, boot_options
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmgate import identity as ident
 from kvmgate.errors import IdentityError, UsageError
+from kvmgate.model import identity as ident
 
 names = st.from_regex(r"[a-z][a-z0-9]{0,10}(-[a-z0-9]{1,5}){0,3}", fullmatch=True)
 owners = st.from_regex(r"[a-z_][a-z0-9_.-]{0,31}", fullmatch=True)

@@ -14,11 +14,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmgate import allocate, hostnet
 from kvmgate.errors import PolicyError
-from kvmgate.policy.network import Ports, Subnet, parse, parse_forwards
-from kvmgate.policy.policy import Policy
-from kvmgate.translate import Context, Forward, Nic, merge, translate
+from kvmgate.model import allocate, hostnet
+from kvmgate.model.policy.network import Ports, Subnet, parse, parse_forwards
+from kvmgate.model.policy.policy import Policy
+from kvmgate.model.settings import Forward, Nic
+from kvmgate.model.translate import Context, Port, merge, translate
 
 SERVICES = {"type": "services", "bridge": "kgsvc1", "subnet": "10.9.0.0/24"}
 
@@ -178,24 +179,24 @@ CTX = Context(accel="tcg", key="0" * 24)
 
 def test_named_networks_refuse_legacy_net() -> None:
     with pytest.raises(PolicyError, match="-net: this VM is on named networks"):
-        _argv(["-net", "nic"], CTX._replace(nics=(Nic("user", "52:54:00:00:00:01"),)))
+        _argv(["-net", "nic"], CTX._replace(nics=(Port(Nic("user", "52:54:00:00:00:01")),)))
 
 
 def test_forwards_need_a_user_network() -> None:
     ctx = CTX._replace(
-        nics=(Nic("services", "52:54:00:00:00:01", "kgt0", "kgsvc0"),), forwards=(Forward("127.0.0.1", 20000, 22),)
+        nics=(Port(Nic("services", "52:54:00:00:00:01", "kgt0"), "kgsvc0"),), forwards=(Forward("ssh", 22, 20000),)
     )
     with pytest.raises(PolicyError, match="--forward: needs the user network"):
         _argv([], ctx)
     with pytest.raises(PolicyError, match="--forward: needs the user network"):
-        _argv(["-net", "none"], CTX._replace(forwards=(Forward("127.0.0.1", 20000, 22),)))
+        _argv(["-net", "none"], CTX._replace(forwards=(Forward("ssh", 22, 20000),)))
 
 
 def test_taps_are_resources_with_their_bridge() -> None:
     p = Policy()
     nics = (
-        Nic("services", "52:54:00:00:00:01", "kgt0", "kgsvc0", True),
-        Nic("private", "52:54:00:00:00:02", "kgt1", "kgp1"),
+        Port(Nic("services", "52:54:00:00:00:01", "kgt0"), "kgsvc0", True),
+        Port(Nic("private", "52:54:00:00:00:02", "kgt1"), "kgp1"),
     )
     plan = translate(merge(p.parse([], "admin"), []), CTX._replace(nics=nics))
     taps = [r for r in plan.resources if r.kind == "tap"]
@@ -224,9 +225,9 @@ def test_vnc_never_listens_publicly(display: str, unix: bool) -> None:
     ],
 )
 def test_settings_that_could_inject_into_ip_nft_or_dnsmasq_are_corrupt(tmp_path: Path, nic: dict) -> None:
-    from kvmgate import registry
     from kvmgate.errors import KvmgateError
-    from kvmgate.identity import Identity
+    from kvmgate.model.identity import Identity
+    from kvmgate.store import registry
 
     vm = registry.VM(Identity("alice", "vm", ()), str(tmp_path), str(tmp_path))
     (tmp_path / "settings.json").write_text(json.dumps({"nics": [nic]}))
@@ -236,7 +237,7 @@ def test_settings_that_could_inject_into_ip_nft_or_dnsmasq_are_corrupt(tmp_path:
 
 @given(st.integers(0, 2**32 - 1))
 def test_ipv4_round_trip(n: int) -> None:
-    from kvmgate.policy.network import int_to_ip, ip_to_int
+    from kvmgate.model.policy.network import int_to_ip, ip_to_int
 
     assert ip_to_int(int_to_ip(n)) == n
 
@@ -245,7 +246,7 @@ def test_ipv4_round_trip(n: int) -> None:
     "text", ["1.2.3", "1.2.3.4.5", "256.1.1.1", "01.2.3.4", "1.2.3.-4", "\u0661.2.3.4", "a.b.c.d", ""]
 )
 def test_bad_ipv4_is_refused(text: str) -> None:
-    from kvmgate.policy.network import ip_to_int
+    from kvmgate.model.policy.network import ip_to_int
 
     with pytest.raises(ValueError):
         ip_to_int(text)

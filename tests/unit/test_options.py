@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from kvmgate.errors import PolicyError
-from kvmgate.policy.grammar import Limits
-from kvmgate.policy.table import OPTIONS
+from kvmgate.model.policy.grammar import Limits
+from kvmgate.model.policy.table import OPTIONS
 
 LIM = Limits(mem_min_mib=16, mem_max_mib=4096, smp_max=4, vnc_min=1, vnc_max=20)
 

@@ -7,8 +7,8 @@ import tomllib
 import pytest
 
 from kvmgate.errors import PolicyError
-from kvmgate.policy.policy import Policy
-from kvmgate.policy.table import OPTIONS
+from kvmgate.model.policy.policy import Policy
+from kvmgate.model.policy.table import OPTIONS
 
 NOTE_USER = (
     "-fda -fdb -hda -hdb -cdrom -boot -snapshot -localtime -kernel -append -initrd -hdachs -no-acpi "

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmgate import qcow2
+from kvmgate.model import qcow2
 
 
 def qemu_img(*args: str) -> None:

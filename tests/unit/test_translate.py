@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmgate.errors import PolicyError
-from kvmgate.policy.policy import Policy
-from kvmgate.translate import Context, Forward, Nic, merge, translate
+from kvmgate.model.policy.policy import Policy
+from kvmgate.model.settings import Forward, Nic
+from kvmgate.model.translate import Context, Port, merge, translate
 
 ARGV_DIR = Path(__file__).resolve().parent.parent / "argv"
 CTX = Context(accel="kvm", default_disk=None, key="0123456789abcdef01234567", gdb_socket="/run/kvmgate/k/gdb.sock")
@@ -82,14 +83,14 @@ DEFINITIONS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 NICS = (
-    Nic("user", "52:54:00:00:00:01"),
-    Nic("services", "52:54:00:00:00:02", "kgt7", "kgsvc0", isolated=True),
-    Nic("private", "52:54:00:00:00:03", "kgt8", "kgp3e8"),
+    Port(Nic("user", "52:54:00:00:00:01")),
+    Port(Nic("services", "52:54:00:00:00:02", "kgt7", "10.77.0.2"), "kgsvc0", isolated=True),
+    Port(Nic("private", "52:54:00:00:00:03", "kgt8"), "kgp3e8"),
 )
 # name -> the context it is translated in, where it is not CTX
 CONTEXTS = {
     "named-networks": CTX._replace(
-        nics=NICS, forwards=(Forward("127.0.0.1", 20000, 22), Forward("127.0.0.1", 40000, 80))
+        nics=NICS, forwards=(Forward("ssh", 22, 20000), Forward("http", 80, 20001, internal=40000))
     ),
     "vnc-unix": CTX._replace(vnc_socket="/run/kvmgate-display/k/vnc.sock"),
 }

@@ -1,0 +1,135 @@
+"""kvmgate-helper: the privileged path, one straight line.
+
+    scrub (fds, env, umask, cwd, rlimits, groups)           host.caller.scrub
+    -> identify the caller (real uid, or SUDO_UID under sudo) host.caller.identify
+    -> parse argv strictly, from the one verb table          model.commands.parse
+    -> dispatch to the verb's module                         verbs.*
+         (policy, VM resolution, typed allowlist, opening with the owner's
+          rights, fork, drop, exec: ops.lifecycle, host.launch)
+    -> audit the outcome, map the error to its exit code
+
+All of it inside one `try`: every refusal, usage errors and failed
+identification included, and every internal error is one line on stderr (one
+JSON object on stdout too with --json), a stable exit code, and an audit
+record. Verb modules are imported only when their verb is called: each import
+costs start-up time (docs/architecture.md, "Start-up budget").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+
+from kvmgate.errors import EXIT_INTERNAL, KvmgateError, PermissionRefused, UsageError
+from kvmgate.host import audit, caller
+from kvmgate.model.commands import Request, parse
+from kvmgate.paths import Paths, installed
+
+LIFECYCLE = ("start", "stop", "freeze", "thaw", "hibernate")
+INFO = ("status", "list", "ports", "vnc", "gdb")
+
+
+def dispatch(req: Request, who: caller.Caller, paths: Paths, environ: dict[str, str]) -> int:
+    if req.verb == "pam-hook":
+        if not who.is_root or who.via_sudo:
+            raise PermissionRefused("pam-hook is run by pam_exec only")
+        from kvmgate.verbs import logon
+
+        return logon.hook(environ, paths)
+    if req.verb.startswith("gated-"):
+        from kvmgate.verbs import wake
+
+        return wake.run(req, who, paths)
+    if req.verb.startswith("admin-"):
+        if not who.is_root:
+            raise PermissionRefused("admin commands are for root only")
+        # Root-only code stays off the users' path.
+        if req.verb == "admin-reap":
+            from kvmgate.verbs import logon
+
+            return logon.run(req, who, paths)
+        if req.verb in ("admin-autostart", "admin-watch"):
+            from kvmgate.verbs import services
+
+            return services.run(req, who, paths)
+        from kvmgate.verbs import admin
+
+        return admin.run(req, who, paths)
+    if req.verb in LIFECYCLE:
+        from kvmgate.verbs import lifecycle
+
+        return lifecycle.run(req, who, paths)
+    if req.verb in INFO:
+        from kvmgate.verbs import info
+
+        return info.run(req, who, paths)
+    if req.verb == "console":
+        from kvmgate.verbs import console
+
+        return console.run(req, who, paths)
+    raise UsageError(f"unknown verb {req.verb}")
+
+
+def one_line(text: str) -> str:
+    """A refusal is one printable line: a newline or escape sequence in a name the
+    user chose is shown escaped, never interpreted by the reader's terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)[:2000]
+
+
+def main(argv: list[str] | None = None, paths: Paths | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    environ = dict(os.environ)  # read what sudo vouches for, then drop everything
+    who: caller.Caller | None = None
+    req: Request | None = None
+    try:
+        caller.scrub()
+        paths = paths or installed()
+        who = caller.identify(environ)
+        req = parse(args)
+        return dispatch(req, who, paths, environ)
+    except BrokenPipeError:
+        return 0  # the reader went away (`kvmgate console web | head`): nothing to say to it
+    except KvmgateError as err:
+        code, message = err.exit_code, str(err)
+    except KeyboardInterrupt:
+        code, message = 130, "interrupted"
+    except Exception as err:  # noqa: BLE001 - one line, never a traceback to the user
+        code, message = EXIT_INTERNAL, f"internal error: {type(err).__name__}: {err}"
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.flush()
+    line = one_line(message)
+    _audit(paths, who, req, args, code, line)
+    if req is not None and req.as_json:
+        sys.stdout.write(json.dumps({"error": line, "exit": code}) + "\n")
+        sys.stdout.flush()
+    hint = " (see kvmgate --help)" if code == UsageError.exit_code else ""
+    sys.stderr.write(f"kvmgate: {line}{hint}\n")
+    return code
+
+
+def _audit(
+    paths: Paths | None, who: caller.Caller | None, req: Request | None, args: list[str], code: int, reason: str
+) -> None:
+    """Every refusal and internal error, also those before the request parsed."""
+    if paths is None:
+        return
+    verb = req.verb if req else (args[0][:40] if args else "")
+    audit.record(
+        paths.audit_log,
+        caller=who.name if who else None,
+        uid=who.uid if who else os.getuid(),
+        verb=verb,
+        vm=req.name if req else None,
+        owner=req.flag("--owner") if req else None,
+        options=list(req.options) if req else None,
+        outcome="refused" if code not in (EXIT_INTERNAL, 130) else "error",
+        reason=reason,
+        exit=code,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

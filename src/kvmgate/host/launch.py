@@ -1,0 +1,330 @@
+"""Open what QEMU needs, then start it with nothing else.
+
+Each resource is opened here, before the fork, in one of three ways:
+- disks, kernels, ROMs: with the VM owner's rights (`as_user`), regular files
+  only, qcow2 headers checked; kernels and ROMs are copied into sealed memfds;
+- sockets, logs, the lock: created by root in root-only directories;
+- taps: opened by root on /dev/net/tun, which QEMU can never open itself.
+The child then joins the cgroup, installs exactly these fds, drops to the
+owner's uid with the dedicated QEMU group, sets NoNewPrivs and execs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import pwd
+import resource
+import socket
+import stat
+import struct
+from typing import NamedTuple
+
+from kvmgate import paths
+from kvmgate.errors import FileRefused, PermissionRefused, Qcow2Refused
+from kvmgate.host import caller, cgroup
+from kvmgate.model import qcow2
+from kvmgate.model.translate import Plan, Resource
+
+MAX_BLOB = 1 << 30
+QEMU_GROUP = paths.QEMU_GROUP
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+
+
+class Where(NamedTuple):
+    rundir: str
+    logdir: str
+    tmpdir: str
+
+
+def _open_as(pw: pwd.struct_passwd, path: str, writable: bool, what: str) -> int:
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    try:
+        with caller.as_user(pw):
+            fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno in (
+            errno.ENOENT,
+            errno.EACCES,
+            errno.EPERM,
+            errno.ELOOP,
+            errno.ENOTDIR,
+            errno.EROFS,
+            errno.ENAMETOOLONG,
+            errno.EISDIR,
+            errno.ENXIO,
+        ):
+            raise FileRefused(f"{what}: cannot open {path}: no such file, or not permitted") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise FileRefused(f"{what}: {path} is not a regular file")
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
+def _disk(pw: pwd.struct_passwd, r: Resource) -> tuple[int, int]:
+    """Returns (fd, virtual size)."""
+    assert r.path is not None
+    fd = _open_as(pw, r.path, r.writable, f"-{r.of}")
+    if r.fmt == "qcow2":
+        try:
+            info = qcow2.inspect(os.pread(fd, qcow2.HEADER_READ, 0))
+        except Qcow2Refused as err:
+            os.close(fd)
+            raise FileRefused(f"{r.path}: {err}") from None
+        return fd, info.virtual_size
+    size = os.fstat(fd).st_size
+    return fd, max(512, -(-size // 512) * 512)
+
+
+def _readable_by_qemu(st: os.stat_result, uid: int, qemu_gid: int) -> bool:
+    """Would QEMU (owner uid, kvmgate-qemu gid, no groups) pass the kernel's
+    permission check when it re-opens this file through /proc/self/fd?"""
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_gid == qemu_gid:
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)
+
+
+def _blob(pw: pwd.struct_passwd, r: Resource, qemu_gid: int) -> int:
+    """Kernels, initrds and ROMs, which QEMU re-opens by /proc/self/fd/N. The fd
+    opened with the user's rights is passed as is when QEMU's own credentials can
+    read the file; a file the user reads only through a supplementary group
+    (which QEMU does not have) is copied into a sealed memfd instead."""
+    assert r.path is not None
+    src = _open_as(pw, r.path, False, f"-{r.of}")
+    st = os.fstat(src)
+    if _readable_by_qemu(st, pw.pw_uid, qemu_gid):
+        return src
+    try:
+        if st.st_size > MAX_BLOB:
+            raise FileRefused(f"{r.path}: larger than {MAX_BLOB >> 20} MiB")
+        mfd = os.memfd_create("kvmgate-blob", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        off = 0
+        while off < st.st_size:
+            n = os.sendfile(mfd, src, off, st.st_size - off)
+            if n == 0:
+                break
+            off += n
+        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+        fcntl.fcntl(mfd, fcntl.F_ADD_SEALS, seals)
+        return mfd
+    finally:
+        os.close(src)
+
+
+SMBD = "/usr/sbin/smbd"
+
+
+def check_dirs(plan: Plan, pw: pwd.struct_passwd, qemu_gid: int) -> None:
+    """-tftp and -smb directories are read by QEMU's user network itself, as the
+    owner: refuse at start, with the owner's own rights, what it could not read
+    (instead of a guest that silently sees nothing)."""
+    for option, path in plan.dirs:
+        try:
+            with caller.as_user(pw):
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            raise FileRefused(
+                f"{option}: cannot open the directory {path}: no such directory, or not permitted"
+            ) from None
+        try:
+            st = os.fstat(fd)
+            if not _readable_by_qemu(st, pw.pw_uid, qemu_gid) or not st.st_mode & 0o111:
+                raise FileRefused(f"{option}: {path} is not readable by the VM's owner without groups")
+        finally:
+            os.close(fd)
+        if option == "-smb" and not os.access(SMBD, os.X_OK):
+            raise FileRefused("-smb: needs smbd (Debian package samba), which QEMU starts for the guest")
+
+
+def _overlay(pw: pwd.struct_passwd, tmpdir: str, size: int) -> int:
+    with caller.as_user(pw):
+        fd = os.open(tmpdir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    os.write(fd, qcow2.empty_image(size))
+    return fd
+
+
+def _tap(ifname: str) -> int:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", ifname.encode(), IFF_TAP | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _listener(path: str) -> int:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.bind(path)  # umask 077: the socket is root-only
+    s.listen(1)
+    return s.detach()
+
+
+def open_user_resources(plan: Plan, pw: pwd.struct_passwd, qemu_gid: int, tmpdir: str) -> dict[int, int]:
+    """Everything a start can be refused over, opened before anything is changed:
+    disks, overlays and blobs with the owner's rights, taps. Maps QEMU fd -> fd."""
+    opened: dict[int, int] = {}
+    sizes: dict[str, int] = {}
+    try:
+        for r in plan.resources:
+            if r.kind == "disk":
+                opened[r.fd], sizes[r.of or ""] = _disk(pw, r)
+            elif r.kind == "overlay":
+                opened[r.fd] = _overlay(pw, tmpdir, sizes[r.of or ""])
+            elif r.kind == "blob":
+                opened[r.fd] = _blob(pw, r, qemu_gid)
+            elif r.kind == "tap":
+                opened[r.fd] = _tap(r.path or "")
+    except BaseException:
+        close_all(opened)
+        raise
+    return opened
+
+
+def open_runtime_resources(plan: Plan, where: Where, lock_fd: int) -> dict[int, int]:
+    """The root-made part, under the VM's lock: sockets, the console log, the lock."""
+    opened: dict[int, int] = {}
+    try:
+        for r in plan.resources:
+            if r.kind == "qmp":
+                opened[r.fd] = _listener(os.path.join(where.rundir, "qmp.sock"))
+            elif r.kind == "console":
+                opened[r.fd] = _listener(os.path.join(where.rundir, "console.sock"))
+            elif r.kind == "console-log":
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+                opened[r.fd] = os.open(os.path.join(where.logdir, "console.log"), flags, 0o600)
+            elif r.kind == "lock":
+                opened[r.fd] = os.dup(lock_fd)
+    except BaseException:
+        close_all(opened)
+        raise
+    return opened
+
+
+def close_all(fds: dict[int, int]) -> None:
+    for fd in fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def qemu_env(tmpdir: str) -> dict[str, str]:
+    """The complete environment QEMU gets; nothing is inherited."""
+    return {"PATH": "/usr/bin:/bin", "TMPDIR": tmpdir, "HOME": tmpdir, "LC_ALL": "C"}
+
+
+def spawn(
+    qemu: str,
+    plan: Plan,
+    fds: dict[int, int],
+    pw: pwd.struct_passwd,
+    qemu_gid: int,
+    where: Where,
+    placement: cgroup.Placement,
+    qemu_log: int,
+    max_files: int,
+) -> int:
+    """Fork; the child becomes QEMU. Returns QEMU's pid.
+
+    The parent moves the child into its cgroup while the child prepares (a cgroup
+    v1 attach takes milliseconds); the child execs only after the parent says the
+    move is done, so QEMU never runs outside its memory limit.
+    """
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        _child(qemu, plan, fds, pw, qemu_gid, where, qemu_log, max_files, go_r, go_w)
+    os.close(go_r)
+    try:
+        placement.place(pid)
+        os.write(go_w, b"1")
+    except BaseException:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(go_w)
+    return pid
+
+
+def _child(
+    qemu: str,
+    plan: Plan,
+    fds: dict[int, int],
+    pw: pwd.struct_passwd,
+    qemu_gid: int,
+    where: Where,
+    qemu_log: int,
+    max_files: int,
+    go_r: int,
+    go_w: int,
+) -> None:
+    try:
+        os.close(go_w)
+        os.setsid()
+        for lim, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, max_files)):
+            resource.setrlimit(lim, (value, value))
+        # Install exactly the planned fds: move every source above the target range
+        # first, so no dup2 clobbers a source that is still to be moved.
+        devnull = os.open("/dev/null", os.O_RDONLY)
+        top = max([*fds, 2]) + 1
+        high = top + 64
+        staged = {t: fcntl.fcntl(s, fcntl.F_DUPFD_CLOEXEC, high) for t, s in fds.items()}
+        log = fcntl.fcntl(qemu_log, fcntl.F_DUPFD_CLOEXEC, high)
+        dn = fcntl.fcntl(devnull, fcntl.F_DUPFD_CLOEXEC, high)
+        go = fcntl.fcntl(go_r, fcntl.F_DUPFD_CLOEXEC, high)
+        os.dup2(dn, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        for target, src in staged.items():
+            os.dup2(src, target, inheritable=True)
+        keep = set(fds) | {0, 1, 2}
+        for fd in range(3, top):
+            if fd not in keep:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        os.closerange(top, go)
+        os.closerange(go + 1, 1 << 20)
+        caller.drop_to(pw.pw_uid, qemu_gid)
+        _clear_dir(where.tmpdir)
+        os.chdir("/")
+        if os.read(go, 1) != b"1":  # the parent failed to place us in the cgroup
+            os._exit(126)
+        os.close(go)
+        os.execve(qemu, [qemu, *plan.argv], qemu_env(where.tmpdir))
+    except BaseException as err:  # noqa: BLE001 - the child must never return into the helper
+        try:
+            os.write(2, f"kvmgate: cannot start QEMU: {err}\n".encode())
+        finally:
+            os._exit(127)
+
+
+def _clear_dir(path: str) -> None:
+    """Empty QEMU's TMPDIR, as the owner (after the privilege drop)."""
+    entries = os.listdir(path)
+    if not entries:
+        return
+    import shutil
+
+    for entry in entries:
+        p = os.path.join(path, entry)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+
+
+def refuse_unless_owner(pw: pwd.struct_passwd) -> None:
+    if pw.pw_uid == 0:
+        raise PermissionRefused("VMs never run as root: the owner must be an ordinary user")

@@ -1,0 +1,196 @@
+"""Hibernate (save the whole VM to its directory, then end QEMU) and restore.
+
+QEMU writes and reads the state file itself through a descriptor the helper
+passes with `getfd` (the sandbox forbids `migrate exec:`), at full speed, with
+`max-bandwidth` raised. Guarantees:
+- the state is written to `saved/state.tmp`, fsynced and checksummed (SHA-256),
+  then renamed, and only then is `saved/state.json` (time, size, checksum, how
+  to restart) written the same way: a state without its record is never used;
+- if saving fails (disk full, the helper killed), QEMU stays where it was:
+  paused if it was paused, running again if it was running; nothing is deleted;
+- a restore starts QEMU with its vCPUs stopped, checks size and checksum of the
+  file while QEMU loads it, lets the vCPUs run only if both agree, and deletes
+  the state only after that; a failed restore leaves the state in place and
+  says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from typing import NamedTuple
+
+from kvmgate.errors import KvmgateError
+from kvmgate.host.qmp import QMP, QMPError
+from kvmgate.store import registry
+from kvmgate.store.files import fsync_dir, write_atomic
+
+STATE = "state"
+META = "state.json"
+BANDWIDTH = 64 << 30  # bytes/s: QEMU's 128 MiB/s default makes saving several times slower
+CHUNK = 1 << 20
+
+
+class Saved(NamedTuple):
+    saved_at: float
+    size: int
+    sha256: str
+    options: list[str]
+    was_running: bool
+
+
+def meta_of(vm: registry.VM) -> Saved | None:
+    """The saved state's record, if the state is complete (its size matches)."""
+    try:
+        with open(vm.sub("saved", META), "rb") as f:
+            data = json.loads(f.read(1 << 20))
+        saved = Saved(
+            float(data["saved_at"]),
+            int(data["size"]),
+            str(data["sha256"]),
+            [str(t) for t in data["options"]],
+            bool(data["was_running"]),
+        )
+        if os.stat(vm.sub("saved", STATE)).st_size != saved.size:
+            return None
+        return saved
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _progress(done: int, what: str) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r{what}: {done >> 20} MiB")
+        sys.stderr.flush()
+
+
+class _Hasher:
+    """SHA-256 of a file that QEMU is still writing (or reading): it hashes what is
+    there so far, so checking costs almost nothing after the migration ends."""
+
+    def __init__(self, fd: int) -> None:
+        import hashlib  # OpenSSL's SHA-256: several times faster than the builtin one
+
+        self.fd, self.h, self.size = fd, hashlib.sha256(), 0
+
+    def catch_up(self, limit: int | None = None) -> None:
+        end = os.fstat(self.fd).st_size if limit is None else limit
+        while self.size < end:
+            chunk = os.pread(self.fd, min(CHUNK, end - self.size), self.size)
+            if not chunk:
+                break
+            self.h.update(chunk)
+            self.size += len(chunk)
+
+    def result(self) -> tuple[int, str]:
+        self.catch_up()
+        return self.size, self.h.hexdigest()
+
+
+def _migration_error(q: QMP, status: str) -> str:
+    with contextlib.suppress(OSError, QMPError):
+        desc = q.execute("query-migrate").get("error-desc")
+        if desc:
+            return str(desc)
+    return f"migration {status}"
+
+
+def _run_migration(q: QMP, deadline: float, hasher: _Hasher, settled: bool) -> str:
+    """Wait for the migration, hashing the file as it goes (everything, when the file
+    is already complete: a restore; only what is written so far: a save) and
+    showing progress on a terminal."""
+    while time.monotonic() < deadline:
+        info = q.execute("query-migrate")
+        status = str(info.get("status", "none"))
+        if status in ("completed", "failed", "cancelled"):
+            return status
+        _progress(int(info.get("ram", {}).get("transferred", 0)), "transferring")
+        before = hasher.size
+        hasher.catch_up(None if settled else max(0, os.fstat(hasher.fd).st_size - CHUNK))
+        if hasher.size == before:
+            time.sleep(0.005)
+    return "timeout"
+
+
+def save(vm: registry.VM, options: list[str], timeout: float = 3600) -> Saved:
+    """Save the running or paused VM into saved/, then quit QEMU."""
+    saved_dir = vm.sub("saved")
+    tmp = os.path.join(saved_dir, STATE + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    was_running = False
+    try:
+        with QMP(os.path.join(vm.rundir, "qmp.sock"), timeout=30) as q:
+            was_running = q.execute("query-status").get("status") == "running"
+            if was_running:
+                q.execute("stop")
+            try:
+                q.execute("migrate-set-parameters", {"max-bandwidth": BANDWIDTH})
+                q.execute("getfd", {"fdname": "kgmig"}, fds=[out])
+                q.execute("migrate", {"uri": "fd:kgmig"})
+                hasher = _Hasher(out)
+                status = _run_migration(q, time.monotonic() + timeout, hasher, settled=False)
+                if status != "completed":
+                    raise KvmgateError(f"saving failed: {_migration_error(q, status)}")
+                os.fsync(out)
+                size, digest = hasher.result()
+            except BaseException as err:
+                with contextlib.suppress(OSError, QMPError):
+                    q.execute("migrate_cancel")
+                if was_running:
+                    with contextlib.suppress(OSError, QMPError):
+                        q.execute("cont")
+                now = "running again" if was_running else "still paused"
+                if isinstance(err, KvmgateError):
+                    raise KvmgateError(f"{err}; the VM is {now}, nothing was lost") from None
+                raise
+            os.rename(tmp, os.path.join(saved_dir, STATE))
+            saved = Saved(time.time(), size, digest, options, was_running)
+            write_atomic(os.path.join(saved_dir, META), json.dumps(saved._asdict()), fsync=True)
+            with contextlib.suppress(OSError, QMPError):
+                q.execute("quit")
+    except (OSError, QMPError) as err:
+        raise KvmgateError(f"saving failed: {err}") from None
+    finally:
+        os.close(out)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+    return saved
+
+
+def restore(vm: registry.VM, saved: Saved, timeout: float = 3600) -> None:
+    """Let the QEMU started with `-incoming defer -S` load the saved state while the
+    helper checks it; run the vCPUs (if they ran when saved) only if it is intact."""
+    src = os.open(vm.sub("saved", STATE), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    hasher = _Hasher(src)  # checked while QEMU loads it; the vCPUs stay stopped (-S)
+    try:
+        with QMP(os.path.join(vm.rundir, "qmp.sock"), timeout=30) as q:
+            try:
+                q.execute("getfd", {"fdname": "kgmig"}, fds=[src])
+                q.execute("migrate-incoming", {"uri": "fd:kgmig"})
+                status = _run_migration(q, time.monotonic() + timeout, hasher, settled=True)
+                failure = None if status == "completed" else _migration_error(q, status)
+            except (OSError, QMPError) as err:  # QEMU exits when an incoming migration fails
+                failure = str(err)
+            if hasher.result() != (saved.size, saved.sha256):
+                raise KvmgateError("restore failed: the saved state is corrupt (size or checksum differs); it was kept")
+            if failure is not None:
+                raise KvmgateError(f"restore failed: {failure}; the saved state was kept")
+            if saved.was_running:
+                q.execute("cont")
+    except (OSError, QMPError) as err:
+        raise KvmgateError(f"restore failed: {err}; the saved state was kept") from None
+    finally:
+        os.close(src)
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+    # Only now, with the VM back, is the state expendable.
+    for name in (META, STATE):
+        os.unlink(vm.sub("saved", name))
+    fsync_dir(vm.sub("saved"))

@@ -1,0 +1,292 @@
+"""Every verb kvmgate knows, described once. Pure.
+
+Both parsers come from this table: the helper's strict one (`parse`, below: no
+abbreviations, no `--flag=value`, each flag at most once) and the front end's
+`--help` (`kvmgate.cli.help` builds argparse from it). A unit test walks the
+table through both, so they cannot drift apart.
+
+`Request` is what the helper acts on: the verb, the VM name, the flags given
+(by their names in this table) and the VM options after `--`. Internal
+callers (the PAM worker, gated, the reaper) never build a `Request`: they call
+the operations in `kvmgate.ops` with typed arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvmgate.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # "--owner"
+    help: str
+    metavar: str | None = None  # None: a flag without a value
+    choices: tuple[str, ...] = ()
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class Verb:
+    name: str  # the helper's verb: "start", "admin-create", "pam-hook"
+    help: str
+    flags: tuple[Flag, ...] = ()
+    target: str | None = "NAME"  # the positional argument's metavar; None: takes none
+    options: bool = False  # takes `-- OPTION...`
+    usage: str | None = None
+    epilog: str = ""  # extra help text; "{options}" is replaced by the option lists
+    internal: bool = False  # called by kvmgate's own programs (pam_exec, gated), not shown in help
+    frontend: bool = False  # handled by the front end itself (ssh), never sent to the helper
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        """What a user types: ("admin", "create") for "admin-create"."""
+        return tuple(self.name.split("-", 1)) if self.name.startswith("admin-") else (self.name,)
+
+    def flag(self, name: str) -> Flag | None:
+        return next((f for f in self.flags if f.name == name), None)
+
+
+OWNER = Flag("--owner", "act on USER's VM (root only)", "USER")
+JSON = Flag("--json", "machine-readable output (errors too: one JSON object on stdout)")
+OWNER_REQUIRED = Flag("--owner", "the VM's owner", "USER", required=True)
+ON_LOGOFF = Flag(
+    "--on-logoff",
+    "what happens to the VM when its owner's last session closes",
+    "MODE",
+    ("none", "pause", "hibernate"),
+)
+NETWORK = Flag(
+    "--network", "one NIC on each named network from the policy (user, private, services, ...)", "NET[,NET...]"
+)
+FORWARD = Flag(
+    "--forward",
+    "forward host ports from the pool to the guest: ssh, http, NAME=GUESTPORT, GUESTPORT, each with "
+    "an optional @HOSTPORT inside the pool; none removes them",
+    "SPEC[,SPEC...]",
+)
+WAKE = Flag(
+    "--wake",
+    "kvmgate-gated owns the forwarded ports and wakes a frozen, hibernated or stopped VM on a connection",
+    "on|off",
+    ("on", "off"),
+)
+TIMEOUT = Flag("--timeout", "power-down grace time in seconds (default from the policy)", "SECONDS")
+
+VERBS: tuple[Verb, ...] = (
+    Verb(
+        "list",
+        "list your VMs (or, with --services, the service VMs everyone may use)",
+        (OWNER, Flag("--services", "list the host's service VMs"), JSON),
+        target=None,
+    ),
+    Verb(
+        "start",
+        "start a VM, optionally with options from your list; a hibernated VM is restored",
+        (OWNER, Flag("--paused", "start with the virtual CPUs stopped")),
+        options=True,
+        usage="kvmgate start [--owner USER] [--paused] NAME [-- OPTION...]",
+        epilog="VM options (the design note's vocabulary; the policy may move them):\n{options}",
+    ),
+    Verb(
+        "stop",
+        "stop a VM: ACPI power-down, then kill after the timeout (exit 6 if it had to kill)",
+        (OWNER, Flag("--force", "quit at once instead of powering down"), TIMEOUT),
+    ),
+    Verb("freeze", "pause a VM's virtual CPUs; its memory stays in place", (OWNER,)),
+    Verb("thaw", "resume a frozen VM, or restore a hibernated one", (OWNER,)),
+    Verb("hibernate", "save the whole VM to its directory and end QEMU; start or thaw restores it", (OWNER,)),
+    Verb("status", "show a VM's state: running, paused, hibernated or stopped", (OWNER, JSON)),
+    Verb(
+        "console",
+        "attach to a VM's serial console (detach with Ctrl-])",
+        (
+            OWNER,
+            Flag("--expect", "exit 0 as soon as the output matches REGEX", "REGEX"),
+            Flag("--timeout", "give up (or, without --expect, detach) after SECONDS", "SECONDS"),
+        ),
+        epilog="The console shows up to 16 KiB of earlier output first. One attachment at a time;\n"
+        "a second attach is refused with exit 5.",
+    ),
+    Verb("ports", "show a VM's forwarded host ports (admin create --forward, -redir)", (OWNER, JSON)),
+    Verb(
+        "ssh",
+        "ssh into a VM through its forwarded ssh port",
+        (OWNER,),
+        options=True,
+        usage="kvmgate ssh [--owner USER] NAME [-- SSH-ARGUMENT...]",
+        epilog="Runs ssh(1) as you, to the host port kvmgate forwards to the guest's port 22\n"
+        "(the forward named ssh, or else the one to guest port 22). Arguments after -- go to\n"
+        "ssh after the destination, where OpenSSH reads options as well as the remote command.\n"
+        "The host key is remembered under the alias kvmgate-OWNER-NAME, so VMs never clash in\n"
+        "known_hosts. Example: kvmgate ssh dev -- -l root uptime",
+        frontend=True,
+    ),
+    Verb(
+        "vnc",
+        "show how to reach a running VM's display (a socket only you can open, or a port and password)",
+        (OWNER, JSON),
+    ),
+    Verb(
+        "gdb",
+        "show the path of a running VM's gdb stub (-s or -p): a socket only you can open",
+        (OWNER, JSON),
+    ),
+    Verb(
+        "admin-init",
+        "idempotent host set-up: directories, the kvmgate-qemu group, the default policy, "
+        "/dev/kvm and /dev/net/tun permissions",
+        (
+            Flag("--accel", "set the policy's accelerator", "auto|kvm|tcg", ("auto", "kvm", "tcg")),
+            Flag("--pam", "install the PAM session hook in common-session (docs/logon.md)"),
+            Flag("--no-pam", "remove the PAM session hook"),
+        ),
+        target=None,
+    ),
+    Verb(
+        "admin-create",
+        "define a VM for a user",
+        (
+            Flag("--owner", "the VM's owner (for --service: default kvmgate-svc)", "USER"),
+            Flag("--service", "a service VM: listed for all users, started at boot"),
+            Flag("--no-autostart", "with --service: do not start it at boot"),
+            Flag("--disk-size", "create the VM's default disk (qcow2), e.g. 10G", "SIZE"),
+            ON_LOGOFF,
+            NETWORK,
+            FORWARD,
+            WAKE,
+        ),
+        options=True,
+        usage="kvmgate admin create NAME (--owner USER | --service) [--disk-size SIZE] -- OPTION...",
+        epilog="VM options:\n{options}",
+    ),
+    Verb(
+        "admin-delete",
+        "delete a VM (it must be stopped); frees its ports, MACs and addresses",
+        (OWNER_REQUIRED, Flag("--keep-disks", "keep the disks directory under STATE/kept/")),
+    ),
+    Verb(
+        "admin-set",
+        "change a VM's settings (they apply from its next start)",
+        (
+            OWNER_REQUIRED,
+            ON_LOGOFF,
+            Flag("--idle", "with --wake on: freeze after this long without connections", "SECONDS"),
+            NETWORK,
+            FORWARD,
+            WAKE,
+        ),
+    ),
+    Verb(
+        "admin-net-up",
+        "idempotent network set-up: services bridges, the nftables rules, dnsmasq (run at boot by "
+        "kvmgate-network.service; starts of bridged VMs do it themselves after a reboot)",
+        target=None,
+    ),
+    Verb(
+        "admin-net-down",
+        "stop dnsmasq, remove kvmgate's nftables tables and its bridges that have no ports",
+        target=None,
+    ),
+    Verb("admin-reap", "apply the logoff policy for sessions that ended without closing (run by a timer)", target=None),
+    Verb("admin-autostart", "start every service VM marked autostart (run at boot)", target=None),
+    Verb(
+        "admin-watch",
+        "start a service VM and wait for it; exit 7 if QEMU dies (kvmgate-vm@.service)",
+        target="OWNER:NAME",
+    ),
+    Verb("admin-list", "list every VM", (JSON,), target=None),
+    Verb("admin-show", "show a VM's identity, options, settings and QEMU command line", (OWNER_REQUIRED, JSON)),
+    Verb("pam-hook", "pam_exec's session hook (docs/logon.md)", target=None, internal=True),
+    Verb("gated-config", "kvmgate-gated's listener table", target=None, internal=True),
+    Verb("gated-wake", "wake a VM for kvmgate-gated", target="OWNER:NAME", internal=True),
+    Verb(
+        "gated-hold",
+        "count kvmgate-gated's open connections as a session of the VM's owner",
+        (Flag("--pid", "gated's own pid", "PID"), Flag("--on", "start holding"), Flag("--off", "stop holding")),
+        target="OWNER:NAME",
+        internal=True,
+    ),
+    Verb("gated-idle", "freeze an idle VM per its logoff policy", target="OWNER:NAME", internal=True),
+)
+
+BY_NAME: dict[str, Verb] = {v.name: v for v in VERBS}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One parsed helper call. Flags are keyed by their names in the table."""
+
+    verb: str
+    name: str | None = None
+    flags: dict[str, str] = field(default_factory=dict)
+    options: tuple[str, ...] = ()
+
+    def flag(self, name: str) -> str | None:
+        return self.flags.get(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.flags
+
+    @property
+    def as_json(self) -> bool:
+        return "--json" in self.flags
+
+
+def verb_of(argv: list[str]) -> tuple[Verb, list[str]]:
+    """The verb the words name, and the words after it."""
+    if not argv:
+        raise UsageError("missing verb")
+    name, rest = argv[0], argv[1:]
+    if name == "admin" and rest:
+        name, rest = f"admin-{rest[0]}", rest[1:]
+    verb = BY_NAME.get(name)
+    if verb is None or verb.frontend:
+        raise UsageError(f"unknown verb {name[:40]!r}")
+    return verb, rest
+
+
+def parse(argv: list[str]) -> Request:
+    """The helper's strict parser: exactly the table's flags, each at most once,
+    values as the next word, no abbreviations and no `--flag=value`."""
+    verb, rest = verb_of(argv)
+    flags: dict[str, str] = {}
+    name: str | None = None
+    options: tuple[str, ...] = ()
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if tok == "--":
+            if not verb.options:
+                raise UsageError(f"{verb.name} takes no VM options")
+            options = tuple(rest[i + 1 :])
+            break
+        spec = verb.flag(tok)
+        if spec is not None:
+            if tok in flags:
+                raise UsageError(f"{tok} given twice")
+            if spec.metavar is None:
+                flags[tok] = ""
+                i += 1
+                continue
+            if i + 1 >= len(rest):
+                raise UsageError(f"{tok} needs a value")
+            value = rest[i + 1]
+            if spec.choices and value not in spec.choices:
+                raise UsageError(f"{tok} takes {', '.join(spec.choices)}")
+            flags[tok] = value
+            i += 2
+            continue
+        if tok.startswith("-"):
+            raise UsageError(f"{verb.name}: unknown flag {tok[:40]!r}")
+        if verb.target is None or name is not None:
+            raise UsageError(f"{verb.name}: unexpected argument {tok[:40]!r}")
+        name = tok
+        i += 1
+    if verb.target is not None and name is None:
+        raise UsageError(f"{verb.name} needs {'a VM name' if verb.target == 'NAME' else verb.target}")
+    for spec in verb.flags:
+        if spec.required and spec.name not in flags:
+            raise UsageError(f"{verb.name} needs {spec.name} {spec.metavar}")
+    return Request(verb.name, name, flags, options)

@@ -1,0 +1,187 @@
+"""The effective policy: default lists plus the admin's TOML overrides, and option parsing.
+
+`Policy.from_dict` is pure (the caller reads and checks the file), so every rule
+here is tested without touching the host. Unknown keys are refused: a typo in a
+policy file must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+from kvmgate.errors import PolicyError
+from kvmgate.model.policy import grammar as g
+from kvmgate.model.policy import network
+from kvmgate.model.policy.table import LISTS, OPTIONS, ListName, OptionSpec
+
+ACCELS = ("auto", "kvm", "tcg")
+
+
+class ParsedOption(NamedTuple):
+    spec: OptionSpec
+    value: g.Value
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def tokens(self) -> list[str]:
+        return [self.name] if self.spec.parse is None else [self.name, self.value.canonical]
+
+
+DEFAULT_LISTS: Mapping[str, ListName] = MappingProxyType({n: o.default for n, o in OPTIONS.items()})
+
+
+class Policy(NamedTuple):
+    lists: Mapping[str, ListName] = DEFAULT_LISTS
+    limits: g.Limits = g.Limits()
+    accel: str = "auto"
+    qemu: str = "/usr/bin/qemu-system-x86_64"
+    stop_timeout: int = 30
+    memory_overhead_mib: int = 256
+    max_open_files: int = 4096
+    net: network.HostNet = network.default()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Policy:
+        def fail(msg: str) -> PolicyError:
+            return PolicyError("policy", msg)
+
+        known = {"accel", "qemu", "stop_timeout", "memory_overhead_mib", "max_open_files", "lists", "limits"}
+        known |= {"host", "ports", "vnc", "networks"}
+        extra = set(data) - known
+        if extra:
+            raise fail(f"unknown key {sorted(extra)[0]!r}")
+        kw: dict[str, Any] = {}
+        accel = data.get("accel", "auto")
+        if accel not in ACCELS:
+            raise fail("accel must be one of " + ", ".join(ACCELS))
+        kw["accel"] = accel
+        qemu = data.get("qemu", cls._field_defaults["qemu"])
+        if not isinstance(qemu, str) or not qemu.startswith("/") or posixpath.normpath(qemu) != qemu:
+            raise fail("qemu must be a normalised absolute path")
+        kw["qemu"] = qemu
+        for key, lo, hi in (
+            ("stop_timeout", 1, 3600),
+            ("memory_overhead_mib", 32, 65536),
+            ("max_open_files", 256, 1 << 20),
+        ):
+            if key in data:
+                v = data[key]
+                if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                    raise fail(f"{key} must be an integer between {lo} and {hi}")
+                kw[key] = v
+        kw["lists"] = cls._lists(data.get("lists", {}), fail)
+        kw["limits"] = cls._limits(data.get("limits", {}), fail)
+        kw["net"] = network.parse(data)
+        return cls(**kw)
+
+    @staticmethod
+    def _lists(moves: Any, fail: Any) -> dict[str, ListName]:
+        lists: dict[str, ListName] = {n: o.default for n, o in OPTIONS.items()}
+        if not isinstance(moves, Mapping):
+            raise fail("[lists] must be a table")
+        seen: set[str] = set()
+        for lname, names in moves.items():
+            if lname not in LISTS:
+                raise fail(f"unknown list {lname!r} (lists are user, admin, unused)")
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise fail(f"lists.{lname} must be a list of option names")
+            for n in names:
+                spec = OPTIONS.get(n)
+                if spec is None:
+                    raise fail(f"lists.{lname}: unknown option {n!r}")
+                if n in seen:
+                    raise fail(f"{n} is in more than one list")
+                seen.add(n)
+                if spec.fixed and lname != "unused":
+                    raise fail(f"{n} cannot be enabled: kvmgate manages it itself")
+                if lname == "user" and not spec.user_ok:
+                    raise fail(f"{n} cannot be given to users: it hands out a host resource")
+                lists[n] = lname
+        return lists
+
+    @staticmethod
+    def _limits(data: Any, fail: Any) -> g.Limits:
+        if not isinstance(data, Mapping):
+            raise fail("[limits] must be a table")
+        d = g.Limits()
+        ints = {"mem_min_mib": (1, 1 << 22), "mem_max_mib": (1, 1 << 22), "smp_max": (1, 1024), "append_max": (0, 4096)}
+        kw: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in ints:
+                lo, hi = ints[key]
+                if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                    raise fail(f"limits.{key} must be an integer between {lo} and {hi}")
+                kw[key] = value
+            elif key == "vnc":
+                if (
+                    not isinstance(value, list)
+                    or len(value) != 2
+                    or not all(isinstance(v, int) for v in value)
+                    or not 0 <= value[0] <= value[1] <= 999
+                ):
+                    raise fail("limits.vnc must be [first, last] display numbers within 0..999")
+                kw["vnc_min"], kw["vnc_max"] = value
+            elif key == "machines":
+                if not isinstance(value, list) or not value or not all(v in ("pc", "q35") for v in value):
+                    raise fail("limits.machines must be a non-empty list from pc, q35")
+                kw["machines"] = tuple(value)
+            else:
+                raise fail(f"unknown key limits.{key}")
+        lim = d._replace(**kw)
+        if lim.mem_min_mib > lim.mem_max_mib:
+            raise fail("limits.mem_min_mib is above limits.mem_max_mib")
+        return lim
+
+    # ------------------------------------------------------------------ parsing
+    def list_of(self, option: str) -> ListName:
+        return self.lists[option]
+
+    def parse(self, tokens: Sequence[str], who: str) -> list[ParsedOption]:
+        """Parse `tokens` in the note's vocabulary for `who` ("user" or "admin").
+
+        Only exact option names from the table are options: QEMU's own spellings
+        (`--m`, `-m=256`, abbreviations) and a stray `--` are refused, so no token
+        can mean something to QEMU that it did not mean here.
+        """
+        allowed: tuple[ListName, ...] = ("user",) if who == "user" else ("user", "admin")
+        out: list[ParsedOption] = []
+        seen: set[str] = set()
+        i = 0
+        while i < len(tokens):
+            tok = tokens[i]
+            spec = OPTIONS.get(tok)
+            if spec is None:
+                if tok == "--":
+                    raise PolicyError("--", "not allowed among VM options")
+                if tok.startswith("-"):
+                    base = tok.lstrip("-").split("=", 1)[0]
+                    hint = f" (did you mean -{base}?)" if "-" + base in OPTIONS and "-" + base != tok else ""
+                    raise PolicyError(tok.split("=", 1)[0], "unknown option" + hint)
+                raise PolicyError(tok[:40], "expected an option, got a bare value")
+            where = self.lists[tok]
+            if where not in allowed:
+                if where == "unused":
+                    raise PolicyError(tok, "not used on this host")
+                raise PolicyError(tok, "only the administrator may set this option")
+            if tok in seen and not spec.repeatable:
+                raise PolicyError(tok, "given more than once")
+            seen.add(tok)
+            if spec.parse is None:
+                value: g.Value = g.parse_flag(tok, None, self.limits)
+                i += 1
+            else:
+                if i + 1 >= len(tokens):
+                    raise PolicyError(tok, "needs a value")
+                raw = tokens[i + 1]
+                if raw.startswith("-"):
+                    raise PolicyError(tok, "value must not start with '-'")
+                value = spec.parse(tok, raw, self.limits)
+                i += 2
+            out.append(ParsedOption(spec, value))
+        return out

@@ -1,0 +1,163 @@
+"""A VM's settings: what the admin fixed that is not a QEMU option. Pure.
+
+`settings.json` in the VM directory (root-only) is parsed here once, strictly,
+into typed records; everything else uses the records. Its values reach `ip
+-batch`, the nftables ruleset and dnsmasq, so each has a strict shape: even a
+damaged file can never smuggle a command or a rule into them.
+
+The file is versioned. Version 0 is the unversioned dict written before the
+field existed; it is read as version 1 with the same meaning (`migrate`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from kvmgate.errors import KvmgateError, UsageError
+from kvmgate.model.regex import Regex
+
+VERSION = 1
+ON_LOGOFF = ("none", "pause", "hibernate")
+MAX_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A host port from the pool forwarded to a guest TCP port. With wake on
+    connect, kvmgate-gated listens on `port` and QEMU on the loopback `internal`."""
+
+    service: str
+    guest: int
+    port: int
+    internal: int | None = None
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A NIC on a network the admin named. `tap` is None on QEMU's user network;
+    `ip` is None where kvmgate gives no address (user and private networks)."""
+
+    network: str
+    mac: str
+    tap: str | None = None
+    ip: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    on_logoff: str = "none"
+    service: bool = False
+    autostart: bool = False
+    wake: bool = False  # kvmgate-gated owns the forwarded ports and wakes the VM on a connection
+    idle: int = 0  # seconds without connections before gated freezes it (0: never)
+    forwards: tuple[Forward, ...] = ()
+    nics: tuple[Nic, ...] = ()
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["version"] = VERSION
+        return json.dumps(data, sort_keys=True)
+
+
+class CorruptSettings(KvmgateError):
+    """settings.json does not parse or does not have the expected shapes."""
+
+
+def _port(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535
+
+
+def _match(pattern: str) -> Callable[[object], bool]:
+    rx = Regex(pattern)  # compiled on first use: most helper runs never read a NIC
+
+    def check(v: object) -> bool:
+        return isinstance(v, str) and rx.fullmatch(v) is not None
+
+    return check
+
+
+def _optional(check: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda v: v is None or check(v)
+
+
+IFNAME = _match(r"[a-z][a-z0-9]{0,14}")
+NIC_SHAPE: dict[str, Callable[[object], bool]] = {
+    "network": _match(r"[a-z][a-z0-9]{0,15}"),
+    "mac": _match(r"52:54:00(:[0-9a-f]{2}){3}"),
+    "tap": _optional(IFNAME),
+    "ip": _optional(_match(r"[0-9]{1,3}(\.[0-9]{1,3}){3}")),
+}
+FORWARD_SHAPE: dict[str, Callable[[object], bool]] = {
+    "service": _match(r"[a-z][a-z0-9-]{0,15}"),
+    "guest": _port,
+    "port": _port,
+    "internal": _optional(_port),
+}
+
+
+def _rows(rows: object, shape: dict[str, Callable[[object], bool]]) -> list[dict[str, Any]]:
+    if not isinstance(rows, list):
+        raise CorruptSettings("a list of rows expected")
+    for r in rows:
+        if not isinstance(r, dict) or set(r) != set(shape) or not all(check(r[k]) for k, check in shape.items()):
+            raise CorruptSettings("a row of the wrong shape")
+    return rows
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Bring an older file's dict to the current version."""
+    version = data.pop("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= VERSION:
+        raise CorruptSettings(f"unknown settings version {version!r}")
+    return data  # version 0 had the same fields, without "version"
+
+
+def parse(text: bytes | str) -> Settings:
+    """Strictly parse settings.json's content; raises CorruptSettings."""
+    if len(text) > MAX_BYTES:
+        raise CorruptSettings("settings file too large")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise CorruptSettings("settings file is not JSON") from None
+    if not isinstance(data, dict):
+        raise CorruptSettings("settings file is not an object")
+    data = migrate(data)
+    known = {f for f in Settings.__dataclass_fields__}
+    if set(data) - known:
+        raise CorruptSettings("unknown settings")
+    s = Settings()
+    on_logoff = data.get("on_logoff", s.on_logoff)
+    if on_logoff not in ON_LOGOFF:
+        raise CorruptSettings("bad on_logoff")
+    flags = {k: data.get(k, getattr(s, k)) for k in ("service", "autostart", "wake")}
+    if not all(isinstance(v, bool) for v in flags.values()):
+        raise CorruptSettings("bad flag")
+    idle = data.get("idle", 0)
+    if not isinstance(idle, int) or isinstance(idle, bool) or not 0 <= idle <= MAX_IDLE:
+        raise CorruptSettings("bad idle")
+    forwards = tuple(Forward(**r) for r in _rows(data.get("forwards", []), FORWARD_SHAPE))
+    nics = tuple(Nic(**r) for r in _rows(data.get("nics", []), NIC_SHAPE))
+    return Settings(on_logoff, flags["service"], flags["autostart"], flags["wake"], idle, forwards, nics)
+
+
+MAX_IDLE = 7 * 86400
+
+
+def check_on_logoff(mode: str) -> str:
+    if mode not in ON_LOGOFF:
+        raise UsageError("--on-logoff must be none, pause or hibernate")
+    return mode
+
+
+def parse_idle(raw: str) -> int:
+    """Seconds, ASCII digits only (str.isdigit accepts other scripts' digits)."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 7 or int(raw) > MAX_IDLE:
+        raise UsageError(f"--idle takes seconds between 0 and {MAX_IDLE} (0: never)")
+    return int(raw)

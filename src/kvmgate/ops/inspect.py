@@ -1,0 +1,65 @@
+"""What a VM looks like to the people who may see it: state, addresses, ports.
+Read-only; no lock (a reader sees one consistent state or the next)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kvmgate.host import migrate
+from kvmgate.model.hostnet import redirs
+from kvmgate.model.policy.policy import Policy
+from kvmgate.ops.power import PAUSED, vcpu_state
+from kvmgate.store import registry, runtime
+
+
+def describe(vm: registry.VM) -> dict[str, Any]:
+    running = runtime.is_running(vm)
+    saved = None if running else migrate.meta_of(vm)
+    info: dict[str, Any] = {
+        "name": vm.identity.name,
+        "owner": vm.identity.owner,
+        "state": "running" if running else "hibernated" if saved else "stopped",
+        "directory": vm.vmdir,
+        "key": vm.key,
+    }
+    if saved:
+        info["saved_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(saved.saved_at))
+        info["saved_bytes"] = saved.size
+    if running:
+        info["pid"] = runtime.read_pid(vm)
+        info["qemu_status"] = vcpu_state(vm)
+        if info["qemu_status"] in PAUSED:
+            info["state"] = "paused"
+    return info
+
+
+def addresses(vm: registry.VM) -> list[dict[str, Any]]:
+    """The VM's NICs on named networks: what users need to reach it (and service VMs)."""
+    return [{"network": n.network, "mac": n.mac, "ip": n.ip} for n in registry.read_settings(vm).nics]
+
+
+def forwarded(policy: Policy, vm: registry.VM) -> list[dict[str, Any]]:
+    """The VM's host ports: `--forward`s (through kvmgate-gated when it wakes the VM)
+    and the note's `-redir`s."""
+    rows: list[dict[str, Any]] = [
+        {
+            "service": f.service,
+            "guest_port": f.guest,
+            "host": policy.net.ports.bind,
+            "port": f.port,
+            "via": "kvmgate-gated" if f.internal else "qemu",
+        }
+        for f in registry.read_settings(vm).forwards
+    ]
+    rows += [
+        {
+            "service": f"redir-{r.proto}",
+            "guest_port": r.guest_port,
+            "host": "127.0.0.1",
+            "port": r.host_port,
+            "via": "qemu",
+        }
+        for r in redirs(vm.identity.tokens)
+    ]
+    return rows

@@ -1,0 +1,208 @@
+"""Start one VM, or restore it if it was hibernated: the start path.
+
+Every public function of `ops.lifecycle` and `ops.power` takes the VM's
+operation lock, then looks at the VM's state, then acts: two actors on one VM
+(a user's thaw and the PAM worker's hibernate, three parallel hibernates, ...)
+run one after the other, and the second sees what the first did. Functions
+ending in `_locked` assume the caller holds the lock. Stopping, freezing,
+thawing and hibernating live in `ops.power`, off the start path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import signal
+import time
+from typing import NamedTuple
+
+from kvmgate.errors import KvmgateError, NoSuchVM, PermissionRefused, QMPError, WrongState
+from kvmgate.host import audit, cgroup, launch, migrate
+from kvmgate.host.caller import Caller
+from kvmgate.host.qmp import QMP, wait_ready
+from kvmgate.model.policy.policy import Policy
+from kvmgate.model.translate import Accel, Plan
+from kvmgate.ops.plan import owner_dir, plan_for
+from kvmgate.paths import Paths
+from kvmgate.store import config, locks, registry, runtime
+
+START_TIMEOUT = 30.0
+
+
+class Started(NamedTuple):
+    pid: int
+    accel: Accel
+    restored: bool
+
+
+def lock(paths: Paths, vm: registry.VM) -> contextlib.AbstractContextManager[None]:
+    return locks.vm_lock(paths, vm.identity.owner, vm.identity.name)
+
+
+def qmp(vm: registry.VM, timeout: float = 10) -> QMP:
+    return QMP(os.path.join(vm.rundir, "qmp.sock"), timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- start
+
+
+def start(paths: Paths, who: Caller, vm: registry.VM, options: list[str], paused: bool = False) -> Started:
+    """Start the VM, or restore it if it was hibernated."""
+    with lock(paths, vm):
+        return start_locked(paths, who, vm, options, paused)
+
+
+def start_locked(paths: Paths, who: Caller, vm: registry.VM, options: list[str], paused: bool = False) -> Started:
+    # The state check comes first, before anything is opened: a start of a running
+    # VM changes nothing (no tap opened, no file created) and says so.
+    if runtime.is_running(vm):
+        raise WrongState(f"{vm.identity.name} is already running")
+    saved = migrate.meta_of(vm)
+    if saved is not None and options:
+        raise WrongState(f"{vm.identity.name} is hibernated: it resumes with the options it was started with")
+    pid, accel = _launch(paths, who, vm, saved.options if saved else options, paused, saved is not None)
+    if saved is None:
+        return Started(pid, accel, False)
+    try:
+        migrate.restore(vm, saved)
+    except BaseException:
+        _kill(pid)
+        runtime.cleanup(vm)
+        raise
+    audit.done(paths.audit_log, who, "restore", vm.identity.owner, vm.identity.name, size=saved.size)
+    return Started(pid, accel, True)
+
+
+def _launch(
+    paths: Paths, who: Caller, vm: registry.VM, options: list[str], paused: bool, incoming: bool
+) -> tuple[int, Accel]:
+    policy = config.load(paths)
+    try:
+        pw = pwd.getpwnam(vm.identity.owner)
+    except KeyError:
+        raise NoSuchVM(vm.identity.name) from None
+    launch.refuse_unless_owner(pw)
+    qemu_gid = grp.getgrnam(launch.QEMU_GROUP).gr_gid
+    accel = config.accel(policy)
+    plan = plan_for(vm, policy, options, accel, paused=paused, incoming=incoming)  # all validation first
+    where = launch.Where(vm.rundir, vm.sub("log"), vm.sub("tmp"))
+    launch.check_dirs(plan, pw, qemu_gid)
+    fds = launch.open_user_resources(plan, pw, qemu_gid, where.tmpdir)  # the last refusals
+    try:
+        # Bridged NICs and guarded ports need the host's networks and rules: after a
+        # reboot, the first such start brings them back (cheap when they are up).
+        if plan.host_ports or any(r.bridge for r in plan.resources):
+            from kvmgate.host import network
+
+            network.ensure_up(paths, policy)
+            network.attach_taps(paths, policy, plan.resources)
+        lock_fd = runtime.liveness_lock(vm)
+    except BaseException:
+        launch.close_all(fds)  # the taps vanish with their last descriptor
+        raise
+    try:
+        fds |= launch.open_runtime_resources(plan, where, lock_fd)
+        _prepare_owner_dir(vm, plan, pw.pw_uid)
+        limit = (plan.memory_mib + policy.memory_overhead_mib) << 20
+        placement = cgroup.Placement(vm.key, limit)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        fds[-1] = log = os.open(vm.sub("log", "qemu.log"), flags, 0o600)
+        argv = [policy.qemu, *plan.argv]
+        audit.done(paths.audit_log, who, "start", vm.identity.owner, vm.identity.name, options=options, argv=argv)
+        qemu_fds = {t: f for t, f in fds.items() if t >= 0}
+        pid = launch.spawn(policy.qemu, plan, qemu_fds, pw, qemu_gid, where, placement, log, policy.max_open_files)
+    finally:
+        launch.close_all(fds)
+        os.close(lock_fd)  # QEMU holds its own copy of the liveness lock from here on
+
+    def alive() -> bool:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+
+    try:
+        wait_ready(os.path.join(vm.rundir, "qmp.sock"), time.monotonic() + START_TIMEOUT, alive)
+    except QMPError as err:
+        reason = _log_tail(vm.sub("log", "qemu.log")) or str(err)
+        _kill(pid)
+        raise KvmgateError(f"QEMU failed to start: {reason}") from None
+    try:
+        _record_display(paths, policy, vm, plan)
+    except (OSError, QMPError) as err:
+        _kill(pid)
+        raise KvmgateError(f"cannot set up the display: {err}") from None
+    runtime.write_pid(vm, pid)
+    runtime.write_options(vm, options)
+    runtime.take_intended_exit(vm)  # a stale mark from an earlier run must not hide a crash
+    for extra in plan.pidfiles:
+        _write_admin_pidfile(extra, pid)
+    return pid, accel
+
+
+def _prepare_owner_dir(vm: registry.VM, plan: Plan, uid: int) -> None:
+    """A fresh owner directory for this run's VNC and gdb sockets, which QEMU
+    (running as the owner) creates in it. Made by root, then given to the owner."""
+    d = owner_dir(vm)
+    if os.path.lexists(d):
+        import shutil  # not at module level: most starts have nothing to remove
+
+        shutil.rmtree(d, ignore_errors=True)  # fd-based: safe against links the owner planted
+    if not (plan.gdb or (plan.vnc and plan.vnc.mode == "unix")):
+        return
+    parent = os.path.dirname(d)
+    os.makedirs(parent, 0o711, exist_ok=True)
+    os.chmod(parent, 0o711)
+    os.mkdir(d, 0o700)
+    os.chown(d, uid, -1)
+
+
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _record_display(paths: Paths, policy: Policy, vm: registry.VM, plan: Plan) -> None:
+    """What `kvmgate vnc` and `kvmgate gdb` show the owner, from the plan, never
+    from QEMU's command line. TCP VNC gets a fresh random password at every start
+    (VNC passwords are 8 characters), and its port is guarded like a forwarded one."""
+    record: dict[str, object] = {}
+    d = owner_dir(vm)
+    if plan.gdb:
+        record["gdb"] = os.path.join(d, "gdb.sock")
+    if plan.vnc is not None and plan.vnc.mode == "unix":
+        record["vnc"] = {"kind": "unix", "socket": plan.vnc.socket}
+    elif plan.vnc is not None:
+        password = "".join(_ALPHABET[b % 64] for b in os.urandom(8))  # 48 random bits; no `secrets` import
+        with qmp(vm, timeout=5) as q:
+            q.execute("change-vnc-password", {"password": password})
+        record["vnc"] = {"kind": "tcp", "port": plan.vnc.port, "password": password}
+    if record:
+        runtime.write_display(vm, record)
+    if plan.vnc is not None and plan.vnc.mode == "tcp" and policy.net.ports.protect:
+        from kvmgate.host import network
+
+        network.sync(paths, policy)
+
+
+def _write_admin_pidfile(path: str, pid: int) -> None:
+    parent = os.stat(os.path.dirname(path) or "/")
+    if parent.st_uid != 0 or parent.st_mode & 0o022:
+        raise PermissionRefused(f"-pidfile: {os.path.dirname(path)} must be a root-owned directory")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    os.write(fd, f"{pid}\n".encode())
+    os.close(fd)
+
+
+def _log_tail(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            lines = [ln.strip() for ln in f.read()[-4096:].decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass

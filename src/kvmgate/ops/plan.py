@@ -1,0 +1,64 @@
+"""From a VM and the policy to a QEMU plan: the only place the model is fed
+facts from the host (the default disk, the owner's uid, the owner directory)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+
+from kvmgate.errors import IdentityError, NoSuchVM, PolicyError
+from kvmgate.model.hostnet import attachments
+from kvmgate.model.policy.policy import Policy
+from kvmgate.model.settings import Settings
+from kvmgate.model.translate import Accel, Context, Plan, merge, translate
+from kvmgate.store import registry
+
+
+def owner_dir(vm: registry.VM) -> str:
+    """RUN-display/<key>/: the owner's own directory (0700) for the sockets only
+    they may open (VNC, gdb). Its parent is root's and cannot be listed."""
+    return os.path.join(os.path.dirname(vm.rundir) + "-display", vm.key)
+
+
+def owner_uid(vm: registry.VM) -> int:
+    try:
+        return pwd.getpwnam(vm.identity.owner).pw_uid
+    except KeyError:
+        raise NoSuchVM(vm.identity.name) from None
+
+
+def plan_for(
+    vm: registry.VM,
+    policy: Policy,
+    user_tokens: list[str] | tuple[str, ...],
+    accel: Accel,
+    *,
+    paused: bool = False,
+    incoming: bool = False,
+    settings: Settings | None = None,
+) -> Plan:
+    try:
+        admin_opts = policy.parse(list(vm.identity.tokens), "admin")
+    except PolicyError as err:
+        raise IdentityError(f"{vm.identity.name}: the VM's identity fails validation ({err})") from None
+    user_opts = policy.parse(list(user_tokens), "user")
+    # lexists, not exists: root never follows a link the owner may have planted in
+    # disks/ (that would tell them whether any path exists). The disk is opened
+    # later with the owner's own rights, which decides.
+    default_disk = vm.default_disk if os.path.lexists(vm.default_disk) else None
+    if settings is None:
+        settings = registry.read_settings(vm)
+    d = owner_dir(vm)
+    ctx = Context(
+        accel=accel,
+        default_disk=default_disk,
+        key=vm.key,
+        gdb_socket=os.path.join(d, "gdb.sock"),
+        paused=paused,
+        incoming=incoming,
+        forwards=settings.forwards,
+        forward_bind=policy.net.ports.bind,
+        nics=attachments(policy.net, settings, owner_uid(vm)),
+        vnc_socket=os.path.join(d, "vnc.sock") if policy.net.vnc == "unix" else None,
+    )
+    return translate(merge(admin_opts, user_opts), ctx)

@@ -1,0 +1,159 @@
+"""Stop, freeze, thaw, hibernate, wake, and the logoff policy, for one VM, under
+its operation lock (see `ops.lifecycle`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable
+from typing import NamedTuple
+
+from kvmgate.errors import KvmgateError, QMPError, WrongState
+from kvmgate.host import audit, cgroup, migrate
+from kvmgate.host.caller import Caller
+from kvmgate.model.policy.policy import Policy
+from kvmgate.ops.lifecycle import Started, lock, qmp, start_locked
+from kvmgate.ops.plan import plan_for
+from kvmgate.paths import Paths
+from kvmgate.store import config, registry, runtime
+
+PAUSED = ("paused", "prelaunch", "suspended", "postmigrate")
+
+
+# ------------------------------------------------------------------------------ stop
+
+
+class Stopped(NamedTuple):
+    how: str
+    forced: bool  # had to kill after the timeout
+
+
+def stop(paths: Paths, who: Caller, vm: registry.VM, force: bool = False, timeout: float | None = None) -> Stopped:
+    with lock(paths, vm):
+        if not runtime.is_running(vm):
+            raise WrongState(f"{vm.identity.name} is not running")
+        policy = config.load(paths)
+        grace = float(policy.stop_timeout) if timeout is None else timeout
+        how = "killed"
+        try:
+            runtime.mark_intended_exit(vm)
+            with qmp(vm, timeout=5) as q:
+                q.execute("quit" if force else "system_powerdown")
+                how = "quit" if force else "powered down"
+        except (OSError, QMPError):
+            pass
+        stopped = runtime.wait_stopped(vm, 5 if how == "quit" else grace)
+        forced = False
+        if not stopped:
+            pid = runtime.read_pid(vm)
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            how, forced = "killed after timeout", True
+            stopped = runtime.wait_stopped(vm, 10)
+        if not stopped:
+            raise KvmgateError(f"{vm.identity.name} did not stop")
+        runtime.cleanup(vm)
+        cgroup.remove(vm.key)
+        audit.done(paths.audit_log, who, "stop", vm.identity.owner, vm.identity.name, how=how)
+        return Stopped(how, forced)
+
+
+# ------------------------------------------------------------- freeze, thaw, hibernate
+
+
+def vcpu_state(vm: registry.VM) -> str:
+    try:
+        with qmp(vm, timeout=5) as q:
+            return str(q.execute("query-status").get("status"))
+    except (OSError, QMPError):
+        return "unknown"
+
+
+def freeze(paths: Paths, who: Caller, vm: registry.VM) -> bool:
+    """Pause the vCPUs. False if they were paused already."""
+    with lock(paths, vm):
+        return _vcpus(paths, who, vm, run=False)
+
+
+def thaw(
+    paths: Paths, who: Caller, vm: registry.VM, wanted: Callable[[], bool] | None = None
+) -> tuple[bool, Started | None]:
+    """Resume the vCPUs, or restore a hibernated VM. (changed, restored-as).
+    `wanted` is asked again under the lock (an internal actor's reason to act)."""
+    with lock(paths, vm):
+        if wanted is not None and not wanted():
+            return False, None
+        if not runtime.is_running(vm):
+            if migrate.meta_of(vm) is None:
+                raise WrongState(f"{vm.identity.name} is not running")
+            return True, start_locked(paths, who, vm, [])
+        return _vcpus(paths, who, vm, run=True), None
+
+
+def wake(paths: Paths, who: Caller, vm: registry.VM) -> None:
+    """Whatever state the VM is in, make it run: thaw, restore or start (gated)."""
+    with lock(paths, vm):
+        if runtime.is_running(vm):
+            _vcpus(paths, who, vm, run=True)
+        else:
+            start_locked(paths, who, vm, [])
+
+
+def _vcpus(paths: Paths, who: Caller, vm: registry.VM, run: bool) -> bool:
+    if not runtime.is_running(vm):
+        raise WrongState(f"{vm.identity.name} is not running")
+    try:
+        with qmp(vm) as q:
+            status = q.execute("query-status").get("status")
+            if (status == "running") == run:
+                return False
+            q.execute("cont" if run else "stop")
+    except (OSError, QMPError) as err:
+        raise KvmgateError(f"{vm.identity.name}: the monitor refused: {err}") from None
+    audit.done(paths.audit_log, who, "thaw" if run else "freeze", vm.identity.owner, vm.identity.name)
+    return True
+
+
+def runs_with_snapshot(policy: Policy, vm: registry.VM, options: list[str]) -> bool:
+    """-snapshot from the admin's options or the user's: its overlay ends with
+    QEMU, so such a VM can never be hibernated."""
+    return plan_for(vm, policy, options, "tcg").snapshot
+
+
+def hibernate(paths: Paths, who: Caller, vm: registry.VM) -> migrate.Saved:
+    with lock(paths, vm):
+        return hibernate_locked(paths, who, vm)
+
+
+def hibernate_locked(paths: Paths, who: Caller, vm: registry.VM) -> migrate.Saved:
+    name = vm.identity.name
+    if not runtime.is_running(vm):
+        raise WrongState(f"{name} is not running")
+    options = runtime.read_options(vm)
+    if runs_with_snapshot(config.load(paths), vm, options):
+        raise WrongState(f"{name} runs with -snapshot: its overlay ends with QEMU, so it cannot hibernate")
+    runtime.mark_intended_exit(vm)
+    saved = migrate.save(vm, options)
+    if not runtime.wait_stopped(vm, 30):
+        raise KvmgateError(f"{name} was saved but QEMU did not exit")
+    runtime.cleanup(vm)
+    cgroup.remove(vm.key)
+    audit.done(paths.audit_log, who, "hibernate", vm.identity.owner, name, size=saved.size, sha256=saved.sha256)
+    return saved
+
+
+def sleep(
+    paths: Paths, who: Caller, vm: registry.VM, mode: str, wanted: Callable[[], bool] | None = None
+) -> str | None:
+    """The logoff policy: freeze (`pause`) or hibernate a running VM; nothing for
+    `none`, a VM that is not running, or when `wanted()`, asked under the lock,
+    says the reason to act is gone (the owner logged on again)."""
+    with lock(paths, vm):
+        if mode == "none" or not runtime.is_running(vm) or (wanted is not None and not wanted()):
+            return None
+        if mode == "pause":
+            return "froze" if _vcpus(paths, who, vm, run=False) else None
+        hibernate_locked(paths, who, vm)
+        return "hibernated"

@@ -1,0 +1,87 @@
+"""Creating and deleting VM directories and their name links: `admin create`
+and `admin delete` only, kept apart from the registry that every start reads."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import time
+
+from kvmgate.errors import WrongState
+from kvmgate.model import identity as ident
+from kvmgate.model.settings import Settings
+from kvmgate.paths import Paths
+from kvmgate.store.files import write_atomic
+from kvmgate.store.registry import DEFAULT_DISK, VM, mkdir_root, vm_for
+
+
+def create(paths: Paths, identity: ident.Identity, empty_image: bytes | None, settings: Settings | None = None) -> VM:
+    """Build the VM directory under a temporary name, then publish it with one
+    rename and one exclusive symlink: a failure leaves nothing behind."""
+    pw = pwd.getpwnam(identity.owner)
+    vm = vm_for(paths, identity)
+    link_dir = os.path.join(paths.names, identity.owner)
+    link = os.path.join(link_dir, identity.name)
+    if os.path.lexists(link):
+        raise WrongState(f"{identity.owner} already has a VM named {identity.name}")
+    if os.path.lexists(vm.vmdir):
+        raise WrongState(f"identity directory already exists: {vm.vmdir}")
+    stage = os.path.join(paths.vms, f".new-{os.getpid()}-{time.monotonic_ns()}")
+    mkdir_root(stage, 0o700)
+    try:
+        comps = identity.components()
+        if len(comps) > 1:
+            cur = os.path.join(stage, ident.CHAIN_DIR)
+            mkdir_root(cur, 0o700)
+            for c in comps[1:]:
+                cur = os.path.join(cur, c)
+                mkdir_root(cur, 0o700)
+        mkdir_root(os.path.join(stage, "saved"), 0o700)
+        mkdir_root(os.path.join(stage, "log"), 0o700)
+        mkdir_root(os.path.join(stage, "disks"), 0o700)
+        mkdir_root(os.path.join(stage, "tmp"), 0o700)
+        if settings is not None:
+            write_atomic(os.path.join(stage, "settings.json"), settings.to_json())
+        if empty_image is not None:
+            fd = os.open(
+                os.path.join(stage, "disks", DEFAULT_DISK),
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
+            try:
+                os.write(fd, empty_image)
+                os.fchown(fd, pw.pw_uid, pw.pw_gid)
+            finally:
+                os.close(fd)
+        # Ownership last: until here only root could touch anything inside.
+        os.chown(os.path.join(stage, "disks"), pw.pw_uid, pw.pw_gid)
+        os.chown(os.path.join(stage, "tmp"), pw.pw_uid, pw.pw_gid)
+        os.chmod(stage, 0o711)
+        os.rename(stage, vm.vmdir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    try:
+        mkdir_root(link_dir, 0o700)
+        os.symlink("../../vms/" + comps[0], link)
+    except BaseException:
+        shutil.rmtree(vm.vmdir, ignore_errors=True)
+        raise
+    return vm
+
+
+def delete(paths: Paths, vm: VM, keep_disks: bool) -> str | None:
+    os.unlink(os.path.join(paths.names, vm.identity.owner, vm.identity.name))
+    kept = None
+    if keep_disks:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        owner_dir = os.path.join(paths.state, "kept", vm.identity.owner)
+        mkdir_root(owner_dir, 0o711)
+        kept = os.path.join(owner_dir, f"{vm.identity.name}.{stamp}")
+        os.rename(vm.sub("disks"), kept)
+    trash = os.path.join(paths.vms, f".del-{os.getpid()}-{time.monotonic_ns()}")
+    os.rename(vm.vmdir, trash)
+    shutil.rmtree(trash)
+    shutil.rmtree(vm.rundir, ignore_errors=True)
+    return kept

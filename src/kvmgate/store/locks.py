@@ -1,0 +1,45 @@
+"""The VM operation lock: one per VM, keyed by (owner, name), taken by every verb
+and every internal actor (the PAM worker, gated's wake and idle freeze, the
+reaper, admin verbs, autostart) before it looks at or changes the VM.
+
+It lives on the registry's storage (STATE/locks/), not on /run, so it is the
+same lock for every node that shares the state directory. It is separate from
+the liveness lock QEMU holds for its lifetime (`store.runtime`). Whoever takes
+it re-checks the VM's state under it: a hibernate racing a thaw sees the other's
+result, never half of it.
+
+Lock order (docs/architecture.md): owner -> VM -> network allocation -> logon work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from kvmgate.model.digest import sha256
+from kvmgate.paths import Paths
+from kvmgate.store.files import flock
+from kvmgate.store.registry import mkdir_root
+
+WAIT = 60.0  # how long an operation waits for another one on the same VM
+
+
+def _dir(paths: Paths) -> str:
+    d = os.path.join(paths.state, "locks")
+    mkdir_root(d, 0o700)
+    return d
+
+
+@contextlib.contextmanager
+def vm_lock(paths: Paths, owner: str, name: str, timeout: float = WAIT) -> Iterator[None]:
+    """Keyed by (owner, name), not by the identity directory: a delete and a
+    re-create of the same name are serialised with everything else on it."""
+    key = sha256(f"{owner}\0{name}".encode()).hexdigest()[:32]
+    with flock(os.path.join(_dir(paths), f"vm-{key}"), timeout, f"{name}"):
+        yield
+
+
+def alloc_lock(paths: Paths) -> contextlib.AbstractContextManager[int]:
+    """The host-wide network allocation lock (ports, MACs, addresses, taps)."""
+    return flock(os.path.join(paths.state, ".alloc.lock"))

@@ -1,0 +1,72 @@
+"""Session records: RUN/sessions/<user>/<pid>-<starttime>[-tag], one file per live
+session of a user (a login's session leader, or a connection kvmgate-gated holds).
+A record whose process is gone (crash, kill -9) is pruned at every event and by
+the reaper, so a crashed session never keeps a VM awake, nor asleep."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+
+from kvmgate.paths import Paths
+from kvmgate.store.runtime import process_start
+
+
+def _leader_start(pid: int) -> int | None:
+    try:
+        return process_start(pid)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Sessions:
+    """RUN/sessions/<user>/<pid>-<starttime>, one file per live session."""
+
+    def __init__(self, paths: Paths, user: str) -> None:
+        self.root = os.path.join(paths.run, "sessions")
+        self.dir = os.path.join(self.root, user)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        os.makedirs(self.dir, 0o700, exist_ok=True)
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def records(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.dir))
+        except FileNotFoundError:
+            return []
+
+    def prune(self) -> tuple[int, int]:
+        """Drop records of sessions whose leader is gone. Returns (before, after)."""
+        names = self.records()
+        live = 0
+        for name in names:
+            pid_s, _, rest = name.partition("-")
+            start_s = rest.partition("-")[0]
+            if pid_s.isdigit() and start_s.isdigit() and _leader_start(int(pid_s)) == int(start_s):
+                live += 1
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.dir, name))
+        return len(names), live
+
+    def add(self, pid: int, tag: str = "") -> None:
+        start = _leader_start(pid)
+        if start is not None:
+            name = f"{pid}-{start}" + (f"-{tag}" if tag else "")
+            os.close(os.open(os.path.join(self.dir, name), os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+
+    def remove(self, pid: int, tag: str = "") -> None:
+        for name in self.records():
+            parts = name.split("-", 2)
+            if parts[0] == str(pid) and (parts[2] if len(parts) > 2 else "") == tag:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.dir, name))

@@ -1,0 +1,374 @@
+"""Root-only verbs: host set-up and the VM registry. Imported only for root."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import re
+import stat
+import subprocess
+from collections.abc import Callable
+from typing import Any
+
+from kvmgate.errors import KvmgateError, PolicyError, UsageError, WrongState
+from kvmgate.host import audit, pam
+from kvmgate.host.accounts import ensure_system_user
+from kvmgate.host.caller import Caller
+from kvmgate.model import identity as ident
+from kvmgate.model import qcow2
+from kvmgate.model.commands import Request
+from kvmgate.model.policy.table import OPTIONS
+from kvmgate.model.settings import Settings, check_on_logoff, parse_idle
+from kvmgate.ops.inspect import describe
+from kvmgate.ops.plan import plan_for
+from kvmgate.paths import GATED_USER, QEMU_GROUP, SERVICE_USER, Paths
+from kvmgate.store import config, define, locks, registry, runtime
+from kvmgate.store.files import write_atomic
+from kvmgate.verbs.common import emit
+
+UDEV_RULE = "/etc/udev/rules.d/65-kvmgate.rules"
+_SIZE = re.compile(r"([0-9]{1,9})([KMGT]?)", re.ASCII)
+
+
+def parse_size(raw: str) -> int:
+    m = _SIZE.fullmatch(raw)
+    if not m:
+        raise UsageError("--disk-size must be a size such as 512M, 10G or 1T")
+    n = int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2)]
+    if not (1 << 20) <= n <= (4 << 40) or n % 512:
+        raise UsageError("--disk-size must be between 1M and 4T, in whole sectors")
+    return n
+
+
+def run(req: Request, who: Caller, paths: Paths) -> int:
+    verb = req.verb.removeprefix("admin-")
+    if verb == "init":
+        return init(req, paths)
+    if verb == "list":
+        rows = []
+        for o, n in registry.list_names(paths):
+            try:
+                rows.append(describe(registry.resolve(paths, o, n)))
+            except KvmgateError as err:
+                rows.append({"name": n, "owner": o, "state": "invalid", "error": str(err)})
+        emit(rows, "".join(f"{r['owner']:<16} {r['name']:<32} {r['state']}\n" for r in rows), req.as_json)
+        return 0
+    if verb in ("net-up", "net-down"):
+        from kvmgate.host import network
+
+        policy = config.load(paths)
+        registry.ensure_layout(paths)
+        for line in network.up(paths, policy) if verb == "net-up" else network.down(paths, policy):
+            print(f"{verb}: {line}")
+        return 0
+    owner = req.flag("--owner")
+    if verb == "create" and not owner and req.has("--service"):
+        ensure_system_user(SERVICE_USER)
+        owner = SERVICE_USER
+    if not owner:
+        raise UsageError(f"admin {verb} needs --owner USER")
+    name = ident.check_name(req.name or "")
+    ident.check_owner(owner)
+    with locks.vm_lock(paths, owner, name):
+        if verb == "create":
+            return create(req, who, paths, owner, name)
+        vm = registry.resolve(paths, owner, name)
+        if verb == "delete":
+            return delete(req, who, paths, vm)
+        if verb == "show":
+            return show(req, paths, vm)
+        if verb == "set":
+            return set_settings(req, who, paths, vm)
+    raise UsageError(f"unknown admin verb {verb}")
+
+
+def delete(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
+    from kvmgate.host import network
+
+    owner, name = vm.identity.owner, vm.identity.name
+    if runtime.is_running(vm):
+        raise WrongState(f"{name} is running; stop it first")
+    with locks.alloc_lock(paths):
+        kept = define.delete(paths, vm, req.has("--keep-disks"))
+    network.sync(paths, config.load(paths))  # its ports, MACs and addresses are free again
+    audit.done(paths.audit_log, who, "admin delete", owner, name, kept=kept)
+    print(f"deleted {owner}/{name}" + (f"; disks kept in {kept}" if kept else ""))
+    return 0
+
+
+def set_settings(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
+    settings = registry.read_settings(vm)
+    mode, idle = req.flag("--on-logoff"), req.flag("--idle")
+    if all(req.flag(f) is None for f in ("--on-logoff", "--idle", "--wake", "--forward", "--network")):
+        raise UsageError("admin set needs --on-logoff, --idle, --wake, --forward or --network")
+    if mode is not None:
+        settings = settings.with_(on_logoff=check_on_logoff(mode))
+    if idle is not None:
+        settings = settings.with_(idle=parse_idle(idle))
+    settings = _allocate(req, paths, vm, settings, lambda s: registry.write_settings(vm, s))
+    shown = json.loads(settings.to_json())
+    audit.done(paths.audit_log, who, "admin set", vm.identity.owner, vm.identity.name, settings=shown)
+    print(f"{vm.identity.owner}/{vm.identity.name}: " + json.dumps(shown, sort_keys=True))
+    return 0
+
+
+def _allocate(
+    req: Request, paths: Paths, vm: registry.VM, settings: Settings, commit: Callable[[Settings], object]
+) -> Settings:
+    """Choose the VM's networks, ports and wake-up under the allocation lock, check
+    that the result translates, then `commit` it (still under the lock) and load
+    the host's rules. Any refusal happens before `commit`: nothing is half-built."""
+    from kvmgate.host import network
+    from kvmgate.model.policy.network import parse_forwards
+
+    policy = config.load(paths)
+    nets, fwd, wake = req.flag("--network"), req.flag("--forward"), req.flag("--wake")
+    if wake not in (None, "on", "off"):
+        raise UsageError("--wake takes on or off")
+    plan_for(vm, policy, [], "tcg", settings=settings)  # the options' own errors first
+    with locks.alloc_lock(paths):
+        settings = network.allocate_for(
+            paths,
+            policy.net,
+            vm,
+            settings,
+            networks=nets.split(",") if nets is not None else None,
+            forwards=parse_forwards(fwd, policy.net.ports) if fwd is not None else None,
+            wake=None if wake is None else wake == "on",
+        )
+        plan_for(vm, policy, [], "tcg", settings=settings)  # must translate before it is kept
+        commit(settings)
+    network.sync(paths, policy)
+    return settings
+
+
+def create(req: Request, who: Caller, paths: Paths, owner: str, name: str) -> int:
+    try:
+        pw = pwd.getpwnam(owner)
+    except KeyError:
+        raise UsageError(f"no such user: {owner}") from None
+    if pw.pw_uid == 0:
+        raise UsageError("VMs never run as root: choose an ordinary user as owner")
+    policy = config.load(paths)
+    opts = policy.parse(req.options, "admin")
+    identity = ident.Identity(owner, name, tuple(t for o in opts for t in o.tokens()))
+    vm = registry.vm_for(paths, identity)
+    if req.flag("--network") is not None and any(o.name == "-net" for o in opts):
+        raise PolicyError("--network", "use either the admin's named networks or -net options, not both")
+    on_logoff = check_on_logoff(req.flag("--on-logoff") or "none")
+    size = req.flag("--disk-size")
+    image = qcow2.empty_image(parse_size(size)) if size else None
+    service = req.has("--service")
+    settings = Settings(on_logoff=on_logoff, service=service, autostart=service and not req.has("--no-autostart"))
+    registry.ensure_layout(paths)
+    _allocate(req, paths, vm, settings, lambda s: define.create(paths, identity, image, s))
+    audit.done(paths.audit_log, who, "admin create", owner, name, options=list(identity.tokens), directory=vm.vmdir)
+    print(f"created {owner}/{name}: {vm.vmdir}")
+    return 0
+
+
+def show(req: Request, paths: Paths, vm: registry.VM) -> int:
+    policy = config.load(paths)
+    info: dict[str, Any] = describe(vm)
+    info["options"] = list(vm.identity.tokens)
+    info.update(json.loads(registry.read_settings(vm).to_json()))
+    info["identity_components"] = vm.identity.components()
+    disk = vm.default_disk
+    info["default_disk"] = disk if os.path.lexists(disk) else None
+    try:
+        info["qemu_argv"] = [policy.qemu, *plan_for(vm, policy, [], config.accel(policy)).argv]
+    except PolicyError as err:
+        info["qemu_argv"] = None
+        info["error"] = str(err)
+
+    def show_value(v: Any) -> str:
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            return " ".join(v)
+        return v if isinstance(v, str) else json.dumps(v)
+
+    text = "".join(f"{k}: {show_value(v)}\n" for k, v in info.items())
+    emit(info, text, req.as_json)
+    return 0
+
+
+# ------------------------------------------------------------------------------ init
+
+
+def default_policy(accel: str) -> str:
+    lines = [
+        "# kvmgate policy. Owned by root; kvmgate refuses it if anyone else can write it.",
+        "# The design note's three lists are the defaults. Move options between lists here;",
+        "# options that hand out host resources can never be moved to the users' list.",
+        f'accel = "{accel}"          # auto (kvm if usable, else tcg) | kvm | tcg',
+        'qemu = "/usr/bin/qemu-system-x86_64"',
+        "stop_timeout = 30          # seconds of ACPI power-down before a kill",
+        "memory_overhead_mib = 256  # cgroup memory limit = -m + this",
+        "",
+        "[lists]",
+        '# user = ["-smp"]',
+        "# admin = []",
+        "# unused = []",
+        "",
+        "[ports]",
+        "pool = [20000, 20999]      # host ports for admin create --forward",
+        'bind = "127.0.0.1"         # forwarded ports listen here; "0.0.0.0" makes them public',
+        "protect = true             # nftables: on this host only the VM's owner (and root) may connect",
+        "internal = [40000, 40999]  # loopback ports between kvmgate-gated and QEMU",
+        "",
+        "[vnc]",
+        'mode = "unix"              # unix: a socket only the owner can open; tcp: loopback port + password',
+        "",
+        "[host]",
+        'ifprefix = "kg"            # taps are kgt<n>, private bridges kgp<uid>, nftables tables kvmgate_kg',
+        "",
+        "# Named networks (admin create --network NAME). user is QEMU's NAT and always exists.",
+        "[networks.user]",
+        'type = "user"',
+        "[networks.private]         # one bridge per owner: an owner's VMs see each other",
+        'type = "private"',
+        "[networks.services]        # user VMs on isolated ports reach service VMs, never each other",
+        'type = "services"',
+        'bridge = "kgsvc0"',
+        'subnet = "10.77.0.0/24"     # host .1 (DHCP only), VMs .2 and up, one fixed address per MAC',
+        "",
+        "[limits]",
+        "mem_min_mib = 16",
+        "mem_max_mib = 16384",
+        "smp_max = 4",
+        "vnc = [1, 99]",
+        'machines = ["pc", "q35"]',
+        "",
+        "# Default lists:",
+    ]
+    for lname in ("user", "admin", "unused"):
+        names = [n for n, o in OPTIONS.items() if o.default == lname]
+        lines.append(f"#   {lname}: " + " ".join(names))
+    return "\n".join(lines) + "\n"
+
+
+def _say(msg: str) -> None:
+    print(f"init: {msg}")
+
+
+def init(req: Request, paths: Paths) -> int:
+    accel = req.flag("--accel")
+    if accel is not None and accel not in ("auto", "kvm", "tcg"):
+        raise UsageError("--accel must be auto, kvm or tcg")
+    registry.ensure_layout(paths)
+    os.makedirs(paths.etc, 0o755, exist_ok=True)
+    os.chmod(paths.etc, 0o755)
+    if not os.path.exists(paths.policy):
+        write_atomic(paths.policy, default_policy(accel or "auto"), 0o644)
+        _say(f"wrote the default policy {paths.policy}")
+    elif accel is not None:
+        with open(paths.policy) as f:
+            text = f.read()
+        text, n = re.subn(r"(?m)^accel\s*=.*$", f'accel = "{accel}"', text)
+        if not n:
+            text = f'accel = "{accel}"\n' + text
+        write_atomic(paths.policy, text, 0o644)
+        _say(f"set accel = {accel} in {paths.policy}")
+    config.load(paths)  # refuse to finish with a policy kvmgate would refuse
+    try:
+        gid = grp.getgrnam(QEMU_GROUP).gr_gid
+    except KeyError:
+        subprocess.run(["groupadd", "--system", QEMU_GROUP], check=True)
+        gid = grp.getgrnam(QEMU_GROUP).gr_gid
+        _say(f"created group {QEMU_GROUP} (QEMU's primary group; no user is ever a member)")
+    if ensure_system_user(GATED_USER):
+        _say(f"created the system account {GATED_USER} (the unprivileged wake-on-connect daemon)")
+    members = grp.getgrgid(gid).gr_mem
+    if members:
+        _say(f"WARNING: {QEMU_GROUP} has members {members}: they could ptrace VMs; remove them")
+    _device("/dev/kvm", gid, 0o660, f"root:{QEMU_GROUP} 0660: only kvmgate's QEMU processes can open it")
+    _device("/dev/net/tun", 0, 0o600, "root:root 0600: only the root helper opens taps")
+    rule = (
+        f'KERNEL=="kvm", GROUP="{QEMU_GROUP}", MODE="0660"\n'
+        'KERNEL=="tun", GROUP="root", MODE="0600", OPTIONS+="static_node=net/tun"\n'
+    )
+    if os.path.isdir(os.path.dirname(UDEV_RULE)):
+        write_atomic(UDEV_RULE, rule, 0o644)
+    try:
+        kvm_members = grp.getgrnam("kvm").gr_mem
+    except KeyError:
+        kvm_members = []
+    if kvm_members:
+        _say(f"note: users in group kvm ({', '.join(kvm_members)}) no longer reach /dev/kvm through it")
+    _install_sudoers(paths)
+    from kvmgate.host import network
+
+    for line in network.up(paths, config.load(paths)):
+        _say(f"network: {line}")
+    if req.has("--pam"):
+        _say(pam.install_pam(paths))
+    elif req.has("--no-pam"):
+        _say(pam.uninstall_pam(paths))
+    _say("done")
+    return 0
+
+
+def sudoers_text(paths: Paths) -> str:
+    # The alias is named after the drop-in, so two installations (say, a test one)
+    # never define the same alias: a duplicate alias breaks sudo for everyone.
+    alias = re.sub(r"[^A-Z0-9]", "_", os.path.basename(paths.sudoers).upper())
+    alias = alias if alias.startswith("KVMGATE") else "KVMGATE_" + alias
+    return (
+        "# Installed by `kvmgate admin init`: every user may run kvmgate's privileged helper\n"
+        "# as root, and nothing else through this file. The helper takes the caller from\n"
+        "# SUDO_UID, re-validates every argument and refuses anything outside the policy.\n"
+        f"Cmnd_Alias {alias} = {paths.helper}\n"
+        f"Defaults!{alias} env_reset, !setenv, closefrom=3, !use_pty, !pam_session\n"
+        f"ALL ALL=(root) NOPASSWD: {alias}\n"
+    )
+
+
+def _install_sudoers(paths: Paths) -> None:
+    """Install the drop-in only if visudo accepts it alone and then the whole
+    configuration with it; otherwise put back what was there. A broken sudoers
+    file would lock every admin out of sudo."""
+    folder = os.path.dirname(paths.sudoers)
+    if not os.path.isdir(folder):
+        _say(f"{folder} does not exist: is sudo installed? (users cannot use kvmgate)")
+        return
+    try:
+        with open(paths.sudoers) as f:
+            previous: str | None = f.read()
+    except FileNotFoundError:
+        previous = None
+    text = sudoers_text(paths)
+    if previous != text:
+        check = f"{folder}/.kvmgate.{os.getpid()}"  # visudo -cf checks the drop-in alone first
+        write_atomic(check, text, 0o440)
+        _visudo("-cf", check)
+        write_atomic(paths.sudoers, text, 0o440)
+        try:
+            _visudo("-c")
+        except KvmgateError:
+            if previous is None:
+                os.unlink(paths.sudoers)
+            else:
+                write_atomic(paths.sudoers, previous, 0o440)
+            raise
+    _say(f"{paths.sudoers} lets users run {paths.helper} as root, and nothing else (checked with visudo)")
+
+
+def _visudo(*args: str) -> None:
+    check = subprocess.run(["visudo", *args], capture_output=True, text=True)
+    if args[0] == "-cf":
+        os.unlink(args[1])
+    if check.returncode != 0:
+        raise KvmgateError(f"visudo refused the sudoers configuration: {(check.stdout + check.stderr).strip()}")
+
+
+def _device(path: str, gid: int, mode: int, what: str) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        _say(f"{path} does not exist (skipped)")
+        return
+    if st.st_gid != gid or stat.S_IMODE(st.st_mode) != mode or st.st_uid != 0:
+        os.chown(path, 0, gid)
+        os.chmod(path, mode)
+    _say(f"{path} is {what}")

@@ -1,0 +1,122 @@
+"""`kvmgate console`: the serial console, for the VM's owner.
+
+Output is read from the console log, which QEMU writes whether or not anyone is
+attached: one ordered stream, so the scrollback and the live part neither overlap
+nor leave a gap. The socket carries the keyboard to the guest; what QEMU also
+sends over it is drained and dropped. One attachment at a time (a lock); a second
+one is refused with exit 5. The socket and log are opened as root; the relay
+itself then runs as the caller. Detach with Ctrl-].
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pwd
+import re
+import select
+import socket
+import sys
+import time
+from typing import BinaryIO
+
+from kvmgate.errors import KvmgateError, UsageError, WrongState
+from kvmgate.host.caller import Caller, drop_to
+from kvmgate.model.commands import Request
+from kvmgate.paths import Paths
+from kvmgate.store import runtime
+from kvmgate.verbs.common import target
+
+DETACH = b"\x1d"  # Ctrl-]
+SCROLLBACK = 16384
+POLL = 0.02
+
+
+def run(req: Request, who: Caller, paths: Paths) -> int:
+    vm = target(req, who, paths)
+    expect = req.flag("--expect")
+    t = req.flag("--timeout")
+    if t is not None and not (t.isascii() and t.isdigit() and len(t) <= 6 and int(t) <= 86400):
+        raise UsageError("--timeout must be whole seconds")
+    pattern = None
+    if expect is not None:
+        try:
+            pattern = re.compile(expect.encode())
+        except re.error as err:
+            raise UsageError(f"--expect: {err}") from None
+    if not runtime.is_running(vm):
+        raise WrongState(f"{vm.identity.name} is not running")
+    lock = os.open(
+        os.path.join(vm.rundir, "console.lock"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+    )
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise WrongState(f"{vm.identity.name}: the console is already attached elsewhere") from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(os.path.join(vm.rundir, "console.sock"))
+        log = open(vm.sub("log", "console.log"), "rb")  # noqa: SIM115 - lives as long as the relay
+    except OSError:
+        raise WrongState(f"{vm.identity.name} has no serial console") from None
+    log.seek(0, os.SEEK_END)
+    log.seek(max(0, log.tell() - SCROLLBACK))
+    if not who.is_root:
+        pw = pwd.getpwuid(who.uid)
+        drop_to(pw.pw_uid, pw.pw_gid)
+    deadline = time.monotonic() + float(t) if t is not None else None
+    return relay(sock, log, pattern, deadline)
+
+
+def relay(sock: socket.socket, log: BinaryIO, pattern: re.Pattern[bytes] | None, deadline: float | None) -> int:
+    out = sys.stdout.buffer
+    interactive = pattern is None and os.isatty(0)
+    saved = None
+    if interactive:
+        import termios
+        import tty
+
+        saved = termios.tcgetattr(0)
+        tty.setraw(0)
+        sys.stderr.write("[kvmgate: attached; detach with Ctrl-]]\r\n")
+    seen = b""
+    watch: list[socket.socket | int] = [sock, 0]
+    try:
+        while True:
+            data = log.read(65536)
+            if not data and os.fstat(log.fileno()).st_size < log.tell():
+                log.seek(0)  # the log was emptied (kvmgate admin reap keeps it bounded)
+                continue
+            if data:
+                out.write(data)
+                out.flush()
+                if pattern is not None:
+                    seen = (seen + data)[-65536:]
+                    if pattern.search(seen):
+                        return 0
+                continue
+            wait = POLL if deadline is None else min(POLL, deadline - time.monotonic())
+            if wait <= 0:
+                if pattern is not None:
+                    raise KvmgateError("console: timed out waiting for the expected output")
+                return 0
+            ready, _, _ = select.select(watch, [], [], wait)
+            if sock in ready and not sock.recv(65536):
+                return 0  # QEMU went away
+            if 0 in ready:
+                keys = os.read(0, 4096)
+                if not keys:
+                    watch.remove(0)
+                    continue
+                if interactive and DETACH in keys:
+                    sock.sendall(keys.split(DETACH, 1)[0])
+                    return 0
+                sock.sendall(keys)
+    except BrokenPipeError:
+        return 0
+    finally:
+        if saved is not None:
+            import termios
+
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+            sys.stderr.write("\r\n[kvmgate: detached]\n")

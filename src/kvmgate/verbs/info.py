@@ -1,0 +1,111 @@
+"""status, list, ports, vnc, gdb: what the owner (or root) may read about VMs."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from kvmgate.errors import UsageError, WrongState
+from kvmgate.host.caller import Caller
+from kvmgate.model.commands import Request
+from kvmgate.ops.inspect import addresses, describe, forwarded
+from kvmgate.paths import Paths
+from kvmgate.store import config, registry, runtime
+from kvmgate.verbs.common import emit, owner_of, target
+
+
+def run(req: Request, who: Caller, paths: Paths) -> int:
+    if req.verb == "list":
+        return services(req, paths) if req.has("--services") else vms(req, who, paths)
+    vm = target(req, who, paths)
+    if req.verb == "status":
+        info = describe(vm)
+        info["networks"] = addresses(vm)
+        text = "".join(f"{k}: {v}\n" for k, v in info.items() if k != "networks")
+        text += "".join(f"network: {a['network']} mac {a['mac']} ip {a['ip'] or '-'}\n" for a in info["networks"])
+        emit(info, text, req.as_json)
+        return 0
+    if req.verb == "ports":
+        rows = forwarded(config.load(paths), vm)
+        text = "".join(
+            f"{r['service']:<12} {r['host']}:{r['port']} -> guest:{r['guest_port']} ({r['via']})\n" for r in rows
+        )
+        emit(rows, text or f"{vm.identity.name} has no forwarded ports\n", req.as_json)
+        return 0
+    if req.verb in ("vnc", "gdb"):
+        return display(req, vm)
+    raise UsageError(f"unknown verb {req.verb}")
+
+
+def vms(req: Request, who: Caller, paths: Paths) -> int:
+    rows = [
+        {"name": vm.identity.name, "owner": vm.identity.owner, "state": describe(vm)["state"]}
+        for vm in registry.each_vm(paths, owner_of(req, who))
+    ]
+    text = "".join(f"{r['owner']:<16} {r['name']:<32} {r['state']}\n" for r in rows)
+    emit(rows, text, req.as_json)
+    return 0
+
+
+def services(req: Request, paths: Paths) -> int:
+    """Service VMs, for everyone to see (their name and state, nothing to control)."""
+    rows = []
+    for vm in registry.each_vm(paths):
+        if registry.read_settings(vm).service:
+            rows.append(
+                {
+                    "name": vm.identity.name,
+                    "owner": vm.identity.owner,
+                    "state": describe(vm)["state"],
+                    "addresses": [a for a in addresses(vm) if a["ip"]],
+                }
+            )
+    text = "".join(
+        f"{r['name']:<32} {r['state']:<11} " + " ".join(f"{a['network']}:{a['ip']}" for a in r["addresses"]) + "\n"
+        for r in rows
+    )
+    emit(rows, text, req.as_json)
+    return 0
+
+
+def display(req: Request, vm: registry.VM) -> int:
+    """How the owner reaches the VM's display or gdb stub; nothing listens on a
+    public address. Read from the record the start wrote, not from QEMU's argv."""
+    if not runtime.is_running(vm):
+        raise WrongState(f"{vm.identity.name} is not running")
+    record = runtime.read_display(vm)
+    host, owner = socket.gethostname(), vm.identity.owner
+    info: dict[str, Any]
+    if req.verb == "gdb":
+        path = record.get("gdb")
+        if not isinstance(path, str):
+            raise WrongState(f"{vm.identity.name} was started without a gdb stub (-s or -p)")
+        info = {
+            "socket": path,
+            "gdb": f"gdb -ex 'target remote {path}'",
+            "tunnel": f"ssh -N -L 1234:{path} {owner}@{host}",
+        }
+    else:
+        vnc = record.get("vnc")
+        if not isinstance(vnc, dict):
+            raise WrongState(f"{vm.identity.name} was started without -vnc")
+        if vnc.get("kind") == "unix":
+            path = vnc.get("socket")
+            info = {
+                "kind": "unix",
+                "socket": path,
+                "tunnel": f"ssh -N -L 5900:{path} {owner}@{host}",
+                "viewer": "vncviewer localhost:5900 (after the tunnel)",
+            }
+        else:
+            port = vnc.get("port")
+            info = {
+                "kind": "tcp",
+                "host": "127.0.0.1",
+                "port": port,
+                "password": vnc.get("password"),
+                "tunnel": f"ssh -N -L {port}:127.0.0.1:{port} {owner}@{host}",
+                "viewer": f"vncviewer 127.0.0.1::{port}",
+            }
+    emit(info, "".join(f"{k}: {v}\n" for k, v in info.items()), req.as_json)
+    return 0

@@ -1,0 +1,161 @@
+"""Logon integration: the design note's second logon path.
+
+pam_exec runs `kvmgate-pam` (this hook) as root at every session open and close
+(common-session: ssh, su -l, login). The hook counts each user's sessions: one
+record per session leader (the process that opened the PAM session, kept with
+its start time so a reused pid is not mistaken for it). Dead leaders are pruned
+at every event and by `kvmgate admin reap` (a timer), so a crashed session
+never keeps a VM awake, nor asleep.
+
+- first session opened: the user's VMs with a session policy are thawed
+  (resumed, or restored if hibernated);
+- last session closed: they are paused or hibernated, per `--on-logoff`.
+
+The hook never blocks or breaks a login: the bookkeeping is a few file
+operations under a lock with a hard time limit, the VM work runs in a detached
+process, every error goes to the audit log, and the hook always exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import signal
+
+from kvmgate.errors import KvmgateError
+from kvmgate.host import audit, migrate
+from kvmgate.host.caller import Caller
+from kvmgate.model.commands import Request
+from kvmgate.ops import power
+from kvmgate.paths import Paths
+from kvmgate.store import registry, runtime
+from kvmgate.store.sessions import Sessions
+
+HOOK_SECONDS = 5  # the hook's own bound; VM work happens after it returned
+WORK_SECONDS = 3600
+
+
+def hook(environ: dict[str, str], paths: Paths) -> int:
+    """pam_exec entry point. Always returns 0."""
+    user, kind = environ.get("PAM_USER", ""), environ.get("PAM_TYPE", "")
+    try:
+        signal.alarm(HOOK_SECONDS)
+        if kind not in ("open_session", "close_session") or not user:
+            return 0
+        try:
+            if pwd.getpwnam(user).pw_uid == 0:
+                return 0
+        except KeyError:
+            return 0
+        sessions = Sessions(paths, user)
+        leader = os.getppid()  # the process that opened (and will close) the PAM session
+        with sessions.locked():
+            _, live = sessions.prune()
+            if kind == "open_session":
+                sessions.add(leader)
+                action = "thaw" if live == 0 else None
+            else:
+                sessions.remove(leader)
+                action = "logoff" if sessions.prune()[1] == 0 else None
+        signal.alarm(0)
+        if action:
+            _detach(lambda: apply(paths, user, action))
+    except Exception as err:  # noqa: BLE001 - a login must never fail because of kvmgate
+        audit.record(paths.audit_log, caller="pam", verb=f"pam {kind}", owner=user, outcome="error", reason=str(err))
+    return 0
+
+
+def _detach(work: object) -> None:
+    """Run work in a detached grandchild so pam_exec (and the login) need not wait."""
+    if os.fork():
+        return
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        devnull = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        signal.alarm(WORK_SECONDS)
+        work()  # type: ignore[operator]
+    finally:
+        os._exit(0)
+
+
+def apply(paths: Paths, user: str, action: str) -> None:
+    """Thaw, or freeze/hibernate per policy, each of user's VMs that has a session policy.
+
+    A worker decides on the session count as it is when it acts on each VM, under
+    that VM's operation lock (lock order: VM, then the session records), not as
+    it was when the worker was spawned: a logoff immediately followed by a logon
+    can never leave the VM asleep under a logged-on user, nor awake after they left.
+    """
+    sessions = Sessions(paths, user)
+
+    def wanted() -> bool:
+        with sessions.locked():
+            live = sessions.prune()[1]
+        return (action == "thaw") == (live > 0)
+
+    who = Caller(0, "pam", False)
+    for vm in registry.each_vm(paths, user):
+        try:
+            mode = registry.read_settings(vm).on_logoff
+            if mode == "none":
+                continue
+            if action == "thaw":
+                if runtime.is_running(vm) or migrate.meta_of(vm) is not None:
+                    power.thaw(paths, who, vm, wanted)
+            else:
+                power.sleep(paths, who, vm, mode, wanted)
+        except (KvmgateError, OSError) as err:
+            audit.record(
+                paths.audit_log,
+                caller="pam",
+                verb=f"logon {action}",
+                vm=vm.identity.name,
+                owner=vm.identity.owner,
+                outcome="error",
+                reason=str(err),
+            )
+
+
+CONSOLE_LOG_MAX = 8 << 20
+
+
+def trim_console_logs(paths: Paths) -> None:
+    """A guest can print to its serial port without end, and QEMU's console log has
+    no size limit: empty every log past CONSOLE_LOG_MAX (QEMU appends, so it simply
+    continues at the start; readers notice the file shrank)."""
+    for vm in registry.each_vm(paths):
+        with contextlib.suppress(OSError):
+            log = vm.sub("log", "console.log")
+            if os.stat(log).st_size > CONSOLE_LOG_MAX:
+                os.truncate(log, 0)
+                print(f"emptied the console log of {vm.identity.owner}/{vm.identity.name}")
+
+
+def reap(paths: Paths) -> None:
+    """Prune sessions whose leaders died without closing (crashes, kill -9) and
+    apply the logoff policy for users left with none; keep console logs bounded.
+    Run every minute by kvmgate-reap.timer."""
+    trim_console_logs(paths)
+    root = os.path.join(paths.run, "sessions")
+    try:
+        users = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return
+    for user in users:
+        sessions = Sessions(paths, user)
+        with sessions.locked():
+            before, live = sessions.prune()
+        if before and not live:
+            apply(paths, user, "logoff")
+            print(f"reaped the sessions of {user}")
+
+
+def run(req: Request, who: Caller, paths: Paths) -> int:
+    """`admin reap`."""
+    reap(paths)
+    return 0

@@ -1,0 +1,79 @@
+"""Service VMs: the design note's third logon path ("VM is running as a daemon,
+providing some services to other VMs"). `admin autostart` and `admin watch`.
+
+A service VM is owned by the dedicated system account `kvmgate-svc` (or a named
+owner), is started at boot by `kvmgate admin autostart`, and is supervised by
+`kvmgate-vm@OWNER:NAME.service`, whose main process is `kvmgate admin watch`:
+it starts the VM if needed and waits for QEMU to exit; an exit kvmgate did not
+ask for (a crash) is a failure (exit 7), so systemd restarts it. Users see
+service VMs in `kvmgate list --services` and cannot control them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from types import FrameType
+
+from kvmgate.errors import KvmgateError, UsageError, VMDied, WrongState
+from kvmgate.host import migrate
+from kvmgate.host.caller import Caller
+from kvmgate.model import identity as ident
+from kvmgate.model.commands import Request
+from kvmgate.ops import lifecycle, power
+from kvmgate.paths import Paths
+from kvmgate.store import registry, runtime
+
+
+def run(req: Request, who: Caller, paths: Paths) -> int:
+    if req.verb == "admin-autostart":
+        return autostart(who, paths)
+    if req.verb == "admin-watch":
+        return watch(who, paths, req.name or "")
+    raise UsageError(f"unknown verb {req.verb}")
+
+
+def autostart(who: Caller, paths: Paths) -> int:
+    """Start every service VM marked autostart. One VM's failure, whatever it is,
+    is reported and never stops the loop for the VMs after it."""
+    failed = 0
+    for vm in registry.each_vm(paths):
+        try:
+            settings = registry.read_settings(vm)
+            if settings.service and settings.autostart and not runtime.is_running(vm):
+                lifecycle.start(paths, who, vm, [])
+        except WrongState:
+            continue  # started meanwhile by someone else
+        except (KvmgateError, OSError) as err:
+            failed += 1
+            sys.stderr.write(f"kvmgate: autostart {vm.identity.owner}/{vm.identity.name}: {err}\n")
+    return 1 if failed else 0
+
+
+def watch(who: Caller, paths: Paths, target: str) -> int:
+    """Start the VM if needed, then wait for QEMU: exit 0 if kvmgate ended it on
+    purpose (stop, hibernate, or this watcher's SIGTERM), 7 if it died."""
+    owner, sep, name = target.partition(":")
+    if not sep:
+        raise UsageError("admin watch takes OWNER:NAME (the kvmgate-vm@ unit's instance)")
+    ident.check_owner(owner)
+    vm = registry.resolve(paths, owner, ident.check_name(name))
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        try:
+            power.stop(paths, who, vm)
+        finally:
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    if not runtime.is_running(vm):
+        with contextlib.suppress(WrongState):  # running already: watch it
+            lifecycle.start(paths, who, vm, [])
+    sys.stdout.flush()
+    runtime.wait_exit(vm)
+    if runtime.take_intended_exit(vm) or migrate.meta_of(vm) is not None:
+        return 0
+    runtime.cleanup(vm)
+    raise VMDied(f"{owner}/{name}: QEMU exited unexpectedly")

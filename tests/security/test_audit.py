@@ -1,0 +1,56 @@
+"""Every refusal is audited: also those the helper makes before it knows the verb
+(usage errors) or the caller (a failed identification), and every such line on
+the terminal is one printable line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from ..conftest import HELPER, Kvmgate
+
+AUDIT = Path("/opt/kvmgate-test/log/audit.log")
+
+
+def last_record() -> dict:
+    return json.loads(AUDIT.read_text().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_usage_errors_are_audited_with_the_caller(kg: Kvmgate, bob: str) -> None:
+    r = kg("stat", "web", user=bob)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    rec = last_record()
+    assert (rec["caller"], rec["uid"], rec["verb"], rec["outcome"], rec["exit"]) == (
+        bob,
+        __import__("pwd").getpwnam(bob).pw_uid,
+        "stat",
+        "refused",
+        2,
+    )
+    r = kg("start", "web", "--owner", user=bob)
+    assert r.returncode == 2 and last_record()["reason"].startswith("--owner needs a value")
+
+
+def test_a_failed_identification_is_audited() -> None:
+    """Root running the helper with a malformed SUDO_UID: refused before any verb runs."""
+    env = {"PATH": "/usr/bin:/bin", "SUDO_UID": "12ab"}
+    r = subprocess.run([HELPER, "status", "web"], env=env, capture_output=True, text=True, check=False)
+    assert r.returncode == 3 and "malformed SUDO_UID" in r.stderr
+    rec = last_record()
+    assert (rec["caller"], rec["verb"], rec["outcome"], rec["exit"]) == (None, "status", "refused", 3)
+
+
+def test_a_control_character_in_a_name_is_shown_escaped(kg: Kvmgate, bob: str) -> None:
+    for name in ("web\nkvmgate: started web (pid 1)", "x\x1b]0;owned\x07", "x\x1b[2J"):
+        r = kg("status", name, user=bob)
+        assert r.returncode == 4
+        assert r.stderr.count("\n") == 1 and "\x1b" not in r.stderr and "\x07" not in r.stderr
+        assert r.stderr.isprintable() or r.stderr[:-1].isprintable()
+
+
+def test_errors_of_read_commands_are_json_with_json(kg: Kvmgate, bob: str) -> None:
+    r = kg("status", "nothing-here", "--json", user=bob)
+    assert r.returncode == 4 and json.loads(r.stdout) == {"error": "no such VM: nothing-here", "exit": 4}
+    assert os.stat(AUDIT).st_mode & 0o077 == 0

@@ -1,0 +1,99 @@
+"""The one verb table: the helper's strict parser and the front end's help agree,
+and the parser refuses everything outside the table (one field changed at a time)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from kvmgate.cli.help import build_parser
+from kvmgate.errors import UsageError
+from kvmgate.model.commands import VERBS, Request, Verb, parse
+
+
+def full_argv(verb: Verb) -> list[str]:
+    """Every flag of the verb, with a valid value, and its target."""
+    argv = list(verb.words)
+    for f in verb.flags:
+        argv += [f.name] if f.metavar is None else [f.name, f.choices[0] if f.choices else "x1"]
+    if verb.target is not None:
+        argv.append("vm1")
+    return argv
+
+
+def subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+PUBLIC = [v for v in VERBS if not v.internal]
+
+
+def test_help_lists_exactly_the_public_verbs() -> None:
+    top = subparsers(build_parser())
+    admin = subparsers(top.pop("admin"))
+    listed = set(top) | {f"admin-{n}" for n in admin}
+    assert listed == {v.name for v in PUBLIC}
+
+
+@pytest.mark.parametrize("verb", PUBLIC, ids=lambda v: v.name)
+def test_help_and_helper_accept_the_same_words(verb: Verb) -> None:
+    argv = full_argv(verb)
+    ns = build_parser().parse_args(argv)
+    if verb.target is not None:
+        assert ns.name == "vm1"
+    if verb.frontend:
+        return  # the front end handles it; the helper does not know it
+    req = parse(argv)
+    assert req.verb == verb.name and req.name == (None if verb.target is None else "vm1")
+    assert set(req.flags) == {f.name for f in verb.flags}
+    for f in verb.flags:  # and argparse knows every flag under the same name
+        assert getattr(ns, f.name.lstrip("-").replace("-", "_")) not in (None, False)
+
+
+@pytest.mark.parametrize("verb", [v for v in VERBS if not v.frontend], ids=lambda v: v.name)
+def test_the_helper_parses_each_verb_minimally(verb: Verb) -> None:
+    argv = list(verb.words)
+    argv += [w for f in verb.flags if f.required for w in (f.name, "x1")]
+    if verb.target is not None:
+        argv.append("vm1")
+    assert parse(argv).verb == verb.name
+
+
+BASE = ["start", "--owner", "alice", "web", "--", "-snapshot"]
+
+
+def test_a_valid_base() -> None:
+    assert parse(BASE) == Request("start", "web", {"--owner": "alice"}, ("-snapshot",))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "missing verb"),
+        (["sart", "web"], "unknown verb"),
+        (["ssh", "web"], "unknown verb"),  # the front end's, never the helper's
+        (["admin"], "unknown verb"),
+        (["start", "--own", "alice", "web"], "unknown flag"),  # no abbreviations
+        (["start", "--owner=alice", "web"], "unknown flag"),  # no --flag=value
+        (["start", "--owner", "a", "--owner", "b", "web"], "given twice"),
+        (["start", "web", "--owner"], "needs a value"),
+        (["start"], "needs a VM name"),
+        (["start", "web", "other"], "unexpected argument"),
+        (["stop", "web", "--", "-snapshot"], "takes no VM options"),
+        (["list", "web"], "unexpected argument"),
+        (["admin", "set", "web", "--on-logoff", "sleep"], "takes none, pause, hibernate"),
+        (["admin", "show", "web"], "needs --owner"),
+        (["admin", "init", "--accel", "xen"], "takes auto, kvm, tcg"),
+        (["gated-hold", "web", "--pid"], "needs a value"),
+    ],
+)
+def test_refusals(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse(argv)
+
+
+def test_options_after_the_separator_are_never_flags() -> None:
+    assert parse(["start", "web", "--", "--owner", "bob", "--"]).options == ("--owner", "bob", "--")
+    assert parse(["start", "web", "--", "--owner", "bob"]).flags == {}
