@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmgate.errors import PolicyError
-from kvmgate.model.policy.policy import Policy
+from kvmgate.model.policy.policy import ParsedOption, Policy
 from kvmgate.model.settings import Forward, Nic
-from kvmgate.model.translate import Context, Port, merge, translate
+from kvmgate.model.translate import Context, Port, Resource, merge, translate
 
 ARGV_DIR = Path(__file__).resolve().parent.parent / "argv"
 CTX = Context(accel="kvm", default_disk=None, key="0123456789abcdef01234567", gdb_socket="/run/kvmgate/k/gdb.sock")
@@ -179,9 +180,25 @@ values = st.one_of(
     ),
     st.text(max_size=20),
 )
-tokens = st.lists(
-    st.one_of(st.sampled_from([*USER_OPTS, "-m", "-net", "-monitor", "-incoming", "--m", "-S"]), values), max_size=12
+# Short paths (substrings of much of any argv), paths that spell kvmgate's own fd
+# references, and paths with characters of QEMU's option and JSON syntax.
+paths = st.one_of(
+    st.sampled_from(
+        ["/", "//", "/.", "/d", "/f", "/1", "/7", "/dev", "/dev/fdset/7", "/proc/self/fd/7", '/a"b', "/a\\b"]
+    ),
+    st.text(alphabet='/.,=:"\\{}adefv017', max_size=8).map(lambda s: "/" + s),
 )
+# User files, each option at most once: most such lists are accepted and translated.
+files = st.lists(
+    st.tuples(st.sampled_from(["-hda", "-hdb", "-cdrom", "-fda", "-fdb", "-kernel", "-initrd", "-option-rom"]), paths),
+    max_size=5,
+    unique_by=lambda t: t[0],
+).map(lambda pairs: [w for pair in pairs for w in pair])
+junk = st.lists(
+    st.one_of(st.sampled_from([*USER_OPTS, "-m", "-net", "-monitor", "-incoming", "--m", "-S"]), values, paths),
+    max_size=12,
+)
+tokens = st.one_of(junk, files, st.tuples(files, junk).map(lambda t: t[0] + t[1]))
 ADMIN = ["-m", "384", "-net", "nic", "-net", "user", "-nographic"]
 # Every option the translation of user-list options (plus the admin's) may emit.
 ALLOWED_ARGV_OPTIONS = {
@@ -213,15 +230,22 @@ ALLOWED_ARGV_OPTIONS = {
 }
 
 
+# argv options that take no value
+FLAG_OPTIONS = {"-nodefaults", "-no-user-config", "-no-reboot", "-usb", "-win2k-hack", "-no-fd-bootchk", "-S"}
+PATH_OPTS = ("-hda", "-hdb", "-cdrom", "-fda", "-fdb", "-kernel", "-initrd", "-option-rom")
+FD_REF = re.compile(r"/dev/fdset/(\d+)|/proc/self/fd/(\d+)")
+
+
 @settings(max_examples=400, deadline=None)
 @given(tokens)
 def test_any_user_input_is_refused_or_safe(user: list[str]) -> None:
     p = Policy()
     try:
         opts = p.parse(user, "user")
-        argv = list(translate(merge(p.parse(ADMIN, "admin"), opts), CTX).argv)
+        plan = translate(merge(p.parse(ADMIN, "admin"), opts), CTX)
     except PolicyError:
         return
+    argv = list(plan.argv)
     # only options the user's list and the admin's options produce
     option_positions = _option_positions(argv)
     assert {argv[i] for i in option_positions} <= ALLOWED_ARGV_OPTIONS
@@ -230,24 +254,87 @@ def test_any_user_input_is_refused_or_safe(user: list[str]) -> None:
     # user values appear only where QEMU cannot parse them as its own syntax
     for o in opts:
         raw = o.value.canonical
-        if o.spec.parse is None or not raw:
+        if o.spec.parse is None or not raw or o.name in PATH_OPTS:
             continue
-        if o.name in ("-hda", "-hdb", "-cdrom", "-fda", "-fdb", "-kernel", "-initrd", "-option-rom"):
-            assert not any(raw in a for a in argv), "paths never reach QEMU; fds do"
-        elif o.name == "-append":
+        if o.name == "-append":
             assert argv[argv.index("-append") + 1] == raw
         else:
             assert "," not in raw and "=" not in raw and not raw.startswith("-") and "\n" not in raw
+    _paths_reach_qemu_only_as_fds(argv, plan.resources, [o for o in opts if o.name in PATH_OPTS])
+
+
+def _paths_reach_qemu_only_as_fds(argv: list[str], resources: tuple[Resource, ...], opts: list[ParsedOption]) -> None:
+    """No user path is an argv element or a value inside one (keyval parts, JSON
+    strings): every file QEMU is told about is /dev/fdset/N or /proc/self/fd/N,
+    N a descriptor kvmgate opens itself, and the user's files are exactly those
+    descriptors' paths."""
+    paths = {o.value.canonical for o in opts}
+    fds = {r.fd: r for r in resources}
+    fdsets: set[int] = set()
+    referenced: set[int] = set()
+    for i in _option_positions(argv):
+        if argv[i] in FLAG_OPTIONS:
+            continue
+        opt, value = argv[i], argv[i + 1]
+        if opt == "-append":
+            continue  # the kernel command line: QEMU hands it to the guest and opens nothing it names
+        if opt == "-add-fd":
+            kv = dict(part.split("=", 1) for part in value.split(","))
+            assert kv["fd"] == kv["set"] and int(kv["fd"]) in fds
+            fdsets.add(int(kv["set"]))
+        words = _strings(json.loads(value)) if value.startswith("{") else _keyval_words(value)
+        for word in [value, *words]:
+            ref = FD_REF.fullmatch(word)
+            if ref:  # QEMU reads this as a descriptor kvmgate passes, whatever a user's path spells
+                n = int(ref[1] or ref[2])
+                assert n in fds, word
+                if ref[1]:
+                    assert n in fdsets, f"{word} before its -add-fd"
+                referenced.add(n)
+                continue
+            assert word not in paths, f"a user path reaches QEMU: {opt} {value}"
+            assert not word.startswith("/"), f"a file QEMU would open by name: {opt} {value}"
+        if opt in ("-kernel", "-initrd", "-option-rom"):
+            ref = FD_REF.fullmatch(value)
+            assert ref and ref[2], value
+            assert fds[int(ref[2])].kind == "blob" and fds[int(ref[2])].of == opt.lstrip("-")
+        if opt == "-blockdev":
+            node = json.loads(value)
+            if node["driver"] == "file":
+                ref = FD_REF.fullmatch(node["filename"])
+                assert ref and ref[1], value
+                assert fds[int(ref[1])].kind in ("disk", "overlay")
+    # every user file is a descriptor QEMU is told about, opened from exactly that path
+    files = [r for r in resources if r.kind in ("disk", "blob")]
+    assert all(r.fd in referenced for r in files)
+    assert sorted((r.of, r.path) for r in files) == sorted((o.name.lstrip("-"), o.value.canonical) for o in opts)
+
+
+def _strings(obj: object) -> list[str]:
+    """Every key and string value in a JSON document."""
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [w for k, v in obj.items() for w in (k, *_strings(v))]
+    if isinstance(obj, list):
+        return [w for v in obj for w in _strings(v)]
+    return []
+
+
+def _keyval_words(value: str) -> list[str]:
+    """The parts of QEMU's `a,b=c,d=e,,f` syntax as QEMU reads them (",," is a
+    literal comma), and each part's value."""
+    parts = [p.replace("\0", ",") for p in value.replace(",,", "\0").split(",")]
+    return [w for part in parts for w in (part, *part.split("=", 1)[1:])]
 
 
 def _option_positions(argv: list[str]) -> list[int]:
     """Indices of option tokens: every option in our argv takes exactly one value
     except the known flags."""
-    flags = {"-nodefaults", "-no-user-config", "-no-reboot", "-usb", "-win2k-hack", "-no-fd-bootchk", "-S"}
     out, i = [], 0
     while i < len(argv):
         out.append(i)
-        i += 1 if argv[i] in flags else 2
+        i += 1 if argv[i] in FLAG_OPTIONS else 2
     return out
 
 
