@@ -3,14 +3,19 @@ Each asserts the attack failed and that nothing leaked or changed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import select
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from ..conftest import BOOT_LINE, RUN, Kvmgate, as_user
+from ..conftest import BOOT_LINE, KVMGATE, RUN, Kvmgate, as_user, boot_options
 from .conftest import fd_targets
 
 NOT_FOUND = "kvmgate: no such VM: {}\n"
@@ -75,7 +80,6 @@ def test_owner_cannot_ptrace_or_read_their_qemu(kg: Kvmgate, alice: str, running
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert got == {"ptrace": "EPERM", "mem": "EACCES", "environ": "EACCES", "fd": "EACCES", "pidfd_getfd": "EPERM"}
-    assert Path("/proc/sys/fs/suid_dumpable").read_text().strip() in ("0", "2")
 
 
 # 13. /dev/kvm and direct QEMU.
@@ -122,11 +126,89 @@ def test_memory_is_capped_by_the_cgroup(kg: Kvmgate, alice: str, running: int) -
     assert int((cg / "memory.usage_in_bytes").read_text()) > 100 << 20, "the guest's memory is charged here"
 
 
-def test_vm_survives_the_callers_session(kg: Kvmgate, alice: str, running: int) -> None:
-    """QEMU is in a session of its own, not the caller's."""
-    assert os.getsid(running) == running
-    stat = Path(f"/proc/{running}/stat").read_text().rsplit(")", 1)[1].split()
-    assert int(stat[1]) != os.getpid()  # not our child: re-parented, survives the starter
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: state, ppid, pgrp, session, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _session_of(pid: int) -> int:
+    return int(_stat(pid)[3])
+
+
+def _alive(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return _stat(pid)[0] != "Z"
+    return False
+
+
+def _members(sid: int) -> set[int]:
+    """The live processes of session sid."""
+    out = set()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if _session_of(int(p.name)) == sid and _alive(int(p.name)):
+                    out.add(int(p.name))
+    return out
+
+
+def _end_session(sid: int) -> None:
+    """Log the session out the hard way: SIGHUP to every process in it, then SIGKILL to what is left."""
+    for sig in (signal.SIGHUP, signal.SIGKILL):
+        members = _members(sid)
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(pid), sig)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        if members:
+            time.sleep(0.5)
+
+
+def test_vm_survives_the_end_of_the_callers_session(
+    kg: Kvmgate, alice: str, vm_name: str, guest: Path, cleanup_vms: list[tuple[str, str]]
+) -> None:
+    """alice starts her VM from a login session of her own (su -l on a terminal of
+    its own), then the session ends: her shell and everything left in the session
+    get SIGHUP, then SIGKILL. Her QEMU keeps running and she still controls it."""
+    kg.ok("admin", "create", vm_name, "--owner", alice, "--disk-size", "16M", "--", *boot_options(guest))
+    cleanup_vms.append((alice, vm_name))
+    leader, term = os.forkpty()  # the child leads a new session, with the terminal as its controlling tty
+    if leader == 0:
+        try:
+            os.execv("/bin/su", ["su", "-l", alice])
+        finally:
+            os._exit(127)
+    try:
+        os.write(term, f"{KVMGATE} start {vm_name} && echo VM-STA''RTED-$$\n".encode())
+        seen, deadline = b"", time.monotonic() + 120
+        while not (m := re.search(rb"VM-STARTED-(\d+)", seen)) and time.monotonic() < deadline:
+            if select.select([term], [], [], 1)[0]:
+                seen += os.read(term, 4096)
+        assert m, seen.decode(errors="replace")
+        shell = int(m[1])
+        assert _session_of(shell) == leader, "the shell that ran kvmgate is in the login session"
+        st = kg.json("status", vm_name, user=alice)
+        assert st["state"] == "running"
+        pid = st["pid"]
+        assert _session_of(pid) != leader
+
+        _end_session(leader)
+        os.close(term)  # the terminal hangs up too
+        term = -1
+        os.waitpid(leader, 0)
+        assert not _members(leader), "the session is over"
+
+        assert _alive(pid) and Path(f"/proc/{pid}/comm").read_text().startswith("qemu-system"), "QEMU outlives it"
+        st = kg.json("status", vm_name, user=alice)
+        assert (st["state"], st["pid"], st.get("qemu_status")) == ("running", pid, "running")  # QMP answers
+        kg.ok("stop", vm_name, "--force", user=alice)
+    finally:
+        if term >= 0:
+            os.close(term)
+        with contextlib.suppress(ChildProcessError):
+            _end_session(leader)
+            os.waitpid(leader, 0)
 
 
 def test_tap_device_is_not_users(kg: Kvmgate, alice: str, unchanged: None) -> None:
