@@ -8,11 +8,14 @@ a test fails.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import pwd
 import secrets
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -100,18 +103,65 @@ class Kvmgate:
         path.write_text(text)
         path.chmod(0o644)
 
-    def state_snapshot(self) -> list[tuple[str, int, int, int]]:
-        """Every path under the state and runtime roots with owner and mode: refusals must not change it."""
-        out = []
-        for root in (STATE, RUN):
+    def state_snapshot(self) -> list[tuple[object, ...]]:
+        """Every path under the state, runtime and log roots with its type, owner,
+        group and mode, and what it holds: a sha256 of a regular file under 16 MiB,
+        (inode, size, mtime_ns) of a larger one, a symlink's target. Refusals must
+        not change it."""
+        held = qemu_open_files()
+        out: list[tuple[object, ...]] = []
+        for root in (STATE, RUN, LOG):
             for dirpath, dirnames, filenames in os.walk(root):
                 for n in dirnames + filenames:
                     p = os.path.join(dirpath, n)
+                    if p == f"{LOG}/audit.log":
+                        continue  # every call, refused or not, appends its record
                     st = os.lstat(p)
-                    if n in ("audit.log",):
-                        continue
-                    out.append((p, st.st_uid, st.st_mode, st.st_size if not os.path.isdir(p) else 0))
+                    out.append((p, st.st_mode, st.st_uid, st.st_gid, _content(p, st, held)))
         return sorted(out)
+
+
+SNAPSHOT_HASH_MAX = 16 << 20
+
+
+def _content(path: str, st: os.stat_result, held: set[str]) -> object:
+    if stat.S_ISLNK(st.st_mode):
+        return os.readlink(path)
+    if not stat.S_ISREG(st.st_mode):
+        return None  # directories, sockets: type, owner, group and mode only
+    if path in held and Path(path).parent.parent.parent == Path(STATE, "vms"):
+        return "written by a running QEMU"  # a running VM's log/console.log and log/qemu.log grow by themselves
+    if st.st_size >= SNAPSHOT_HASH_MAX:
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+    with open(path, "rb") as f:
+        data = f.read()
+    if path == f"{RUN}/policy.cache.json":
+        # Its stamp (policy.toml's inode and times) moves whenever the suite rewrites
+        # policy.toml after a test; the cached policy itself must not change.
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            data = json.dumps(json.loads(data)["policy"], sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def qemu_pids() -> set[int]:
+    out = set()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (p / "comm").read_text().startswith("qemu-system"):
+                    out.add(int(p.name))
+    return out
+
+
+def qemu_open_files() -> set[str]:
+    """The paths running QEMU processes hold open."""
+    out = set()
+    for pid in qemu_pids():
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return out
 
 
 # The test installation's networks never share a name with a real one's: its own

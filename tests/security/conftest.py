@@ -3,26 +3,17 @@ attack changed nothing."""
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import pwd
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ..conftest import Kvmgate, boot_options
-
-
-def qemu_pids() -> set[int]:
-    out = set()
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (p / "comm").read_text().startswith("qemu-system"):
-                    out.add(int(p.name))
-    return out
+from ..conftest import Kvmgate, boot_options, qemu_pids
 
 
 def fd_targets(pid: int) -> list[str]:
@@ -30,12 +21,26 @@ def fd_targets(pid: int) -> list[str]:
     return [os.readlink(d / n) for n in os.listdir(d)]
 
 
+def host_network() -> tuple[str, list[tuple[str, str | None, str | None]]]:
+    """The host's nftables ruleset, and its bridges, taps and bridge ports (name, kind, master)."""
+    rules = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
+    links = json.loads(subprocess.run(["ip", "-d", "-j", "link"], capture_output=True, text=True, check=True).stdout)
+    kept = [
+        (ln["ifname"], ln.get("linkinfo", {}).get("info_kind"), ln.get("master"))
+        for ln in links
+        if ln.get("linkinfo", {}).get("info_kind") in ("bridge", "tun") or "master" in ln
+    ]
+    return rules, sorted(kept)
+
+
 @pytest.fixture
 def unchanged(kg: Kvmgate) -> Iterator[None]:
-    """The attack must leave the state, runtime directories and QEMU processes as they were."""
-    before, procs = kg.state_snapshot(), qemu_pids()
+    """The attack must leave the state, runtime and log directories, the host's
+    firewall rules and bridges and taps, and QEMU processes as they were."""
+    before, net, procs = kg.state_snapshot(), host_network(), qemu_pids()
     yield
     assert kg.state_snapshot() == before
+    assert host_network() == net
     assert qemu_pids() <= procs  # nothing new started (a stopping QEMU may still be exiting)
 
 
