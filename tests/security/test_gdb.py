@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,11 +31,10 @@ print("reply", data.decode())
 
 
 @pytest.fixture
-def debuggable(kg: Kvmgate, alice: str, vm_name: str, cleanup_vms: list, guest: Path) -> Iterator[str]:
-    kg.write_policy(DEFAULT_POLICY + '[lists]\nuser = ["-s", "-p"]\n')
-    kg.ok("admin", "create", vm_name, "--owner", alice, "--", *boot_options(guest))
-    cleanup_vms.append((alice, vm_name))
-    yield vm_name
+def debuggable(kg: Kvmgate) -> None:
+    """The note lists -s and -p as unused; an admin who wants them moves them to the admin's list
+    (the policy refuses to give them to users: they hand out a host resource)."""
+    kg.write_policy(DEFAULT_POLICY + '[lists]\nadmin = ["-s", "-p"]\n')
 
 
 def gdb_reply(user: str, path: str) -> str:
@@ -45,9 +43,12 @@ def gdb_reply(user: str, path: str) -> str:
 
 @pytest.mark.parametrize("option", [["-s"], ["-p", "23456"]])
 def test_the_gdb_stub_is_the_owners_alone(
-    kg: Kvmgate, alice: str, bob: str, debuggable: str, option: list[str]
+    kg: Kvmgate, alice: str, bob: str, debuggable: None, vm_name: str, cleanup_vms: list, guest: Path, option: list[str]
 ) -> None:
-    kg.ok("start", debuggable, "--paused", "--", *option, user=alice)
+    kg.ok("admin", "create", vm_name, "--owner", alice, "--", *boot_options(guest), *option)
+    cleanup_vms.append((alice, vm_name))
+    debuggable = vm_name
+    kg.ok("start", debuggable, "--paused", user=alice)
     info = json.loads(kg.ok("gdb", debuggable, "--json", user=alice).stdout)
     path = info["socket"]
     assert gdb_reply(alice, path).startswith("reply +$")  # the stub answers the owner (a stop reply)

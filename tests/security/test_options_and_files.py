@@ -280,7 +280,8 @@ def test_loadvm_incoming_vnc(
 )
 def test_names(kg: Kvmgate, alice: str, alice_vm: str, name: str, unchanged: None) -> None:
     r = kg("status", name, user=alice)
-    assert r.returncode == 4 and r.stderr == f"kvmgate: no such VM: {name}\n"
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)  # control characters escaped
+    assert r.returncode == 4 and r.stderr == f"kvmgate: no such VM: {shown}\n"
 
 
 def test_identity_directory_name_is_not_a_vm_name(kg: Kvmgate, alice: str, alice_vm: str, unchanged: None) -> None:

@@ -84,9 +84,9 @@ def ssh(args: list[str], extra: list[str]) -> int:
         sys.stderr.write("kvmgate: usage: kvmgate ssh [--owner USER] NAME [-- SSH-ARGUMENT...]\n")
         return EXIT_USAGE
     name = args[0]
-    sudo, helper = _sudo_and_helper()
-    cmd = [helper] if os.geteuid() == 0 else [sudo, "-n", "--", helper]
-    p = subprocess.run([*cmd, "ports", name, *owner, "--json"], capture_output=True, text=True, check=False)
+    p = subprocess.run(
+        [*_helper_command(), "ports", name, *owner, "--json"], capture_output=True, text=True, check=False
+    )
     if p.returncode:
         sys.stderr.write(p.stderr)
         return p.returncode
@@ -109,16 +109,19 @@ def ssh(args: list[str], extra: list[str]) -> int:
     return 1
 
 
-def _sudo_and_helper() -> tuple[str, str]:
+def _helper_command() -> list[str]:
+    """How this process reaches the helper of its own installation: directly as
+    root, through `sudo -n` (never a password prompt) for everyone else."""
     import importlib
 
     try:
         paths = importlib.import_module("kvmgate._install").PATHS
+        sudo, helper = str(paths["sudo"]), str(paths["helper"])
     except ImportError:
         from kvmgate.paths import Paths
 
-        return Paths().sudo, Paths().helper
-    return str(paths["sudo"]), str(paths["helper"])
+        sudo, helper = Paths().sudo, Paths().helper
+    return [helper] if os.geteuid() == 0 else [sudo, "-n", "--", helper]
 
 
 def exec_helper(argv: list[str]) -> int:
@@ -127,8 +130,7 @@ def exec_helper(argv: list[str]) -> int:
         from kvmgate.entry import main as helper_main
 
         return helper_main(argv)
-    sudo, helper = _sudo_and_helper()
-    cmd = [sudo, "-n", "--", helper, *argv]
+    cmd = [*_helper_command(), *argv]
     try:
         os.execv(cmd[0], cmd)
     except OSError as err:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from kvmgate.paths import Paths
+from kvmgate.store.files import write_atomic
 
 PAM_FILE = "/etc/pam.d/common-session"
 MARK = "# kvmgate: thaw VMs at a user's first logon, freeze or hibernate them at the last logoff"
@@ -46,10 +47,4 @@ def uninstall_pam(paths: Paths, pam_file: str = PAM_FILE) -> str:
 
 
 def _replace(path: str, text: str) -> None:
-    st = os.stat(path)
-    tmp = path + ".kvmgate-tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, st.st_mode & 0o7777)
-    os.replace(tmp, path)
+    write_atomic(path, text, os.stat(path).st_mode & 0o7777)  # keep the file's mode

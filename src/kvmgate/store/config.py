@@ -13,6 +13,7 @@ from kvmgate.errors import PolicyError
 from kvmgate.model.policy.policy import Policy
 from kvmgate.model.translate import Accel
 from kvmgate.paths import Paths
+from kvmgate.store.files import write_atomic
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
@@ -77,11 +78,7 @@ def _cached(path: str, stamp: list[int]) -> dict[str, Any] | None:
 def _store(path: str, stamp: list[int], data: dict[str, Any]) -> None:
     try:
         os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"stamp": stamp, "policy": data}, f)
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps({"stamp": stamp, "policy": data}))
     except (OSError, TypeError, ValueError):
         pass  # a cache that cannot be written only costs time
 

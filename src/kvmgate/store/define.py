@@ -12,7 +12,8 @@ from kvmgate.errors import WrongState
 from kvmgate.model import identity as ident
 from kvmgate.model.settings import Settings
 from kvmgate.paths import Paths
-from kvmgate.store.files import write_atomic
+from kvmgate.store import locks
+from kvmgate.store.files import touch, write_atomic
 from kvmgate.store.registry import DEFAULT_DISK, VM, mkdir_root, vm_for
 
 
@@ -64,6 +65,7 @@ def create(paths: Paths, identity: ident.Identity, empty_image: bytes | None, se
         raise
     try:
         mkdir_root(link_dir, 0o700)
+        touch(locks.lock_path(paths, identity.owner, identity.name))
         os.symlink("../../vms/" + comps[0], link)
     except BaseException:
         shutil.rmtree(vm.vmdir, ignore_errors=True)

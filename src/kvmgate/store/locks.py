@@ -31,12 +31,21 @@ def _dir(paths: Paths) -> str:
     return d
 
 
+def lock_path(paths: Paths, owner: str, name: str) -> str:
+    """Keyed by (owner, name), not by the identity directory: a delete and a
+    re-create of the same name are serialised with everything else on it. The
+    file is made when the VM is created (`store.define`), so taking the lock
+    changes nothing on disk; a VM from before the lock existed gets it at its
+    first operation. Files stay after a delete: removing a lock file others may
+    be waiting on would let two holders in."""
+    key = sha256(f"{owner}\0{name}".encode()).hexdigest()[:32]
+    return os.path.join(_dir(paths), f"vm-{key}")
+
+
 @contextlib.contextmanager
 def vm_lock(paths: Paths, owner: str, name: str, timeout: float = WAIT) -> Iterator[None]:
-    """Keyed by (owner, name), not by the identity directory: a delete and a
-    re-create of the same name are serialised with everything else on it."""
-    key = sha256(f"{owner}\0{name}".encode()).hexdigest()[:32]
-    with flock(os.path.join(_dir(paths), f"vm-{key}"), timeout, f"{name}"):
+    """Held only after the VM was resolved: a name that does not exist never gets a file."""
+    with flock(lock_path(paths, owner, name), timeout, f"{name}"):
         yield
 
 

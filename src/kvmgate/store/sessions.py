@@ -38,6 +38,13 @@ class Sessions:
         finally:
             os.close(fd)
 
+    def live(self) -> int:
+        """The number of live sessions, pruning dead records; creates nothing."""
+        if not os.path.isdir(self.dir):
+            return 0
+        with self.locked():
+            return self.prune()[1]
+
     def records(self) -> list[str]:
         try:
             return sorted(os.listdir(self.dir))

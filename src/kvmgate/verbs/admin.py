@@ -71,10 +71,10 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         raise UsageError(f"admin {verb} needs --owner USER")
     name = ident.check_name(req.name or "")
     ident.check_owner(owner)
+    if verb == "create":  # serialised by the allocation lock and the exclusive name link
+        return create(req, who, paths, owner, name)
+    vm = registry.resolve(paths, owner, name)
     with locks.vm_lock(paths, owner, name):
-        if verb == "create":
-            return create(req, who, paths, owner, name)
-        vm = registry.resolve(paths, owner, name)
         if verb == "delete":
             return delete(req, who, paths, vm)
         if verb == "show":

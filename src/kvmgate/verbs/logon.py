@@ -94,9 +94,7 @@ def apply(paths: Paths, user: str, action: str) -> None:
     sessions = Sessions(paths, user)
 
     def wanted() -> bool:
-        with sessions.locked():
-            live = sessions.prune()[1]
-        return (action == "thaw") == (live > 0)
+        return (action == "thaw") == (sessions.live() > 0)
 
     who = Caller(0, "pam", False)
     for vm in registry.each_vm(paths, user):

@@ -90,11 +90,6 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         return 0
     if req.verb == "gated-idle":
         sessions = Sessions(paths, vm.identity.owner)
-
-        def nobody_on() -> bool:
-            with sessions.locked():
-                return sessions.prune()[1] == 0
-
-        power.sleep(paths, actor, vm, registry.read_settings(vm).on_logoff, nobody_on)
+        power.sleep(paths, actor, vm, registry.read_settings(vm).on_logoff, lambda: sessions.live() == 0)
         return 0
     raise UsageError(f"unknown verb {req.verb}")
