@@ -72,6 +72,15 @@ def dispatch(req: Request, who: caller.Caller, paths: Paths, environ: dict[str, 
     raise UsageError(f"unknown verb {req.verb}")
 
 
+def _stdout_gone() -> bool:
+    """Is it our stdout whose reader left (and not some other pipe or socket)?"""
+    import select
+
+    p = select.poll()
+    p.register(1, select.POLLOUT)
+    return any(ev & select.POLLERR for _, ev in p.poll(0))
+
+
 def one_line(text: str) -> str:
     """A refusal is one printable line: a newline or escape sequence in a name the
     user chose is shown escaped, never interpreted by the reader's terminal."""
@@ -84,13 +93,15 @@ def main(argv: list[str] | None = None, paths: Paths | None = None) -> int:
     who: caller.Caller | None = None
     req: Request | None = None
     try:
+        paths = paths or installed()  # fixed at install time: known before anything can be refused
         caller.scrub()
-        paths = paths or installed()
         who = caller.identify(environ)
         req = parse(args)
         return dispatch(req, who, paths, environ)
-    except BrokenPipeError:
-        return 0  # the reader went away (`kvmgate console web | head`): nothing to say to it
+    except BrokenPipeError as err:
+        if _stdout_gone():
+            return 0  # the reader went away (`kvmgate list | head`): nothing to say to it
+        code, message = EXIT_INTERNAL, f"internal error: {type(err).__name__}: {err}"
     except KvmgateError as err:
         code, message = err.exit_code, str(err)
     except KeyboardInterrupt:
@@ -103,8 +114,9 @@ def main(argv: list[str] | None = None, paths: Paths | None = None) -> int:
     line = one_line(message)
     _audit(paths, who, req, args, code, line)
     if req is not None and req.as_json:
-        sys.stdout.write(json.dumps({"error": line, "exit": code}) + "\n")
-        sys.stdout.flush()
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.write(json.dumps({"error": line, "exit": code}) + "\n")
+            sys.stdout.flush()
     hint = " (see kvmgate --help)" if code == UsageError.exit_code else ""
     sys.stderr.write(f"kvmgate: {line}{hint}\n")
     return code

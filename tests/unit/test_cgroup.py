@@ -18,7 +18,7 @@ def test_the_scope_request_is_well_formed() -> None:
         "/usr/bin/busctl", "call", "--system", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
         "org.freedesktop.systemd1.Manager", "StartTransientUnit", "ssa(sv)a(sa(sv))",
     ]  # fmt: skip
-    assert argv[8:10] == ["kvmgate-abc123.scope", "fail"] and argv[-1] == "0"  # no auxiliary units
+    assert argv[8:10] == ["kvmgate-abc123-4242.scope", "fail"] and argv[-1] == "0"  # no auxiliary units
     count, rest = int(argv[10]), argv[11:-1]
     props = {}
     i = 0
@@ -44,11 +44,22 @@ def test_on_systemd_hosts_kvmgate_writes_nothing_into_systemds_tree(
     monkeypatch.setattr(cgroup, "ROOT", str(tmp_path))
     (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
     monkeypatch.setattr(cgroup, "systemd_booted", lambda: True)
+    monkeypatch.setattr(cgroup, "BUSCTL", "/bin/true")
     asked: list[tuple[str, int, int]] = []
     monkeypatch.setattr(cgroup, "_start_scope", lambda key, pid, limit: asked.append((key, pid, limit)))
     cgroup.Placement("k1", 1 << 30).place(77)
     assert asked == [("k1", 77, 1 << 30)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cgroup.controllers"]
+
+
+def test_systemd_without_busctl_keeps_kvmgates_own_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cgroup, "ROOT", str(tmp_path))
+    monkeypatch.setattr(cgroup, "systemd_booted", lambda: True)
+    monkeypatch.setattr(cgroup, "BUSCTL", str(tmp_path / "no-busctl"))
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("max")
+    cgroup.Placement("k5", 100 << 20).place(55)
+    assert (tmp_path / "memory" / "kvmgate" / "k5" / "cgroup.procs").read_text() == "55"
 
 
 def test_without_systemd_kvmgate_uses_its_own_v2_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import os
 import pwd
 import resource
+import signal
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -53,6 +54,10 @@ def scrub() -> None:
     """Close inherited fds, clear the environment and reset what the caller could
     have preset (umask, cwd, rlimits, supplementary groups)."""
     os.closerange(3, 1 << 20)
+    # The helper shares the caller's terminal (sudoers: !use_pty). Ctrl-Z, or a background
+    # job with `stty tostop`, must never stop root while it holds a lock others wait for.
+    for sig in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_IGN)
     os.environ.clear()
     os.environ["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
     os.umask(0o077)

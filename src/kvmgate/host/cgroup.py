@@ -20,6 +20,8 @@ import contextlib
 import os
 import time
 
+from kvmgate.errors import KvmgateError
+
 ROOT = "/sys/fs/cgroup"
 GROUP = "kvmgate"
 SLICE = "kvmgate.slice"
@@ -44,8 +46,9 @@ def _v2_root() -> str | None:
         return None
 
 
-def scope_name(key: str) -> str:
-    return f"kvmgate-{key}.scope"
+def scope_name(key: str, pid: int) -> str:
+    """One scope per run: the last run's scope may not be collected yet."""
+    return f"kvmgate-{key}-{pid}.scope"
 
 
 def scope_argv(key: str, pid: int, limit_bytes: int) -> list[str]:
@@ -62,7 +65,7 @@ def scope_argv(key: str, pid: int, limit_bytes: int) -> list[str]:
     return [
         BUSCTL, "call", "--system", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
         "org.freedesktop.systemd1.Manager", "StartTransientUnit", "ssa(sv)a(sa(sv))",
-        scope_name(key), "fail", str(len(props)), *flat, "0",
+        scope_name(key, pid), "fail", str(len(props)), *flat, "0",
     ]  # fmt: skip
 
 
@@ -71,12 +74,15 @@ class Placement:
 
     def __init__(self, key: str, limit_bytes: int) -> None:
         self.key, self.limit = key, limit_bytes
-        self.procs = None if systemd_booted() else _own_group(key, limit_bytes)
+        # A host booted with systemd but without busctl (a minimal container) keeps
+        # kvmgate's own group: a start must never fail for want of a D-Bus client.
+        self.scope = systemd_booted() and os.access(BUSCTL, os.X_OK)
+        self.procs = None if self.scope else _own_group(key, limit_bytes)
 
     def place(self, pid: int) -> None:
         if self.procs is not None:
             _write(self.procs, str(pid))
-        elif systemd_booted():
+        elif self.scope:
             _start_scope(self.key, pid, self.limit)
 
 
@@ -84,15 +90,21 @@ def _start_scope(key: str, pid: int, limit_bytes: int, wait: float = 5.0) -> Non
     """systemd moves the pid when the job runs: wait until /proc says it is there."""
     import subprocess  # systemd hosts only: not on the start path elsewhere
 
-    subprocess.run(scope_argv(key, pid, limit_bytes), check=True, capture_output=True, timeout=wait)
-    want = f"/{SLICE}/{scope_name(key)}"
+    try:
+        subprocess.run(scope_argv(key, pid, limit_bytes), check=True, capture_output=True, timeout=wait)
+    except subprocess.CalledProcessError as err:
+        why = (err.stderr or b"").decode(errors="replace").strip().splitlines()[-1:] or ["failed"]
+        raise KvmgateError(f"systemd refused QEMU's scope: {why[0][:200]}") from None
+    except subprocess.TimeoutExpired:
+        raise KvmgateError("systemd did not answer for QEMU's scope in time") from None
+    want = f"/{SLICE}/{scope_name(key, pid)}"
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         with open(f"/proc/{pid}/cgroup") as f:
             if any(line.rstrip().endswith(want) for line in f):
                 return
         time.sleep(0.005)
-    raise OSError(f"systemd did not place QEMU in {scope_name(key)}")
+    raise KvmgateError(f"systemd did not place QEMU in {scope_name(key, pid)}")
 
 
 def _own_group(key: str, limit_bytes: int) -> str | None:

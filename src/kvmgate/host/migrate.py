@@ -19,52 +19,33 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
-from typing import NamedTuple
 
 from kvmgate.errors import KvmgateError
 from kvmgate.host.qmp import QMP, QMPError
 from kvmgate.store import registry
 from kvmgate.store.files import fsync_dir, write_atomic
+from kvmgate.store.registry import META, STATE, Saved
 
-STATE = "state"
-META = "state.json"
 BANDWIDTH = 64 << 30  # bytes/s: QEMU's 128 MiB/s default makes saving several times slower
 CHUNK = 1 << 20
 
 
-class Saved(NamedTuple):
-    saved_at: float
-    size: int
-    sha256: str
-    options: list[str]
-    was_running: bool
+def _tell(text: str) -> None:
+    """Progress on the caller's terminal, never blocking: this runs under the VM's
+    lock, and a terminal stopped with Ctrl-S must not hold it. A line that does not
+    fit now is dropped."""
+    if not os.isatty(2):
+        return
+    import select
 
-
-def meta_of(vm: registry.VM) -> Saved | None:
-    """The saved state's record, if the state is complete (its size matches)."""
-    try:
-        with open(vm.sub("saved", META), "rb") as f:
-            data = json.loads(f.read(1 << 20))
-        saved = Saved(
-            float(data["saved_at"]),
-            int(data["size"]),
-            str(data["sha256"]),
-            [str(t) for t in data["options"]],
-            bool(data["was_running"]),
-        )
-        if os.stat(vm.sub("saved", STATE)).st_size != saved.size:
-            return None
-        return saved
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    with contextlib.suppress(OSError):
+        if select.select([], [2], [], 0)[1]:
+            os.write(2, text.encode())
 
 
 def _progress(done: int, what: str) -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write(f"\r{what}: {done >> 20} MiB")
-        sys.stderr.flush()
+    _tell(f"\r{what}: {done >> 20} MiB")
 
 
 class _Hasher:
@@ -159,8 +140,7 @@ def save(vm: registry.VM, options: list[str], timeout: float = 3600) -> Saved:
         os.close(out)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if sys.stderr.isatty():
-            sys.stderr.write("\n")
+        _tell("\n")
     return saved
 
 
@@ -188,8 +168,7 @@ def restore(vm: registry.VM, saved: Saved, timeout: float = 3600) -> None:
         raise KvmgateError(f"restore failed: {err}; the saved state was kept") from None
     finally:
         os.close(src)
-        if sys.stderr.isatty():
-            sys.stderr.write("\n")
+        _tell("\n")
     # Only now, with the VM back, is the state expendable.
     for name in (META, STATE):
         os.unlink(vm.sub("saved", name))

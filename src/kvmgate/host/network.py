@@ -44,9 +44,12 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> None:
         raise KvmgateError(f"{os.path.basename(argv[0])}: {last}")
 
 
+NET_WAIT = 120.0  # a stuck holder fails the others with "busy", never hangs them
+
+
 def _net_lock(paths: Paths) -> contextlib.AbstractContextManager[int]:
     """Serialises changes to the host's bridges, rules and dnsmasq (not allocation)."""
-    return flock(os.path.join(paths.run, "net.lock"))
+    return flock(os.path.join(paths.run, "net.lock"), NET_WAIT, "the host network")
 
 
 # ------------------------------------------------------------------------ allocation

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable
 
 from kvmgate.errors import Exhausted
-from kvmgate.model.digest import sha256
+from kvmgate.model.translate import mac_for
 
 
 def first_free(
@@ -21,15 +21,6 @@ def first_free(
         if c not in taken and usable(c):
             return c
     raise Exhausted("no free value left in the pool")
-
-
-def mac_for(key: str, index: int, attempt: int = 0) -> str:
-    """The one MAC scheme: a locally administered unicast MAC in QEMU's 52:54:00
-    block, derived from the VM key (stable across re-creation). The note's legacy
-    `-net nic` uses attempt 0 directly; named networks probe on a clash."""
-    seed = f"{key}/{index}" + (f"/{attempt}" if attempt else "")
-    h = sha256(seed.encode()).digest()
-    return f"52:54:00:{h[0]:02x}:{h[1]:02x}:{h[2]:02x}"
 
 
 def mac(key: str, index: int, taken: Collection[str]) -> str:

@@ -1,5 +1,8 @@
 """Every verb kvmgate knows, described once. Pure.
 
+No dataclasses: `dataclasses` pulls in `inspect`, which alone costs the helper
+several milliseconds of its start-up budget.
+
 Both parsers come from this table: the helper's strict one (`parse`, below: no
 abbreviations, no `--flag=value`, each flag at most once) and the front end's
 `--help` (`kvmgate.cli.help` builds argparse from it). A unit test walks the
@@ -13,31 +16,45 @@ the operations in `kvmgate.ops` with typed arguments.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kvmgate.errors import UsageError
 
 
-@dataclass(frozen=True)
 class Flag:
-    name: str  # "--owner"
-    help: str
-    metavar: str | None = None  # None: a flag without a value
-    choices: tuple[str, ...] = ()
-    required: bool = False
+    """One flag of a verb. (Plain slotted classes here: a NamedTuple class costs
+    the helper's start-up ten times as much to create.)"""
+
+    __slots__ = ("choices", "help", "metavar", "name", "required")
+
+    def __init__(
+        self,
+        name: str,  # "--owner"
+        help: str,
+        metavar: str | None = None,  # None: a flag without a value
+        choices: tuple[str, ...] = (),
+        required: bool = False,
+    ) -> None:
+        self.name, self.help, self.metavar, self.choices, self.required = name, help, metavar, choices, required
 
 
-@dataclass(frozen=True)
 class Verb:
-    name: str  # the helper's verb: "start", "admin-create", "pam-hook"
-    help: str
-    flags: tuple[Flag, ...] = ()
-    target: str | None = "NAME"  # the positional argument's metavar; None: takes none
-    options: bool = False  # takes `-- OPTION...`
-    usage: str | None = None
-    epilog: str = ""  # extra help text; "{options}" is replaced by the option lists
-    internal: bool = False  # called by kvmgate's own programs (pam_exec, gated), not shown in help
-    frontend: bool = False  # handled by the front end itself (ssh), never sent to the helper
+    __slots__ = ("epilog", "flags", "frontend", "help", "internal", "name", "options", "target", "usage")
+
+    def __init__(
+        self,
+        name: str,  # the helper's verb: "start", "admin-create", "pam-hook"
+        help: str,
+        flags: tuple[Flag, ...] = (),
+        target: str | None = "NAME",  # the positional argument's metavar; None: takes none
+        options: bool = False,  # takes `-- OPTION...`
+        usage: str | None = None,
+        epilog: str = "",  # extra help text; "{options}" is replaced by the option lists
+        internal: bool = False,  # called by kvmgate's own programs (pam_exec, gated), not shown in help
+        frontend: bool = False,  # handled by the front end itself (ssh), never sent to the helper
+    ) -> None:
+        self.name, self.help, self.flags, self.target, self.options = name, help, flags, target, options
+        self.usage, self.epilog, self.internal, self.frontend = usage, epilog, internal, frontend
 
     @property
     def words(self) -> tuple[str, ...]:
@@ -214,13 +231,12 @@ VERBS: tuple[Verb, ...] = (
 BY_NAME: dict[str, Verb] = {v.name: v for v in VERBS}
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """One parsed helper call. Flags are keyed by their names in the table."""
 
     verb: str
-    name: str | None = None
-    flags: dict[str, str] = field(default_factory=dict)
+    name: str | None
+    flags: dict[str, str]
     options: tuple[str, ...] = ()
 
     def flag(self, name: str) -> str | None:

@@ -1,4 +1,5 @@
 """A VM's settings: what the admin fixed that is not a QEMU option. Pure.
+(NamedTuples, not dataclasses: see model/commands.py on start-up cost.)
 
 `settings.json` in the VM directory (root-only) is parsed here once, strictly,
 into typed records; everything else uses the records. Its values reach `ip
@@ -13,8 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvmgate.errors import KvmgateError, UsageError
 from kvmgate.model.regex import Regex
@@ -24,8 +24,7 @@ ON_LOGOFF = ("none", "pause", "hibernate")
 MAX_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
-class Forward:
+class Forward(NamedTuple):
     """A host port from the pool forwarded to a guest TCP port. With wake on
     connect, kvmgate-gated listens on `port` and QEMU on the loopback `internal`."""
 
@@ -35,8 +34,7 @@ class Forward:
     internal: int | None = None
 
 
-@dataclass(frozen=True)
-class Nic:
+class Nic(NamedTuple):
     """A NIC on a network the admin named. `tap` is None on QEMU's user network;
     `ip` is None where kvmgate gives no address (user and private networks)."""
 
@@ -46,8 +44,7 @@ class Nic:
     ip: str | None = None
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     on_logoff: str = "none"
     service: bool = False
     autostart: bool = False
@@ -57,10 +54,12 @@ class Settings:
     nics: tuple[Nic, ...] = ()
 
     def with_(self, **changes: Any) -> Settings:
-        return replace(self, **changes)
+        return self._replace(**changes)
 
     def to_json(self) -> str:
-        data = asdict(self)
+        data: dict[str, Any] = self._asdict()
+        data["forwards"] = [f._asdict() for f in self.forwards]
+        data["nics"] = [n._asdict() for n in self.nics]
         data["version"] = VERSION
         return json.dumps(data, sort_keys=True)
 
@@ -129,7 +128,7 @@ def parse(text: bytes | str) -> Settings:
     if not isinstance(data, dict):
         raise CorruptSettings("settings file is not an object")
     data = migrate(data)
-    known = {f for f in Settings.__dataclass_fields__}
+    known = set(Settings._fields)
     if set(data) - known:
         raise CorruptSettings("unknown settings")
     s = Settings()

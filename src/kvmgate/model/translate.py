@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 from kvmgate.errors import PolicyError
-from kvmgate.model.allocate import mac_for
+from kvmgate.model.digest import sha256
 from kvmgate.model.policy import grammar as g
 from kvmgate.model.policy.policy import ParsedOption
 from kvmgate.model.settings import Forward, Nic
@@ -117,6 +117,16 @@ def _json(obj: object) -> str:
 def keyval_escape(text: str) -> str:
     """QEMU's option syntax escapes a literal comma by doubling it (as libvirt does)."""
     return text.replace(",", ",,")
+
+
+def mac_for(key: str, index: int, attempt: int | None = None) -> str:
+    """The one MAC scheme: a locally administered unicast MAC in QEMU's 52:54:00
+    block, derived from the VM key, so it is stable across re-creation. The note's
+    `-net nic` is seeded `key/index`; named networks' NICs `key/index/attempt`,
+    probing further on a clash (both seeds as they always were)."""
+    seed = f"{key}/{index}" if attempt is None else f"{key}/{index}/{attempt}"
+    h = sha256(seed.encode()).digest()
+    return f"52:54:00:{h[0]:02x}:{h[1]:02x}:{h[2]:02x}"
 
 
 _DISK_SLOTS = {

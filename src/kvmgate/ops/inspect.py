@@ -3,19 +3,30 @@ Read-only; no lock (a reader sees one consistent state or the next)."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
-from kvmgate.host import migrate
+from kvmgate.errors import QMPError
+from kvmgate.host.qmp import QMP
 from kvmgate.model.hostnet import redirs
 from kvmgate.model.policy.policy import Policy
-from kvmgate.ops.power import PAUSED, vcpu_state
 from kvmgate.store import registry, runtime
+
+PAUSED = ("paused", "prelaunch", "suspended", "postmigrate")
+
+
+def vcpu_state(vm: registry.VM) -> str:
+    try:
+        with QMP(os.path.join(vm.rundir, "qmp.sock"), timeout=5) as q:
+            return str(q.execute("query-status").get("status"))
+    except (OSError, QMPError):
+        return "unknown"
 
 
 def describe(vm: registry.VM) -> dict[str, Any]:
     running = runtime.is_running(vm)
-    saved = None if running else migrate.meta_of(vm)
+    saved = None if running else registry.read_saved(vm)
     info: dict[str, Any] = {
         "name": vm.identity.name,
         "owner": vm.identity.owner,

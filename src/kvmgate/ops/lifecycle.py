@@ -16,10 +16,11 @@ import os
 import pwd
 import signal
 import time
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from kvmgate.errors import KvmgateError, NoSuchVM, PermissionRefused, QMPError, WrongState
-from kvmgate.host import audit, cgroup, launch, migrate
+from kvmgate.host import audit, cgroup, launch
 from kvmgate.host.caller import Caller
 from kvmgate.host.qmp import QMP, wait_ready
 from kvmgate.model.policy.policy import Policy
@@ -37,8 +38,16 @@ class Started(NamedTuple):
     restored: bool
 
 
-def lock(paths: Paths, vm: registry.VM) -> contextlib.AbstractContextManager[None]:
-    return locks.vm_lock(paths, vm.identity.owner, vm.identity.name)
+@contextlib.contextmanager
+def lock(paths: Paths, who: Caller, vm: registry.VM) -> Iterator[None]:
+    """The VM's operation lock, then the VM resolved again: a delete (and a
+    re-create under the same name) while this caller waited is seen as gone."""
+    wait = locks.WAIT if who.via_sudo else locks.INTERNAL_WAIT
+    with locks.vm_lock(paths, vm.identity.owner, vm.identity.name, wait):
+        again = registry.resolve(paths, vm.identity.owner, vm.identity.name)
+        if again.key != vm.key or again.vmdir != vm.vmdir:
+            raise NoSuchVM(vm.identity.name)
+        yield
 
 
 def qmp(vm: registry.VM, timeout: float = 10) -> QMP:
@@ -50,7 +59,7 @@ def qmp(vm: registry.VM, timeout: float = 10) -> QMP:
 
 def start(paths: Paths, who: Caller, vm: registry.VM, options: list[str], paused: bool = False) -> Started:
     """Start the VM, or restore it if it was hibernated."""
-    with lock(paths, vm):
+    with lock(paths, who, vm):
         return start_locked(paths, who, vm, options, paused)
 
 
@@ -59,12 +68,15 @@ def start_locked(paths: Paths, who: Caller, vm: registry.VM, options: list[str],
     # VM changes nothing (no tap opened, no file created) and says so.
     if runtime.is_running(vm):
         raise WrongState(f"{vm.identity.name} is already running")
-    saved = migrate.meta_of(vm)
+    saved = registry.read_saved(vm)
     if saved is not None and options:
         raise WrongState(f"{vm.identity.name} is hibernated: it resumes with the options it was started with")
     pid, accel = _launch(paths, who, vm, saved.options if saved else options, paused, saved is not None)
     if saved is None:
         return Started(pid, accel, False)
+
+    from kvmgate.host import migrate  # only a restore needs it: off the plain start path
+
     try:
         migrate.restore(vm, saved)
     except BaseException:

@@ -18,9 +18,6 @@ from kvmgate.ops.plan import plan_for
 from kvmgate.paths import Paths
 from kvmgate.store import config, registry, runtime
 
-PAUSED = ("paused", "prelaunch", "suspended", "postmigrate")
-
-
 # ------------------------------------------------------------------------------ stop
 
 
@@ -30,32 +27,35 @@ class Stopped(NamedTuple):
 
 
 def stop(paths: Paths, who: Caller, vm: registry.VM, force: bool = False, timeout: float | None = None) -> Stopped:
-    with lock(paths, vm):
+    """Ask QEMU to end (ACPI power-down, or quit with force) under the VM's lock;
+    wait for it without the lock, so the grace time (up to an hour) holds up no
+    other actor; then, under the lock again, kill what is still the same QEMU."""
+    with lock(paths, who, vm):
         if not runtime.is_running(vm):
             raise WrongState(f"{vm.identity.name} is not running")
-        policy = config.load(paths)
-        grace = float(policy.stop_timeout) if timeout is None else timeout
+        pid = runtime.read_pid(vm)
+        grace = float(config.load(paths).stop_timeout) if timeout is None else timeout
         how = "killed"
+        runtime.mark_intended_exit(vm)
         try:
-            runtime.mark_intended_exit(vm)
             with qmp(vm, timeout=5) as q:
                 q.execute("quit" if force else "system_powerdown")
                 how = "quit" if force else "powered down"
         except (OSError, QMPError):
             pass
-        stopped = runtime.wait_stopped(vm, 5 if how == "quit" else grace)
+    stopped = runtime.wait_stopped(vm, 5 if how == "quit" else grace)
+    with lock(paths, who, vm):
         forced = False
-        if not stopped:
-            pid = runtime.read_pid(vm)
+        if not stopped and runtime.is_running(vm) and runtime.read_pid(vm) == pid:
             if pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             how, forced = "killed after timeout", True
-            stopped = runtime.wait_stopped(vm, 10)
-        if not stopped:
-            raise KvmgateError(f"{vm.identity.name} did not stop")
-        runtime.cleanup(vm)
-        cgroup.remove(vm.key)
+            if not runtime.wait_stopped(vm, 10):
+                raise KvmgateError(f"{vm.identity.name} did not stop")
+        if runtime.read_pid(vm) in (pid, None) and not runtime.is_running(vm):
+            runtime.cleanup(vm)  # not a new run's files, if someone started it again meanwhile
+            cgroup.remove(vm.key)
         audit.done(paths.audit_log, who, "stop", vm.identity.owner, vm.identity.name, how=how)
         return Stopped(how, forced)
 
@@ -63,17 +63,9 @@ def stop(paths: Paths, who: Caller, vm: registry.VM, force: bool = False, timeou
 # ------------------------------------------------------------- freeze, thaw, hibernate
 
 
-def vcpu_state(vm: registry.VM) -> str:
-    try:
-        with qmp(vm, timeout=5) as q:
-            return str(q.execute("query-status").get("status"))
-    except (OSError, QMPError):
-        return "unknown"
-
-
 def freeze(paths: Paths, who: Caller, vm: registry.VM) -> bool:
     """Pause the vCPUs. False if they were paused already."""
-    with lock(paths, vm):
+    with lock(paths, who, vm):
         return _vcpus(paths, who, vm, run=False)
 
 
@@ -82,11 +74,11 @@ def thaw(
 ) -> tuple[bool, Started | None]:
     """Resume the vCPUs, or restore a hibernated VM. (changed, restored-as).
     `wanted` is asked again under the lock (an internal actor's reason to act)."""
-    with lock(paths, vm):
+    with lock(paths, who, vm):
         if wanted is not None and not wanted():
             return False, None
         if not runtime.is_running(vm):
-            if migrate.meta_of(vm) is None:
+            if registry.read_saved(vm) is None:
                 raise WrongState(f"{vm.identity.name} is not running")
             return True, start_locked(paths, who, vm, [])
         return _vcpus(paths, who, vm, run=True), None
@@ -94,7 +86,7 @@ def thaw(
 
 def wake(paths: Paths, who: Caller, vm: registry.VM) -> None:
     """Whatever state the VM is in, make it run: thaw, restore or start (gated)."""
-    with lock(paths, vm):
+    with lock(paths, who, vm):
         if runtime.is_running(vm):
             _vcpus(paths, who, vm, run=True)
         else:
@@ -122,12 +114,12 @@ def runs_with_snapshot(policy: Policy, vm: registry.VM, options: list[str]) -> b
     return plan_for(vm, policy, options, "tcg").snapshot
 
 
-def hibernate(paths: Paths, who: Caller, vm: registry.VM) -> migrate.Saved:
-    with lock(paths, vm):
+def hibernate(paths: Paths, who: Caller, vm: registry.VM) -> registry.Saved:
+    with lock(paths, who, vm):
         return hibernate_locked(paths, who, vm)
 
 
-def hibernate_locked(paths: Paths, who: Caller, vm: registry.VM) -> migrate.Saved:
+def hibernate_locked(paths: Paths, who: Caller, vm: registry.VM) -> registry.Saved:
     name = vm.identity.name
     if not runtime.is_running(vm):
         raise WrongState(f"{name} is not running")
@@ -150,7 +142,7 @@ def sleep(
     """The logoff policy: freeze (`pause`) or hibernate a running VM; nothing for
     `none`, a VM that is not running, or when `wanted()`, asked under the lock,
     says the reason to act is gone (the owner logged on again)."""
-    with lock(paths, vm):
+    with lock(paths, who, vm):
         if mode == "none" or not runtime.is_running(vm) or (wanted is not None and not wanted()):
             return None
         if mode == "pause":

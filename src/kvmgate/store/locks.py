@@ -22,12 +22,18 @@ from kvmgate.paths import Paths
 from kvmgate.store.files import flock
 from kvmgate.store.registry import mkdir_root
 
-WAIT = 60.0  # how long an operation waits for another one on the same VM
+WAIT = 60.0  # how long a user's operation waits for another one on the same VM
+# kvmgate's own actors (the PAM worker, gated, the reaper, autostart, watch) and root wait
+# as long as the longest operation may take (a hibernate or restore), so a logon never
+# loses to a slow logoff: they must not give up where a user may.
+INTERNAL_WAIT = 3600.0
 
 
-def _dir(paths: Paths) -> str:
+def lock_dir(paths: Paths) -> str:
+    """STATE/locks (root 0700), made on first use."""
     d = os.path.join(paths.state, "locks")
-    mkdir_root(d, 0o700)
+    if not os.path.isdir(d):
+        mkdir_root(d, 0o700)
     return d
 
 
@@ -39,7 +45,7 @@ def lock_path(paths: Paths, owner: str, name: str) -> str:
     first operation. Files stay after a delete: removing a lock file others may
     be waiting on would let two holders in."""
     key = sha256(f"{owner}\0{name}".encode()).hexdigest()[:32]
-    return os.path.join(_dir(paths), f"vm-{key}")
+    return os.path.join(lock_dir(paths), f"vm-{key}")
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ name the same owner and name, so a swapped link cannot borrow another VM.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -161,7 +162,8 @@ def read_settings(vm: VM) -> Settings:
 
 
 def write_settings(vm: VM, settings: Settings) -> None:
-    write_atomic(vm.sub("settings.json"), settings.to_json())
+    # fsynced: after a power loss an empty file would free the VM's ports and addresses
+    write_atomic(vm.sub("settings.json"), settings.to_json(), fsync=True)
 
 
 def each_vm(paths: Paths, owner: str | None = None) -> Iterator[VM]:
@@ -183,3 +185,36 @@ def all_settings(paths: Paths) -> list[tuple[VM, Settings]]:
         except KvmgateError:
             continue
     return out
+
+
+# ------------------------------------------------------------------ saved state
+
+STATE = "state"  # saved/state: the migration stream QEMU wrote (host.migrate)
+META = "state.json"  # saved/state.json: its record, written only after the stream is complete
+
+
+class Saved(NamedTuple):
+    saved_at: float
+    size: int
+    sha256: str
+    options: list[str]
+    was_running: bool
+
+
+def read_saved(vm: VM) -> Saved | None:
+    """The saved state's record, if the state is complete (its size matches): the
+    one fact every start needs about hibernation, without loading host.migrate."""
+    try:
+        data = json.loads(read_small(vm.sub("saved", META)))
+        saved = Saved(
+            float(data["saved_at"]),
+            int(data["size"]),
+            str(data["sha256"]),
+            [str(t) for t in data["options"]],
+            bool(data["was_running"]),
+        )
+        if os.stat(vm.sub("saved", STATE)).st_size != saved.size:
+            return None
+        return saved
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -103,6 +103,10 @@ def set_settings(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> in
     mode, idle = req.flag("--on-logoff"), req.flag("--idle")
     if all(req.flag(f) is None for f in ("--on-logoff", "--idle", "--wake", "--forward", "--network")):
         raise UsageError("admin set needs --on-logoff, --idle, --wake, --forward or --network")
+    if runtime.is_running(vm) and any(req.flag(f) is not None for f in ("--network", "--forward", "--wake")):
+        # Its taps, guarded ports and addresses are in use: changing them under it would
+        # drop its anti-spoofing rules and hand its address to another VM.
+        raise WrongState(f"{vm.identity.name} is running: stop it to change its networks or ports")
     if mode is not None:
         settings = settings.with_(on_logoff=check_on_logoff(mode))
     if idle is not None:

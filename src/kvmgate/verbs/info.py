@@ -38,9 +38,10 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
 
 
 def vms(req: Request, who: Caller, paths: Paths) -> int:
+    owner = owner_of(req, who) if (req.has("--owner") or not who.is_root) else None  # root: everyone's
     rows = [
         {"name": vm.identity.name, "owner": vm.identity.owner, "state": describe(vm)["state"]}
-        for vm in registry.each_vm(paths, owner_of(req, who))
+        for vm in registry.each_vm(paths, owner)
     ]
     text = "".join(f"{r['owner']:<16} {r['name']:<32} {r['state']}\n" for r in rows)
     emit(rows, text, req.as_json)

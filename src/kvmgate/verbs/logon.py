@@ -24,7 +24,7 @@ import pwd
 import signal
 
 from kvmgate.errors import KvmgateError
-from kvmgate.host import audit, migrate
+from kvmgate.host import audit
 from kvmgate.host.caller import Caller
 from kvmgate.model.commands import Request
 from kvmgate.ops import power
@@ -103,7 +103,7 @@ def apply(paths: Paths, user: str, action: str) -> None:
             if mode == "none":
                 continue
             if action == "thaw":
-                if runtime.is_running(vm) or migrate.meta_of(vm) is not None:
+                if runtime.is_running(vm) or registry.read_saved(vm) is not None:
                     power.thaw(paths, who, vm, wanted)
             else:
                 power.sleep(paths, who, vm, mode, wanted)

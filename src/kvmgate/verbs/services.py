@@ -11,14 +11,12 @@ service VMs in `kvmgate list --services` and cannot control them.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
 from types import FrameType
 
-from kvmgate.errors import KvmgateError, UsageError, VMDied, WrongState
-from kvmgate.host import migrate
+from kvmgate.errors import Busy, KvmgateError, UsageError, VMDied, WrongState
 from kvmgate.host.caller import Caller
 from kvmgate.model import identity as ident
 from kvmgate.model.commands import Request
@@ -44,6 +42,9 @@ def autostart(who: Caller, paths: Paths) -> int:
             settings = registry.read_settings(vm)
             if settings.service and settings.autostart and not runtime.is_running(vm):
                 lifecycle.start(paths, who, vm, [])
+        except Busy as err:  # another operation held it too long: that is a failure here
+            failed += 1
+            sys.stderr.write(f"kvmgate: autostart {vm.identity.owner}/{vm.identity.name}: {err}\n")
         except WrongState:
             continue  # started meanwhile by someone else
         except (KvmgateError, OSError) as err:
@@ -67,13 +68,23 @@ def watch(who: Caller, paths: Paths, target: str) -> int:
         finally:
             os._exit(0)
 
+    # SIGTERM waits until the start (a restore may take minutes) is done: its handler
+    # stops the VM under the same lock, which this process holds while it starts.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     signal.signal(signal.SIGTERM, on_term)
-    if not runtime.is_running(vm):
-        with contextlib.suppress(WrongState):  # running already: watch it
-            lifecycle.start(paths, who, vm, [])
+    try:
+        if not runtime.is_running(vm):
+            try:
+                lifecycle.start(paths, who, vm, [])
+            except Busy:
+                raise
+            except WrongState:
+                pass  # running already: watch it
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     sys.stdout.flush()
     runtime.wait_exit(vm)
-    if runtime.take_intended_exit(vm) or migrate.meta_of(vm) is not None:
+    if runtime.take_intended_exit(vm) or registry.read_saved(vm) is not None:
         return 0
     runtime.cleanup(vm)
     raise VMDied(f"{owner}/{name}: QEMU exited unexpectedly")
