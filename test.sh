@@ -2,7 +2,10 @@
 # Install everything the test suite needs (Debian packages, a venv with the Python
 # test dependencies, the test guest), then run lint, types and the whole suite.
 #
-#   sudo ./test.sh [pytest arguments]
+#   sudo ./test.sh [--all] [pytest arguments]
+#
+# The default tier leaves out tests marked `slow` (docs: decisions on test tiers);
+# --all runs them too.
 set -eu
 cd "$(dirname "$0")"
 [ "$(id -u)" = 0 ] || { echo "test.sh: run as root (the suite creates users, taps and cgroups)" >&2; exit 3; }
@@ -13,4 +16,6 @@ venv=.venv
 "$venv/bin/pip" install -q --disable-pip-version-check -e '.[test]'
 "$venv/bin/ruff" check src tests bench
 "$venv/bin/mypy" --no-error-summary
-exec "$venv/bin/pytest" -q "$@"
+tier="not slow"
+if [ "${1:-}" = "--all" ]; then tier=""; shift; fi
+exec "$venv/bin/pytest" -q ${tier:+-m "$tier"} "$@"
