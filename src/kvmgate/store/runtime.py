@@ -107,9 +107,13 @@ def read_options(vm: VM) -> list[str]:
     return data
 
 
+DISPLAY_VERSION = 1
+
+
 def write_display(vm: VM, record: dict[str, Any]) -> None:
     """How the owner reaches the display and gdb stub of this run (`kvmgate vnc`, `gdb`)."""
-    write_atomic(os.path.join(vm.rundir, "display.json"), json.dumps(record, sort_keys=True))
+    data = {**record, "version": DISPLAY_VERSION}
+    write_atomic(os.path.join(vm.rundir, "display.json"), json.dumps(data, sort_keys=True))
 
 
 def read_display(vm: VM) -> dict[str, Any]:
@@ -119,7 +123,9 @@ def read_display(vm: VM) -> dict[str, Any]:
         return _legacy_display(vm)
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict) or data.pop("version", None) != DISPLAY_VERSION:
+        return {}  # a format this release does not know: nothing to show, nothing to guard wrongly
+    return data
 
 
 def _legacy_display(vm: VM) -> dict[str, Any]:
