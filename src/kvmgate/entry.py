@@ -28,7 +28,7 @@ from kvmgate.model.commands import Request, parse
 from kvmgate.paths import Paths, installed
 
 LIFECYCLE = ("start", "stop", "freeze", "thaw", "hibernate")
-INFO = ("status", "list", "ports", "vnc", "gdb")
+INFO = ("status", "list", "ports", "vnc")
 
 
 def dispatch(req: Request, who: caller.Caller, paths: Paths, environ: dict[str, str]) -> int:
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None, paths: Paths | None = None) -> int:
             sys.stdout.flush()
     line = one_line(message)
     _audit(paths, who, req, args, code, line)
-    if req is not None and req.as_json:
+    if req.as_json if req is not None else "--json" in args[: args.index("--") if "--" in args else len(args)]:
         with contextlib.suppress(BrokenPipeError):
             sys.stdout.write(json.dumps({"error": line, "exit": code}) + "\n")
             sys.stdout.flush()

@@ -25,7 +25,7 @@ class Paths(NamedTuple):
     sudoers: str = "/etc/sudoers.d/kvmgate"
 
     def checked(self) -> Paths:
-        # These strings reach QEMU's option syntax (gdb socket) and sudoers: keep them plain.
+        # These strings reach QEMU's option syntax (the VNC socket) and sudoers: keep them plain.
         for value in self:
             if not _SAFE.fullmatch(value) or ".." in value.split("/"):
                 raise ValueError(f"unsafe install path {value!r}")

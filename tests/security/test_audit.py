@@ -54,3 +54,15 @@ def test_errors_of_read_commands_are_json_with_json(kg: Kvmgate, bob: str) -> No
     r = kg("status", "nothing-here", "--json", user=bob)
     assert r.returncode == 4 and json.loads(r.stdout) == {"error": "no such VM: nothing-here", "exit": 4}
     assert os.stat(AUDIT).st_mode & 0o077 == 0
+
+
+def test_json_errors_also_for_usage_errors(kg: Kvmgate, bob: str) -> None:
+    r = kg("status", "web", "--json", "--bogus", user=bob)
+    assert r.returncode == 2 and json.loads(r.stdout)["exit"] == 2
+    r = kg("start", "web", "--", "--json", user=bob)  # after --, --json is a VM option, not ours
+    assert r.returncode == 4 and r.stdout == ""
+
+
+def test_a_regex_too_big_for_python_is_a_usage_error(kg: Kvmgate, bob: str) -> None:
+    r = kg("console", "web", "--expect", "a{4294967296}", user=bob)
+    assert r.returncode == 2 and "internal error" not in r.stderr

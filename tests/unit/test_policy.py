@@ -95,6 +95,8 @@ def test_policy_file_can_take_options_away() -> None:
         ('[lists]\nuser = ["-monitor"]\n', "-monitor cannot be given to users"),
         ('[lists]\nuser = ["-net"]\n', "-net cannot be given to users"),
         ('[lists]\nadmin = ["-daemonize"]\n', "-daemonize cannot be enabled"),
+        ('[lists]\nadmin = ["-s"]\n', "-s cannot be enabled: a gdb stub hands its holder QEMU's monitor"),
+        ('[lists]\nuser = ["-p"]\n', "-p cannot be enabled: a gdb stub hands its holder QEMU's monitor"),
         ('[lists]\nuser = ["-smp"]\nadmin = ["-smp"]\n', "more than one list"),
         ('[lists]\nuser = ["-bogus"]\n', "unknown option '-bogus'"),
         ('[lists]\nfriends = ["-m"]\n', "unknown list"),

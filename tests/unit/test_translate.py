@@ -18,7 +18,7 @@ from kvmgate.model.settings import Forward, Nic
 from kvmgate.model.translate import Context, Port, Resource, merge, translate
 
 ARGV_DIR = Path(__file__).resolve().parent.parent / "argv"
-CTX = Context(accel="kvm", default_disk=None, key="0123456789abcdef01234567", gdb_socket="/run/kvmgate/k/gdb.sock")
+CTX = Context(accel="kvm", default_disk=None, key="0123456789abcdef01234567")
 
 # name -> (admin options, user options)
 DEFINITIONS: dict[str, tuple[list[str], list[str]]] = {

@@ -27,7 +27,7 @@ files:
   /etc/kvmgate/policy.toml   the admin's policy (root-owned)
   /var/lib/kvmgate/          VM identities, disks, logs (see docs/layout.md)
   /run/kvmgate/              root-only runtime state: QMP and console sockets, locks
-  /run/kvmgate-display/      VNC and gdb sockets, each in a directory only its VM's owner can enter
+  /run/kvmgate-display/      VNC sockets, each in a directory only its VM's owner can enter
   docs/                      design, architecture, layout, security, logon, networks
                              (installed under /usr/local/share/doc/kvmgate)
 """

@@ -31,7 +31,11 @@ def absolutize(tokens: list[str]) -> list[str]:
             if grammar.looks_like_protocol(v):
                 raise SystemExit(_refuse(f"{out[i]}: protocol prefixes are not allowed ({v.split(':', 1)[0]}:)"))
             if not v.startswith("/") and not v.startswith("-"):
-                out[i + 1] = os.path.join(os.getcwd(), os.path.expanduser(v))
+                try:
+                    cwd = os.getcwd()
+                except FileNotFoundError:
+                    raise SystemExit(_refuse(f"{out[i]}: {v} is relative, and the current directory is gone")) from None
+                out[i + 1] = os.path.join(cwd, os.path.expanduser(v))
     return out
 
 

@@ -146,11 +146,6 @@ VERBS: tuple[Verb, ...] = (
         (OWNER, JSON),
     ),
     Verb(
-        "gdb",
-        "show the path of a running VM's gdb stub (-s or -p): a socket only you can open",
-        (OWNER, JSON),
-    ),
-    Verb(
         "admin-init",
         "idempotent host set-up: directories, the kvmgate-qemu group, the default policy, "
         "/dev/kvm and /dev/net/tun permissions",

@@ -74,7 +74,6 @@ class Context(NamedTuple):
 
     accel: Accel
     default_disk: str | None = None  # the VM's own disk, used as -hda if none is given
-    gdb_socket: str | None = None  # -s / -p: a unix socket in the owner's own directory
     vnc_socket: str | None = None  # -vnc as a unix socket at this path; None: loopback TCP with a password
     key: str = ""  # the VM key: seeds deterministic MAC addresses
     paused: bool = False  # start with the vCPUs stopped (kvmgate's own -S)
@@ -93,7 +92,6 @@ class Plan(NamedTuple):
     pidfiles: tuple[str, ...] = ()
     dirs: tuple[tuple[str, str], ...] = ()  # (-tftp|-smb, directory) QEMU reads as the owner: checked first
     vnc: Vnc | None = None
-    gdb: bool = False  # a gdb stub on ctx.gdb_socket
     snapshot: bool = False  # writes go to a throw-away overlay: the VM cannot be hibernated
     host_ports: bool = False  # QEMU listens on host TCP ports (forwards, -redir) the host's rules guard
 
@@ -286,13 +284,6 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
                 b.add("-device", "intel-hda", "-device", "hda-duplex,audiodev=kgsnd")
             else:
                 b.add("-device", f"{g.SOUND_CARDS[card]},audiodev=kgsnd")
-    gdb = "-s" in by or "-p" in by
-    if gdb:
-        # Never a TCP port (any local user could connect to it and own the guest):
-        # one unix socket in the owner's own directory, for -s and -p alike.
-        if not ctx.gdb_socket:
-            raise PolicyError("-s" if "-s" in by else "-p", "no owner directory for the gdb socket")
-        b.add("-gdb", f"unix:{ctx.gdb_socket},server=on,wait=off")
     d = one("-d")
     if d:
         b.add("-d", d.canonical)
@@ -314,7 +305,7 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
     host_ports = _network(b, by, ctx)
     pidfiles = tuple(v.canonical for v in by.get("-pidfile", []))
     dirs = tuple((n, v.canonical) for n in ("-tftp", "-smb") for v in by.get(n, []))
-    return Plan(tuple(b.argv), tuple(b.resources), memory, pidfiles, dirs, vnc, gdb, snapshot, host_ports)
+    return Plan(tuple(b.argv), tuple(b.resources), memory, pidfiles, dirs, vnc, snapshot, host_ports)
 
 
 def _disk(b: _Builder, opt: str, path: str, snapshot: bool, geometry: g.Value | None) -> None:

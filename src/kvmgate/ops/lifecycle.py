@@ -28,6 +28,7 @@ from kvmgate.model.translate import Accel, Plan
 from kvmgate.ops.plan import owner_dir, plan_for
 from kvmgate.paths import Paths
 from kvmgate.store import config, locks, registry, runtime
+from kvmgate.store.files import remove_tree
 
 START_TIMEOUT = 30.0
 
@@ -152,14 +153,11 @@ def _launch(
 
 
 def _prepare_owner_dir(vm: registry.VM, plan: Plan, uid: int) -> None:
-    """A fresh owner directory for this run's VNC and gdb sockets, which QEMU
+    """A fresh owner directory for this run's VNC socket, which QEMU
     (running as the owner) creates in it. Made by root, then given to the owner."""
     d = owner_dir(vm)
-    if os.path.lexists(d):
-        import shutil  # not at module level: most starts have nothing to remove
-
-        shutil.rmtree(d, ignore_errors=True)  # fd-based: safe against links the owner planted
-    if not (plan.gdb or (plan.vnc and plan.vnc.mode == "unix")):
+    remove_tree(d)  # whatever the owner left there, however deep; never following a link
+    if not (plan.vnc and plan.vnc.mode == "unix"):
         return
     parent = os.path.dirname(d)
     os.makedirs(parent, 0o711, exist_ok=True)
@@ -172,13 +170,10 @@ _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
 def _record_display(paths: Paths, policy: Policy, vm: registry.VM, plan: Plan) -> None:
-    """What `kvmgate vnc` and `kvmgate gdb` show the owner, from the plan, never
+    """What `kvmgate vnc` shows the owner, from the plan, never
     from QEMU's command line. TCP VNC gets a fresh random password at every start
     (VNC passwords are 8 characters), and its port is guarded like a forwarded one."""
     record: dict[str, object] = {}
-    d = owner_dir(vm)
-    if plan.gdb:
-        record["gdb"] = os.path.join(d, "gdb.sock")
     if plan.vnc is not None and plan.vnc.mode == "unix":
         record["vnc"] = {"kind": "unix", "socket": plan.vnc.socket}
     elif plan.vnc is not None:

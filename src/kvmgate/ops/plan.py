@@ -16,7 +16,7 @@ from kvmgate.store import registry
 
 def owner_dir(vm: registry.VM) -> str:
     """RUN-display/<key>/: the owner's own directory (0700) for the sockets only
-    they may open (VNC, gdb). Its parent is root's and cannot be listed."""
+    they may open (the VNC socket). Its parent is root's and cannot be listed."""
     return os.path.join(os.path.dirname(vm.rundir) + "-display", vm.key)
 
 
@@ -53,7 +53,6 @@ def plan_for(
         accel=accel,
         default_disk=default_disk,
         key=vm.key,
-        gdb_socket=os.path.join(d, "gdb.sock"),
         paused=paused,
         incoming=incoming,
         forwards=settings.forwards,

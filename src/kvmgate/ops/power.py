@@ -14,9 +14,10 @@ from kvmgate.host import audit, cgroup, migrate
 from kvmgate.host.caller import Caller
 from kvmgate.model.policy.policy import Policy
 from kvmgate.ops.lifecycle import Started, lock, qmp, start_locked
-from kvmgate.ops.plan import plan_for
+from kvmgate.ops.plan import owner_dir, plan_for
 from kvmgate.paths import Paths
 from kvmgate.store import config, registry, runtime
+from kvmgate.store.files import remove_tree
 
 # ------------------------------------------------------------------------------ stop
 
@@ -55,6 +56,7 @@ def stop(paths: Paths, who: Caller, vm: registry.VM, force: bool = False, timeou
                 raise KvmgateError(f"{vm.identity.name} did not stop")
         if runtime.read_pid(vm) in (pid, None) and not runtime.is_running(vm):
             runtime.cleanup(vm)  # not a new run's files, if someone started it again meanwhile
+            remove_tree(owner_dir(vm))
             cgroup.remove(vm.key)
         audit.done(paths.audit_log, who, "stop", vm.identity.owner, vm.identity.name, how=how)
         return Stopped(how, forced)
@@ -131,6 +133,7 @@ def hibernate_locked(paths: Paths, who: Caller, vm: registry.VM) -> registry.Sav
     if not runtime.wait_stopped(vm, 30):
         raise KvmgateError(f"{name} was saved but QEMU did not exit")
     runtime.cleanup(vm)
+    remove_tree(owner_dir(vm))
     cgroup.remove(vm.key)
     audit.done(paths.audit_log, who, "hibernate", vm.identity.owner, name, size=saved.size, sha256=saved.sha256)
     return saved

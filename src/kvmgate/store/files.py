@@ -9,6 +9,7 @@ signal leaves the old content or the new, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import time
@@ -66,6 +67,60 @@ def fsync_dir(path: str) -> None:
 
 def touch(path: str) -> None:
     os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+
+
+def remove_tree(path: str) -> None:
+    """Remove a directory tree someone else could write (the owner's directory on
+    /run): iteratively, so no depth breaks it (shutil.rmtree recurses), and by
+    descriptor with O_NOFOLLOW, so no link planted in it leads root elsewhere."""
+    parent, name = os.path.split(path)
+    try:
+        top = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    stack: list[tuple[int, str]] = [(top, name)]  # (directory fd, entry in it) still to remove
+    opened = [top]
+    budget = 1 << 20  # entries: the owner may keep adding while root removes; root stops, not loops
+    try:
+        while stack and budget > 0:
+            budget -= 1
+            dfd, entry = stack[-1]
+            try:
+                os.unlink(entry, dir_fd=dfd)
+                stack.pop()
+                continue
+            except FileNotFoundError:
+                stack.pop()
+                continue
+            except IsADirectoryError:
+                pass
+            try:
+                os.rmdir(entry, dir_fd=dfd)
+                stack.pop()
+                continue
+            except FileNotFoundError:
+                stack.pop()
+                continue
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    stack.pop()  # cannot be removed (a mount point, ...): leave it
+                    continue
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            sub = os.open(entry, flags, dir_fd=dfd)
+            opened.append(sub)
+            children = os.listdir(sub)
+            if not children:
+                continue  # emptied meanwhile: rmdir on the next turn
+            stack.extend((sub, child) for child in children)
+            if len(opened) > 4096:  # bound the descriptors held: close those whose entries are done
+                live = {fd for fd, _ in stack}
+                for fd in [f for f in opened if f not in live]:
+                    os.close(fd)
+                opened = [f for f in opened if f in live]
+    finally:
+        for fd in opened:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 @contextlib.contextmanager

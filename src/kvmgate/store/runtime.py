@@ -9,7 +9,6 @@ kvmgate's own actors.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
@@ -111,7 +110,7 @@ DISPLAY_VERSION = 1
 
 
 def write_display(vm: VM, record: dict[str, Any]) -> None:
-    """How the owner reaches the display and gdb stub of this run (`kvmgate vnc`, `gdb`)."""
+    """How the owner reaches the display of this run (`kvmgate vnc`)."""
     data = {**record, "version": DISPLAY_VERSION}
     write_atomic(os.path.join(vm.rundir, "display.json"), json.dumps(data, sort_keys=True))
 
@@ -159,5 +158,3 @@ def cleanup(vm: VM) -> None:
         except OSError as err:
             if err.errno != errno.ENOENT:
                 raise
-    with contextlib.suppress(OSError):
-        os.unlink(os.path.join(vm.rundir, "gdb.sock"))

@@ -22,10 +22,10 @@ from kvmgate.model.commands import Request
 from kvmgate.model.policy.table import OPTIONS
 from kvmgate.model.settings import Settings, check_on_logoff, parse_idle
 from kvmgate.ops.inspect import describe
-from kvmgate.ops.plan import plan_for
+from kvmgate.ops.plan import owner_dir, plan_for
 from kvmgate.paths import GATED_USER, QEMU_GROUP, SERVICE_USER, Paths
 from kvmgate.store import config, define, locks, registry, runtime
-from kvmgate.store.files import write_atomic
+from kvmgate.store.files import remove_tree, write_atomic
 from kvmgate.verbs.common import emit
 
 UDEV_RULE = "/etc/udev/rules.d/65-kvmgate.rules"
@@ -74,7 +74,7 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
     if verb == "create":  # serialised by the allocation lock and the exclusive name link
         return create(req, who, paths, owner, name)
     vm = registry.resolve(paths, owner, name)
-    with locks.vm_lock(paths, owner, name):
+    with locks.vm_lock(paths, owner, name, locks.INTERNAL_WAIT):  # root waits as long as an operation may take
         if verb == "delete":
             return delete(req, who, paths, vm)
         if verb == "show":
@@ -92,6 +92,7 @@ def delete(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
         raise WrongState(f"{name} is running; stop it first")
     with locks.alloc_lock(paths):
         kept = define.delete(paths, vm, req.has("--keep-disks"))
+    remove_tree(owner_dir(vm))
     network.sync(paths, config.load(paths))  # its ports, MACs and addresses are free again
     audit.done(paths.audit_log, who, "admin delete", owner, name, kept=kept)
     print(f"deleted {owner}/{name}" + (f"; disks kept in {kept}" if kept else ""))

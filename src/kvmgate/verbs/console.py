@@ -33,7 +33,6 @@ POLL = 0.02
 
 
 def run(req: Request, who: Caller, paths: Paths) -> int:
-    vm = target(req, who, paths)
     expect = req.flag("--expect")
     t = req.flag("--timeout")
     if t is not None and not (t.isascii() and t.isdigit() and len(t) <= 6 and int(t) <= 86400):
@@ -42,8 +41,9 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
     if expect is not None:
         try:
             pattern = re.compile(expect.encode())
-        except re.error as err:
+        except (re.error, OverflowError, RecursionError) as err:  # ("a{4294967296}", deep nesting)
             raise UsageError(f"--expect: {err}") from None
+    vm = target(req, who, paths)  # after the arguments are checked: usage errors first
     if not runtime.is_running(vm):
         raise WrongState(f"{vm.identity.name} is not running")
     lock = os.open(

@@ -1,4 +1,4 @@
-"""status, list, ports, vnc, gdb: what the owner (or root) may read about VMs."""
+"""status, list, ports, vnc: what the owner (or root) may read about VMs."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         )
         emit(rows, text or f"{vm.identity.name} has no forwarded ports\n", req.as_json)
         return 0
-    if req.verb in ("vnc", "gdb"):
+    if req.verb == "vnc":
         return display(req, vm)
     raise UsageError(f"unknown verb {req.verb}")
 
@@ -70,43 +70,33 @@ def services(req: Request, paths: Paths) -> int:
 
 
 def display(req: Request, vm: registry.VM) -> int:
-    """How the owner reaches the VM's display or gdb stub; nothing listens on a
+    """How the owner reaches the VM's display; nothing listens on a
     public address. Read from the record the start wrote, not from QEMU's argv."""
     if not runtime.is_running(vm):
         raise WrongState(f"{vm.identity.name} is not running")
     record = runtime.read_display(vm)
     host, owner = socket.gethostname(), vm.identity.owner
     info: dict[str, Any]
-    if req.verb == "gdb":
-        path = record.get("gdb")
-        if not isinstance(path, str):
-            raise WrongState(f"{vm.identity.name} was started without a gdb stub (-s or -p)")
+    vnc = record.get("vnc")
+    if not isinstance(vnc, dict):
+        raise WrongState(f"{vm.identity.name} was started without -vnc")
+    if vnc.get("kind") == "unix":
+        path = vnc.get("socket")
         info = {
+            "kind": "unix",
             "socket": path,
-            "gdb": f"gdb -ex 'target remote {path}'",
-            "tunnel": f"ssh -N -L 1234:{path} {owner}@{host}",
+            "tunnel": f"ssh -N -L 5900:{path} {owner}@{host}",
+            "viewer": "vncviewer localhost:5900 (after the tunnel)",
         }
     else:
-        vnc = record.get("vnc")
-        if not isinstance(vnc, dict):
-            raise WrongState(f"{vm.identity.name} was started without -vnc")
-        if vnc.get("kind") == "unix":
-            path = vnc.get("socket")
-            info = {
-                "kind": "unix",
-                "socket": path,
-                "tunnel": f"ssh -N -L 5900:{path} {owner}@{host}",
-                "viewer": "vncviewer localhost:5900 (after the tunnel)",
-            }
-        else:
-            port = vnc.get("port")
-            info = {
-                "kind": "tcp",
-                "host": "127.0.0.1",
-                "port": port,
-                "password": vnc.get("password"),
-                "tunnel": f"ssh -N -L {port}:127.0.0.1:{port} {owner}@{host}",
-                "viewer": f"vncviewer 127.0.0.1::{port}",
-            }
+        port = vnc.get("port")
+        info = {
+            "kind": "tcp",
+            "host": "127.0.0.1",
+            "port": port,
+            "password": vnc.get("password"),
+            "tunnel": f"ssh -N -L {port}:127.0.0.1:{port} {owner}@{host}",
+            "viewer": f"vncviewer 127.0.0.1::{port}",
+        }
     emit(info, "".join(f"{k}: {v}\n" for k, v in info.items()), req.as_json)
     return 0

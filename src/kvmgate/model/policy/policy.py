@@ -99,7 +99,12 @@ class Policy(NamedTuple):
                     raise fail(f"{n} is in more than one list")
                 seen.add(n)
                 if spec.fixed and lname != "unused":
-                    raise fail(f"{n} cannot be enabled: kvmgate manages it itself")
+                    why = (
+                        "a gdb stub hands its holder QEMU's monitor"
+                        if n in ("-s", "-p")
+                        else "kvmgate manages it itself"
+                    )
+                    raise fail(f"{n} cannot be enabled: {why}")
                 if lname == "user" and not spec.user_ok:
                     raise fail(f"{n} cannot be given to users: it hands out a host resource")
                 lists[n] = lname

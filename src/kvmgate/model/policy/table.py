@@ -4,8 +4,11 @@
 may move options between lists, within two fixed limits:
 - `user_ok=False`: the option hands out a host resource (networking, the monitor,
   character devices, files written on the host), so it can never be the user's.
-- `fixed=True`: kvmgate itself owns what it controls (-S, -daemonize, -audio-help),
-  so it stays refused for everyone.
+- `fixed=True`: refused for everyone, whatever the policy says: kvmgate itself owns
+  what it controls (-S, -daemonize, -audio-help), or the option would hand its holder
+  QEMU's monitor (-s, -p: QEMU's gdb stub passes `monitor` commands to the human
+  monitor, with which one can add NICs, open host ports and change what the
+  administrator fixed).
 """
 
 from __future__ import annotations
@@ -89,8 +92,8 @@ OPTIONS: dict[str, OptionSpec] = {
         _o("-soundhw", g.parse_soundhw, "unused", "sound cards"),
         _o("-full-screen", None, "unused", "full screen (no effect: no local display)"),
         _o("-S", None, "unused", "freeze CPU at startup", fixed=True),
-        _o("-s", None, "unused", "gdb stub on a root-only socket", **HOST),
-        _o("-p", g.parse_port, "unused", "gdb stub on a loopback TCP port", **HOST),
+        _o("-s", None, "unused", "gdb stub (never: its `monitor` command is QEMU's monitor)", fixed=True),
+        _o("-p", g.parse_port, "unused", "gdb stub on a port (never, as -s)", fixed=True),
         _o("-d", g.parse_log_items, "unused", "QEMU debug log items", **HOST),
         _o("-L", g.parse_path, "unused", "firmware directory", **HOST),
         _o("-no-kvm", None, "unused", "use the TCG accelerator"),
