@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import BOOT_LINE, DEFAULT_POLICY, ETC, KVMGATE, RUN, SSH_THROWAWAY, Kvmgate, boot_options, run
+from ..conftest import BOOT_LINE, DEFAULT_POLICY, ETC, KVMGATE, RUN, SSH_THROWAWAY, Kvmgate, as_user, boot_options, run
 
 SNIFF = r"""
 import json, socket, sys, time
@@ -568,6 +568,9 @@ def test_a_freed_address_is_leased_to_the_next_vm(net: Net, vms: list, alice: st
     second = create(net, vms, alice, name(), "--network", "services", "--", *boot(guest))
     assert second["nics"][0]["ip"] == first["nics"][0]["ip"] and second["nics"][0]["mac"] != first["nics"][0]["mac"]
     up_with_address(net, alice, second["name"], second["nics"][0]["ip"], alice)
+    hosts = Path(f"{RUN}-net/services.hosts")  # every services VM's MAC and address: not for other users
+    assert hosts.stat().st_mode & 0o007 == 0 and hosts.stat().st_uid == 0
+    assert as_user(alice, ["cat", str(hosts)]).returncode != 0
 
 
 def test_a_subverted_dnsmasq_cannot_aim_roots_signals(net: Net) -> None:

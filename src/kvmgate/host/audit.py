@@ -1,5 +1,10 @@
 """Audit records: one JSON line per privileged action or refusal, to syslog
-(authpriv) and to a root-only file, so a refusal is never silent."""
+(authpriv) and to a root-only file, so a refusal is never silent.
+
+A record's size is bounded whatever the caller sent (a refused start with a
+120 kB `-append` once wrote 120 kB a call): each string keeps its first
+MAX_STRING characters plus its length and SHA-256, each list its first
+MAX_ITEMS entries plus a count. Verb, caller, VM and outcome are always whole."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import time
 from typing import Any
 
 from kvmgate.host.caller import Caller
+from kvmgate.model.digest import hexdigest
 
 
 def done(path: str, caller: Caller, verb: str, owner: str, vm: str, **extra: Any) -> None:
@@ -18,8 +24,29 @@ def done(path: str, caller: Caller, verb: str, owner: str, vm: str, **extra: Any
     record(path, caller=caller.name, uid=caller.uid, verb=verb, vm=vm, owner=owner, outcome="ok", **extra)
 
 
+MAX_STRING = 512
+MAX_ITEMS = 64
+
+
+def bounded(value: Any) -> Any:
+    """The value, or a summary of it that identifies it (length and SHA-256)."""
+    if isinstance(value, str):
+        if len(value) <= MAX_STRING:
+            return value
+        digest = hexdigest(value.encode(errors="surrogateescape"))[:16]
+        return f"{value[:MAX_STRING]}...[{len(value)} characters, sha256 {digest}]"
+    if isinstance(value, (list, tuple)):
+        items = [bounded(v) for v in value[:MAX_ITEMS]]
+        if len(value) > MAX_ITEMS:
+            items.append(f"...[{len(value)} items]")
+        return items
+    if isinstance(value, dict):
+        return {k: bounded(v) for k, v in list(value.items())[:MAX_ITEMS]}
+    return value
+
+
 def record(path: str, **event: Any) -> None:
-    event = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **event}
+    event = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **{k: bounded(v) for k, v in event.items()}}
     line = json.dumps(event, sort_keys=True)
     with contextlib.suppress(OSError):
         syslog.openlog("kvmgate", syslog.LOG_PID, syslog.LOG_AUTHPRIV)

@@ -145,10 +145,14 @@ def check_dirs(plan: Plan, pw: pwd.struct_passwd, qemu_gid: int) -> None:
             raise FileRefused("-smb: needs smbd (Debian package samba), which QEMU starts for the guest")
 
 
-def _overlay(pw: pwd.struct_passwd, tmpdir: str, size: int) -> int:
+def _overlay(pw: pwd.struct_passwd, tmpdir: str, size: int, of: Resource) -> int:
+    try:
+        image = qcow2.empty_image(size)
+    except ValueError as err:  # a size the user's image header chose: odd, or too large
+        raise FileRefused(f"{of.path}: no -snapshot overlay for this image ({err})") from None
     with caller.as_user(pw):
         fd = os.open(tmpdir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    os.write(fd, qcow2.empty_image(size))
+    os.write(fd, image)
     return fd
 
 
@@ -175,13 +179,15 @@ def open_user_resources(plan: Plan, pw: pwd.struct_passwd, qemu_gid: int, tmpdir
     """Everything a start can be refused over, opened before anything is changed:
     disks, overlays and blobs with the owner's rights, taps. Maps QEMU fd -> fd."""
     opened: dict[int, int] = {}
-    sizes: dict[str, int] = {}
+    disks: dict[str, tuple[Resource, int]] = {}
     try:
         for r in plan.resources:
             if r.kind == "disk":
-                opened[r.fd], sizes[r.of or ""] = _disk(pw, r)
+                opened[r.fd], size = _disk(pw, r)
+                disks[r.of or ""] = (r, size)
             elif r.kind == "overlay":
-                opened[r.fd] = _overlay(pw, tmpdir, sizes[r.of or ""])
+                disk, size = disks[r.of or ""]
+                opened[r.fd] = _overlay(pw, tmpdir, size, disk)
             elif r.kind == "blob":
                 opened[r.fd] = _blob(pw, r, qemu_gid)
             elif r.kind == "tap":

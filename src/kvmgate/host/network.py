@@ -218,7 +218,9 @@ def _sync(paths: Paths, policy: Policy) -> None:
                 before = set(f.read().splitlines())
         except FileNotFoundError:
             before = set()
-        write_atomic(path, text, 0o644)
+        gid = _nogroup()  # every services VM's MAC and address: dnsmasq's group only
+        write_atomic(path, text, 0o640 if gid else 0o644)
+        os.chown(path, 0, gid)
         pid = _dnsmasq_pid(paths, name)
         if not pid:
             continue
@@ -248,6 +250,17 @@ def _start_dnsmasq(paths: Paths, network: Network) -> None:
     if _exists(network.bridge):  # else net-up starts it with the bridge
         hosts = os.path.join(netrun(paths), f"{network.name}.hosts")
         _run(hostnet.dnsmasq_argv(DNSMASQ, network, _pidfile(paths, network.name), hosts))
+
+
+def _nogroup() -> int:
+    """The group dnsmasq runs as (`--group=nogroup`): it re-reads the hosts file after
+    dropping root, and no user is a member."""
+    import grp
+
+    try:
+        return grp.getgrnam("nogroup").gr_gid
+    except KeyError:
+        return 0
 
 
 def _dnsmasq_pid(paths: Paths, name: str) -> int | None:
