@@ -72,6 +72,13 @@ def dispatch(req: Request, who: caller.Caller, paths: Paths, environ: dict[str, 
     raise UsageError(f"unknown verb {req.verb}")
 
 
+def _wants_json(req: Request | None, args: list[str]) -> bool:
+    """--json, also when the request did not parse (a flag before `--` only)."""
+    if req is not None:
+        return req.as_json
+    return "--json" in (args[: args.index("--")] if "--" in args else args)
+
+
 def _stdout_gone() -> bool:
     """Is it our stdout whose reader left (and not some other pipe or socket)?"""
     import select
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None, paths: Paths | None = None) -> int:
             sys.stdout.flush()
     line = one_line(message)
     _audit(paths, who, req, args, code, line)
-    if req.as_json if req is not None else "--json" in args[: args.index("--") if "--" in args else len(args)]:
+    if _wants_json(req, args):
         with contextlib.suppress(BrokenPipeError):
             sys.stdout.write(json.dumps({"error": line, "exit": code}) + "\n")
             sys.stdout.flush()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import DEFAULT_POLICY, ETC, Kvmgate, boot_options
+from ..conftest import DEFAULT_POLICY, Kvmgate, boot_options
 
 
 @pytest.mark.parametrize("lists", ['admin = ["-s"]', 'admin = ["-p"]', 'user = ["-s", "-p"]'])
@@ -18,7 +18,6 @@ def test_no_policy_can_enable_a_gdb_stub(kg: Kvmgate, alice: str, guest: Path, l
     kg.write_policy(DEFAULT_POLICY + f"[lists]\n{lists}\n")
     r = kg("admin", "create", "gdbvm", "--owner", alice, "--", *boot_options(guest))
     assert r.returncode == 3 and "cannot be enabled: a gdb stub hands its holder QEMU's monitor" in r.stderr
-    Path(ETC, "policy.toml").write_text(DEFAULT_POLICY)
 
 
 @pytest.mark.parametrize("option", [["-s"], ["-p", "23456"]])

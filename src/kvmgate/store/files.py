@@ -86,25 +86,19 @@ def remove_tree(path: str) -> None:
             budget -= 1
             dfd, entry = stack[-1]
             try:
-                os.unlink(entry, dir_fd=dfd)
-                stack.pop()
-                continue
-            except FileNotFoundError:
-                stack.pop()
-                continue
-            except IsADirectoryError:
-                pass
-            try:
-                os.rmdir(entry, dir_fd=dfd)
-                stack.pop()
-                continue
-            except FileNotFoundError:
-                stack.pop()
-                continue
+                try:
+                    os.unlink(entry, dir_fd=dfd)
+                except IsADirectoryError:
+                    os.rmdir(entry, dir_fd=dfd)
             except OSError as err:
-                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    stack.pop()  # cannot be removed (a mount point, ...): leave it
+                if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    pass  # a directory with entries: descend below
+                else:
+                    stack.pop()  # gone meanwhile, or cannot be removed (a mount point): leave it
                     continue
+            else:
+                stack.pop()
+                continue
             flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
             sub = os.open(entry, flags, dir_fd=dfd)
             opened.append(sub)
