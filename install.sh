@@ -67,13 +67,14 @@ os._exit(code)  # skip interpreter teardown
 PY
 cat > "$libdir.new.$$/kvmgate-pam" <<PY
 #!$python -IS
-# kvmgate's PAM session hook, run as root by pam_exec (see docs/logon.md). Always exits 0.
+# kvmgate's PAM session hook, run as root by pam_exec with the service and the
+# event as its words (see docs/logon.md). Always exits 0.
 import os
 import sys
 sys.path.insert(0, "$libdir")
 try:
-    from kvmgate.entry import main
-    main(["pam-hook"])
+    from kvmgate.entry import pam_main
+    pam_main(sys.argv[1:])
 finally:
     os._exit(0)
 PY
@@ -101,4 +102,13 @@ doc=$prefix/share/doc/kvmgate
 mkdir -p "$doc"
 cp "$src/../../docs/"*.md "$src/../../README.md" "$doc/"
 cp -R "$src/../../packaging" "$doc/"
+# Upgrade: the session hook moved from common-session (one line for every service,
+# identity from the environment) to sshd's and login's own stacks (identity from
+# the loginuid). Move an installed hook; leave a host without one alone.
+if grep -qs "$libdir/kvmgate-pam" /etc/pam.d/common-session; then
+    "$python" -I -S -c "import sys; sys.path.insert(0, '$libdir')
+from kvmgate.host.pam import install_pam
+from kvmgate.paths import installed
+print(install_pam(installed()))"
+fi
 echo "installed kvmgate in $libdir (command: $prefix/bin/kvmgate)"

@@ -31,13 +31,7 @@ LIFECYCLE = ("start", "stop", "freeze", "thaw", "hibernate")
 INFO = ("status", "list", "ports", "vnc")
 
 
-def dispatch(req: Request, who: caller.Caller, paths: Paths, environ: dict[str, str]) -> int:
-    if req.verb == "pam-hook":
-        if not who.is_root or who.via_sudo:
-            raise PermissionRefused("pam-hook is run by pam_exec only")
-        from kvmgate.verbs import logon
-
-        return logon.hook(environ, paths)
+def dispatch(req: Request, who: caller.Caller, paths: Paths) -> int:
     if req.verb.startswith("gated-"):
         from kvmgate.verbs import wake
 
@@ -104,7 +98,7 @@ def main(argv: list[str] | None = None, paths: Paths | None = None) -> int:
         caller.scrub()
         who = caller.identify(environ)
         req = parse(args)
-        return dispatch(req, who, paths, environ)
+        return dispatch(req, who, paths)
     except BrokenPipeError as err:
         if _stdout_gone():
             return 0  # the reader went away (`kvmgate list | head`): nothing to say to it
@@ -148,6 +142,26 @@ def _audit(
         reason=reason,
         exit=code,
     )
+
+
+def pam_main(argv: list[str], paths: Paths | None = None) -> int:
+    """kvmgate-pam, run by pam_exec as `kvmgate-pam SERVICE open|close`.
+
+    Its words come from the PAM file root wrote. Its environment is not trusted:
+    it may hold what the user wrote in ~/.pam_environment (host.pam says whose
+    session it is). Always 0: a login never fails because of kvmgate."""
+    claimed = os.environ.get("PAM_USER")
+    if os.geteuid() != 0:
+        return 0  # run by hand by a user: there is nothing it could do for them
+    paths = paths or installed()
+    try:
+        caller.scrub()
+        from kvmgate.verbs import logon
+
+        logon.hook(paths, argv, claimed)
+    except Exception as err:  # noqa: BLE001
+        audit.record(paths.audit_log, caller="pam", verb="pam", outcome="error", reason=one_line(str(err)))
+    return 0
 
 
 if __name__ == "__main__":

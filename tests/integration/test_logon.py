@@ -5,6 +5,7 @@ hibernated at their last logoff; crashed sessions are reaped."""
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import signal
 import time
@@ -13,17 +14,22 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import BOOT_LINE, KVMGATE, LOG, Kvmgate, boot_options
+from ..conftest import BOOT_LINE, KVMGATE, LOG, PREFIX, Kvmgate, boot_options
 from .test_ssh_logon import Sshd
+
+HOOK = f"{PREFIX}/lib/kvmgate/kvmgate-pam"
 
 
 @pytest.fixture(scope="module")
 def pam(kg: Kvmgate) -> Iterator[None]:
     out = kg.ok("admin", "init", "--pam").stdout
-    assert "common-session now runs" in out or "already runs" in out
+    assert "/etc/pam.d/sshd now runs" in out or "/etc/pam.d/sshd already runs" in out
+    sshd_stack = Path("/etc/pam.d/sshd").read_text()
+    assert f"type=open_session {HOOK} sshd open" in sshd_stack and f"type=close_session {HOOK} sshd close" in sshd_stack
     yield
     kg.ok("admin", "init", "--no-pam")
-    assert "kvmgate-test" not in Path("/etc/pam.d/common-session").read_text()
+    for name in ("sshd", "login", "common-session"):
+        assert "kvmgate-test" not in Path("/etc/pam.d", name).read_text()
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +175,31 @@ def test_logoff_then_immediate_logon(kg: Kvmgate, sshd: Sshd, user_vm: tuple[str
         second.terminate()
         second.wait()
     assert wait_state(kg, user, name, "hibernated")["state"] == "hibernated"
+
+
+@pytest.mark.parametrize("user_vm", ["pause"], indirect=True)
+def test_pam_environment_cannot_speak_for_another_user(
+    kg: Kvmgate, users, sshd: Sshd, user_vm: tuple[str, str]
+) -> None:
+    """sshd's stack runs pam_env user_readenv=1: what a user writes in
+    ~/.pam_environment is in the hook's environment, in front of pam_exec's own
+    PAM_* items. An attacker names the victim in PAM_USER (and SUDO_UID, and a
+    PAM_TYPE), logs on and off: the victim's VM stays frozen, no session is
+    recorded for the victim, and the audit log never names the victim as caller."""
+    victim, name = user_vm
+    attacker = users.make("kga")
+    sshd.authorize(attacker)
+    uid = pwd.getpwnam(victim).pw_uid
+    env = Path(pwd.getpwnam(attacker).pw_dir, ".pam_environment")
+    audit_before = Path(LOG, "audit.log").read_text()
+    for kind in ("open_session", "close_session"):
+        env.write_text(f"PAM_USER DEFAULT={victim}\nPAM_TYPE DEFAULT={kind}\nSUDO_UID DEFAULT={uid}\n")
+        os.chown(env, pwd.getpwnam(attacker).pw_uid, -1)
+        r = sshd.run(attacker, "echo $PAM_USER; sleep 1")
+        assert r.returncode == 0 and victim in r.stdout, "the environment really named the victim"
+        time.sleep(2)
+        assert kg.json("status", name, "--owner", victim)["state"] == "paused"
+        records = Path(f"/run/kvmgate-test/sessions/{victim}")
+        assert not records.is_dir() or not os.listdir(records), "no session was recorded for the victim"
+    new = Path(LOG, "audit.log").read_text()[len(audit_before) :]
+    assert f'"caller": "{victim}"' not in new and f'"uid": {uid}' not in new

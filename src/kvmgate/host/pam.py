@@ -1,50 +1,136 @@
-"""Installing and removing kvmgate's line in the host's PAM session stack
-(`kvmgate admin init --pam / --no-pam`). The file is rewritten atomically with
-its mode kept, and a backup of the original is kept once."""
+"""Installing and removing kvmgate's lines in the host's PAM session stacks
+(`kvmgate admin init --pam / --no-pam`), and establishing whose session a PAM
+event belongs to.
+
+Each service that counts as a logon gets two lines at the end of its own file,
+one per event, with the service and the event as argv words:
+
+    session optional pam_exec.so quiet type=open_session  HOOK sshd open
+    session optional pam_exec.so quiet type=close_session HOOK sshd close
+
+Nothing the hook acts on comes from its environment: pam_exec puts the PAM
+environment (which `pam_env user_readenv=1` fills from the user's own
+~/.pam_environment) in front of its PAM_* items, so PAM_USER, PAM_TYPE and
+SUDO_UID there may be the user's own words. The session's user is the loginuid
+of the process that called PAM (set by pam_loginuid earlier in the same stack,
+and unchangeable by the user afterwards). Only sshd and login set it, so only
+their sessions count; `su -l` and `runuser -l` keep the caller's loginuid and
+are not logons (docs/logon.md).
+
+Files are rewritten atomically with their modes kept; a backup of each is kept once.
+"""
 
 from __future__ import annotations
 
 import os
+import pwd
+import re
 
 from kvmgate.paths import Paths
 from kvmgate.store.files import write_atomic
 
-PAM_FILE = "/etc/pam.d/common-session"
+PAM_DIR = "/etc/pam.d"
+SERVICES = ("sshd", "login")  # the stacks that run pam_loginuid before their session modules
+LEGACY_FILE = "common-session"  # where releases before the loginuid hook put one line for every service
 MARK = "# kvmgate: thaw VMs at a user's first logon, freeze or hibernate them at the last logoff"
+SERVICE_RE = re.compile(r"[a-z][a-z0-9_.-]{0,31}\Z")
+EVENTS = {"open": "open_session", "close": "close_session"}
+UNSET_LOGINUID = 0xFFFFFFFF
 
 
 def hook_path(paths: Paths) -> str:
     return os.path.join(os.path.dirname(paths.helper), "kvmgate-pam")
 
 
-def install_pam(paths: Paths, pam_file: str = PAM_FILE) -> str:
-    line = f"session optional pam_exec.so quiet {hook_path(paths)}"
-    with open(pam_file) as f:
-        text = f.read()
-    if line in text.splitlines():
-        return f"{pam_file} already runs {hook_path(paths)}"
-    backup = pam_file + ".kvmgate-backup"
-    if not os.path.exists(backup):
-        with open(backup, "w") as f:
-            f.write(text)
-    _replace(pam_file, text.rstrip("\n") + f"\n{MARK}\n{line}\n")
-    return f"{pam_file} now runs {hook_path(paths)} (backup: {backup}; undo: kvmgate admin init --no-pam)"
+def lines_for(paths: Paths, service: str) -> list[str]:
+    return [
+        f"session optional pam_exec.so quiet type={kind} {hook_path(paths)} {service} {event}"
+        for event, kind in EVENTS.items()
+    ]
 
 
-def uninstall_pam(paths: Paths, pam_file: str = PAM_FILE) -> str:
-    line = f"session optional pam_exec.so quiet {hook_path(paths)}"
-    with open(pam_file) as f:
-        lines = f.read().splitlines()
-    kept = []
-    for i, ln in enumerate(lines):
-        if ln == line or (ln == MARK and i + 1 < len(lines) and lines[i + 1] == line):
+def _ours(paths: Paths, line: str) -> bool:
+    words = line.split()
+    return line == MARK or ("pam_exec.so" in words and hook_path(paths) in words)
+
+
+def install_pam(paths: Paths, pam_dir: str = PAM_DIR, services: tuple[str, ...] = SERVICES) -> str:
+    said = [_strip(paths, os.path.join(pam_dir, LEGACY_FILE), "the old common-session line")]
+    for service in services:
+        path = os.path.join(pam_dir, service)
+        if not os.path.exists(path):
+            said.append(f"{path} does not exist: {service} logins are not counted")
             continue
-        kept.append(ln)
+        with open(path) as f:
+            text = f.read()
+        wanted = lines_for(paths, service)
+        if all(line in text.splitlines() for line in wanted):
+            said.append(f"{path} already runs {hook_path(paths)}")
+            continue
+        kept = [ln for ln in text.splitlines() if not _ours(paths, ln)]
+        backup = path + ".kvmgate-backup"
+        if not os.path.exists(backup):
+            with open(backup, "w") as f:
+                f.write(text)
+        _replace(path, "\n".join([*kept, MARK, *wanted]) + "\n")
+        said.append(f"{path} now runs {hook_path(paths)} (backup: {backup}; undo: kvmgate admin init --no-pam)")
+    return "\n".join(s for s in said if s)
+
+
+def uninstall_pam(paths: Paths, pam_dir: str = PAM_DIR) -> str:
+    said = []
+    for service in sorted({LEGACY_FILE, *SERVICES, *_files_with_hook(paths, pam_dir)}):
+        said.append(_strip(paths, os.path.join(pam_dir, service), ""))
+    return "\n".join(s for s in said if s) or f"no file in {pam_dir} runs {hook_path(paths)}"
+
+
+def _files_with_hook(paths: Paths, pam_dir: str) -> list[str]:
+    out = []
+    for name in sorted(os.listdir(pam_dir)):
+        path = os.path.join(pam_dir, name)
+        try:
+            with open(path) as f:
+                if hook_path(paths) in f.read():
+                    out.append(name)
+        except (OSError, UnicodeDecodeError):
+            continue
+    return out
+
+
+def _strip(paths: Paths, path: str, what: str) -> str:
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return ""
+    kept = [ln for ln in lines if not _ours(paths, ln)]
     if kept == lines:
-        return f"{pam_file} does not run {hook_path(paths)}"
-    _replace(pam_file, "\n".join(kept) + "\n")
-    return f"removed {hook_path(paths)} from {pam_file}"
+        return ""
+    _replace(path, "\n".join(kept) + "\n")
+    return f"removed {what or hook_path(paths)} from {path}"
 
 
 def _replace(path: str, text: str) -> None:
     write_atomic(path, text, os.stat(path).st_mode & 0o7777)  # keep the file's mode
+
+
+def session_user(leader: int, claimed: str | None) -> str | None:
+    """The user whose PAM session the process `leader` opened or closes, or None
+    when it is not a logon kvmgate counts.
+
+    The user is the leader's loginuid, which pam_loginuid set and which no
+    unprivileged process can change. `claimed` is PAM_USER as the environment
+    shows it: the user may have shadowed it, so it can only veto (a session of
+    one user can never be counted for another), never choose."""
+    try:
+        with open(f"/proc/{leader}/loginuid") as f:
+            uid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    if uid in (UNSET_LOGINUID, 0):
+        return None
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+    return name if claimed == name else None

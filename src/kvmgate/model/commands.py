@@ -43,7 +43,7 @@ class Verb:
 
     def __init__(
         self,
-        name: str,  # the helper's verb: "start", "admin-create", "pam-hook"
+        name: str,  # the helper's verb: "start", "admin-create", "gated-wake"
         help: str,
         flags: tuple[Flag, ...] = (),
         target: str | None = "NAME",  # the positional argument's metavar; None: takes none
@@ -151,7 +151,7 @@ VERBS: tuple[Verb, ...] = (
         "/dev/kvm and /dev/net/tun permissions",
         (
             Flag("--accel", "set the policy's accelerator", "auto|kvm|tcg", ("auto", "kvm", "tcg")),
-            Flag("--pam", "install the PAM session hook in common-session (docs/logon.md)"),
+            Flag("--pam", "install the PAM session hook in the sshd and login stacks (docs/logon.md)"),
             Flag("--no-pam", "remove the PAM session hook"),
         ),
         target=None,
@@ -210,7 +210,6 @@ VERBS: tuple[Verb, ...] = (
     ),
     Verb("admin-list", "list every VM", (JSON,), target=None),
     Verb("admin-show", "show a VM's identity, options, settings and QEMU command line", (OWNER_REQUIRED, JSON)),
-    Verb("pam-hook", "pam_exec's session hook (docs/logon.md)", target=None, internal=True),
     Verb("gated-config", "kvmgate-gated's listener table", target=None, internal=True),
     Verb("gated-wake", "wake a VM for kvmgate-gated", target="OWNER:NAME", internal=True),
     Verb(

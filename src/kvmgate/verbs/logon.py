@@ -1,7 +1,7 @@
 """Logon integration: the design note's second logon path.
 
 pam_exec runs `kvmgate-pam` (this hook) as root at every session open and close
-(common-session: ssh, su -l, login). The hook counts each user's sessions: one
+of the services that count as logons (sshd and login: host.pam). The hook counts each user's sessions: one
 record per session leader (the process that opened the PAM session, kept with
 its start time so a reused pid is not mistaken for it). Dead leaders are pruned
 at every event and by `kvmgate admin reap` (a timer), so a crashed session
@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import signal
 
 from kvmgate.errors import KvmgateError
-from kvmgate.host import audit
+from kvmgate.host import audit, pam
 from kvmgate.host.caller import Caller
 from kvmgate.model.commands import Request
 from kvmgate.ops import power
@@ -36,23 +35,25 @@ HOOK_SECONDS = 5  # the hook's own bound; VM work happens after it returned
 WORK_SECONDS = 3600
 
 
-def hook(environ: dict[str, str], paths: Paths) -> int:
-    """pam_exec entry point. Always returns 0."""
-    user, kind = environ.get("PAM_USER", ""), environ.get("PAM_TYPE", "")
+def hook(paths: Paths, words: list[str], claimed: str | None) -> int:
+    """pam_exec entry point: `kvmgate-pam SERVICE open|close`. Always returns 0.
+
+    The words are the PAM line's (root wrote them); the user is the session
+    leader's loginuid (host.pam.session_user), never the environment's PAM_USER
+    or PAM_TYPE, which a user can shadow through pam_env."""
+    if len(words) != 2 or not pam.SERVICE_RE.match(words[0]) or words[1] not in pam.EVENTS:
+        return 0  # a line written by hand or by an older release: count nothing
+    service, event = words
+    leader = os.getppid()  # the process that opened (and will close) the PAM session
+    user = pam.session_user(leader, claimed)
+    if user is None:
+        return 0
     try:
         signal.alarm(HOOK_SECONDS)
-        if kind not in ("open_session", "close_session") or not user:
-            return 0
-        try:
-            if pwd.getpwnam(user).pw_uid == 0:
-                return 0
-        except KeyError:
-            return 0
         sessions = Sessions(paths, user)
-        leader = os.getppid()  # the process that opened (and will close) the PAM session
         with sessions.locked():
             _, live = sessions.prune()
-            if kind == "open_session":
+            if event == "open":
                 sessions.add(leader)
                 action = "thaw" if live == 0 else None
             else:
@@ -62,7 +63,9 @@ def hook(environ: dict[str, str], paths: Paths) -> int:
         if action:
             _detach(lambda: apply(paths, user, action))
     except Exception as err:  # noqa: BLE001 - a login must never fail because of kvmgate
-        audit.record(paths.audit_log, caller="pam", verb=f"pam {kind}", owner=user, outcome="error", reason=str(err))
+        audit.record(
+            paths.audit_log, caller=f"pam:{service}", verb=f"pam {event}", owner=user, outcome="error", reason=str(err)
+        )
     return 0
 
 

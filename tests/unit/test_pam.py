@@ -1,0 +1,65 @@
+"""host.pam: the lines installed per service, their removal, the legacy line's
+migration, and whose session an event is (the loginuid, with PAM_USER only a veto)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+
+from kvmgate.host import pam
+from kvmgate.paths import Paths
+
+PATHS = Paths(helper="/opt/kg/lib/kvmgate/kvmgate-helper")
+HOOK = "/opt/kg/lib/kvmgate/kvmgate-pam"
+
+
+def _stacks(tmp_path: Path) -> Path:
+    (tmp_path / "sshd").write_text("session required pam_loginuid.so\n@include common-session\n")
+    (tmp_path / "common-session").write_text(
+        f"session required pam_unix.so\n{pam.MARK}\nsession optional pam_exec.so quiet {HOOK}\n"
+    )
+    (tmp_path / "sshd").chmod(0o640)
+    return tmp_path
+
+
+def test_install_moves_the_legacy_line_and_is_idempotent(tmp_path: Path) -> None:
+    d = _stacks(tmp_path)
+    out = pam.install_pam(PATHS, str(d))
+    assert "removed the old common-session line" in out and f"{d}/login does not exist" in out
+    assert (d / "common-session").read_text() == "session required pam_unix.so\n"
+    text = (d / "sshd").read_text()
+    assert text.endswith(
+        f"{pam.MARK}\nsession optional pam_exec.so quiet type=open_session {HOOK} sshd open\n"
+        f"session optional pam_exec.so quiet type=close_session {HOOK} sshd close\n"
+    )
+    assert (d / "sshd").stat().st_mode & 0o777 == 0o640, "the file's mode is kept"
+    assert "already runs" in pam.install_pam(PATHS, str(d))
+    assert (d / "sshd").read_text() == text
+
+
+def test_uninstall_removes_every_line(tmp_path: Path) -> None:
+    d = _stacks(tmp_path)
+    pam.install_pam(PATHS, str(d))
+    (d / "cockpit").write_text(f"session optional pam_exec.so quiet type=open_session {HOOK} cockpit open\n")
+    pam.uninstall_pam(PATHS, str(d))
+    for f in d.iterdir():
+        if not f.name.endswith(".kvmgate-backup"):
+            assert HOOK not in f.read_text() and pam.MARK not in f.read_text(), f
+
+
+def test_session_user_is_the_loginuid_and_the_claim_only_vetoes() -> None:
+    me = os.getpid()
+    with open(f"/proc/{me}/loginuid") as f:
+        uid = int(f.read())
+    if uid in (pam.UNSET_LOGINUID, 0):
+        assert pam.session_user(me, "root") is None, "no loginuid: not a logon"
+        return
+    name = pwd.getpwuid(uid).pw_name
+    assert pam.session_user(me, name) == name
+    assert pam.session_user(me, "someone-else") is None
+    assert pam.session_user(me, None) is None
+
+
+def test_session_user_of_a_gone_process() -> None:
+    assert pam.session_user(2**22 + 12345, "root") is None
