@@ -6,12 +6,15 @@ internal error."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
+import pytest
+
 from kvmgate.model import qcow2
 
-from ..conftest import Kvmgate
+from ..conftest import BOOT_LINE, DEFAULT_POLICY, KVMGATE, STATE, Kvmgate, as_user, qemu_pids
 from .conftest import give
 
 AUDIT = Path("/opt/kvmgate-test/log/audit.log")
@@ -31,19 +34,134 @@ def test_a_huge_refused_request_writes_a_small_audit_record(kg: Kvmgate, bob: st
     assert rec["options"][0] == "-append" and "120014 characters, sha256 " in rec["options"][1]
 
 
+def _image(tmp_path: Path, virtual_size: int) -> Path:
+    """A small, valid qcow2 file whose header claims `virtual_size`."""
+    empty = qcow2.empty_image(1 << 20)
+    img = bytearray(empty.head) + bytes(empty.length - len(empty.head))
+    struct.pack_into(">Q", img, 24, virtual_size)
+    src = tmp_path / f"claims-{virtual_size}.qcow2"
+    src.write_bytes(bytes(img))
+    return src
+
+
 def test_an_overlay_the_header_makes_impossible_is_refused(
     kg: Kvmgate, alice: str, alice_vm: str, tmp_path: Path, unchanged: None
 ) -> None:
     """A qcow2 header with a virtual size that is not whole sectors: the -snapshot
     overlay cannot be made for it. Once a ValueError (exit 1)."""
-    img = bytearray(qcow2.empty_image(1 << 20))
-    struct.pack_into(">Q", img, 24, 1000)  # virtual size: 1000 bytes
-    src = tmp_path / "odd.qcow2"
-    src.write_bytes(bytes(img))
-    path = give(alice, src, "odd.qcow2")
+    path = give(alice, _image(tmp_path, 1000), "odd.qcow2")  # virtual size: 1000 bytes
     r = kg("start", alice_vm, "--", "-hdb", str(path), "-snapshot", user=alice)
     assert r.returncode == 3, r.stderr
     assert (
         r.stderr
         == f"kvmgate: {path}: no -snapshot overlay for this image (virtual size must be a positive multiple of 512)\n"
     )
+
+
+PEAK_RSS = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.run(sys.argv[1:]).returncode\n"
+    "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+)
+
+
+@pytest.mark.parametrize("option", ["-hda", "-hdb", "-fda", "-fdb"])
+def test_an_image_above_the_size_limit_is_refused_before_anything_is_built(
+    kg: Kvmgate, alice: str, alice_vm: str, tmp_path: Path, option: str, unchanged: None
+) -> None:
+    """A qcow2 header claiming 2^56 bytes once made root allocate ~2 GB for the
+    -snapshot overlay and write 1 GiB to an unlinked file. Now the policy's
+    limits.image_max_gib (256 GiB) refuses it from the header, before anything is
+    allocated: the peak RSS of sudo and the helper stays small."""
+    path = give(alice, _image(tmp_path, 1 << 56), "huge.qcow2")
+    r = as_user(
+        alice, ["/usr/bin/python3", "-c", PEAK_RSS, KVMGATE, "start", alice_vm, "--", option, str(path), "-snapshot"]
+    )
+    code, peak_kib = map(int, r.stdout.split())
+    assert code == 3, r.stderr
+    assert r.stderr == (f"kvmgate: {path}: its virtual size (67108864 GiB) is above this host's limit of 256 GiB\n")
+    assert peak_kib < 100 << 10, f"peak RSS {peak_kib} KiB"
+
+
+def test_repeated_option_roms_are_bounded_in_count(kg: Kvmgate, alice: str, alice_vm: str, unchanged: None) -> None:
+    r = kg("start", alice_vm, "--", *["-option-rom", "/nonexistent"] * 9, user=alice)
+    assert r.returncode == 3, r.stderr
+    assert "-option-rom: given more than 8 times (limits.repeat_max)" in r.stderr
+
+
+def test_copied_roms_are_bounded_in_total_before_copying(
+    kg: Kvmgate, alice: str, alice_vm: str, users, tmp_path: Path, unchanged: None
+) -> None:
+    """ROMs the user reads only through a group are copied into memory for QEMU.
+    Eight 200 MiB ones once meant 1.6 GB of shared memory; the total is
+    limits.blobs_max_mib (1 GiB), checked before each copy."""
+    import grp
+    import subprocess
+
+    group = f"kgr{alice[-6:]}"
+    subprocess.run(["groupadd", group], check=True)
+    try:
+        subprocess.run(["usermod", "-aG", group, alice], check=True)
+        rom = Path("/srv") / f"{group}.rom"
+        with open(rom, "wb") as f:
+            f.truncate(200 << 20)
+        os.chown(rom, 0, grp.getgrnam(group).gr_gid)
+        rom.chmod(0o640)
+        r = as_user(
+            alice,
+            ["/usr/bin/python3", "-c", PEAK_RSS, KVMGATE, "start", alice_vm, "--", *["-option-rom", str(rom)] * 8],
+        )
+        assert int(r.stdout.split()[0]) == 3, r.stderr
+        assert "would exceed this host's limit for one start" in r.stderr
+    finally:
+        Path("/srv", f"{group}.rom").unlink(missing_ok=True)
+        subprocess.run(["groupdel", group], check=False)
+
+
+def _is_overlay(link: str) -> bool:
+    """An O_TMPFILE overlay in a VM's tmp/ shows as <vm dir>/tmp/#<inode> (deleted)."""
+    return link.startswith(f"{STATE}/vms/") and "/tmp/#" in link and link.endswith(" (deleted)")
+
+
+def test_snapshot_overlays_stop_at_the_policy_bound(kg: Kvmgate, alice: str, alice_vm: str, tmp_path: Path) -> None:
+    """limits.snapshot_max_mib bounds all of a VM's -snapshot overlays together
+    (QEMU's RLIMIT_FSIZE, SIGXFSZ ignored): the guest writing past it gets an
+    I/O error, QEMU keeps running, and the overlays in root's state tree stay
+    within the bound."""
+    raw = tmp_path / "big.raw"
+    with open(raw, "wb") as f:
+        f.truncate(64 << 20)
+    path = give(alice, raw, "big.raw")
+    kg("stop", alice_vm, "--owner", alice, "--force")
+    kg.write_policy(DEFAULT_POLICY + "[limits]\nsnapshot_max_mib = 16\n")
+    try:
+        kg.ok("start", alice_vm, "--", "-hdb", str(path), "-snapshot", user=alice)
+        pid = kg.json("status", alice_vm, user=alice)["pid"]
+        kg.ok("console", alice_vm, "--expect", BOOT_LINE, "--timeout", "90", user=alice)
+        out = kg.ok(
+            "console",
+            alice_vm,
+            "--expect",
+            "dd-exit=[0-9]+",
+            "--timeout",
+            "120",
+            user=alice,
+            input="dd if=/dev/zero of=/dev/sdb bs=1M count=48 conv=fsync 2>/dev/null; echo dd-exit=$?\n",
+        ).stdout
+        assert "dd-exit=0" not in out, out[-2000:]
+        assert pid in qemu_pids(), "QEMU kept running"
+        by_inode = {
+            st.st_ino: st
+            for st in (
+                os.stat(f"/proc/{pid}/fd/{n}")
+                for n in os.listdir(f"/proc/{pid}/fd")
+                if _is_overlay(os.readlink(f"/proc/{pid}/fd/{n}"))
+            )
+        }
+        overlays = list(by_inode.values())  # QEMU holds each through more than one fd
+        assert len(overlays) == 2, "the default disk's and -hdb's"
+        assert sum(st.st_size for st in overlays) <= 16 << 20
+        assert sum(st.st_blocks * 512 for st in overlays) <= 16 << 20
+    finally:
+        kg("stop", alice_vm, "--owner", alice, "--force")
+        kg.write_policy(DEFAULT_POLICY)

@@ -17,6 +17,7 @@ import fcntl
 import os
 import pwd
 import resource
+import signal
 import socket
 import stat
 import struct
@@ -26,9 +27,10 @@ from kvmgate import paths
 from kvmgate.errors import FileRefused, PermissionRefused, Qcow2Refused
 from kvmgate.host import caller, cgroup
 from kvmgate.model import qcow2
+from kvmgate.model.policy.grammar import Limits
 from kvmgate.model.translate import Plan, Resource
+from kvmgate.store.files import write_image
 
-MAX_BLOB = 1 << 30
 QEMU_GROUP = paths.QEMU_GROUP
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -68,19 +70,30 @@ def _open_as(pw: pwd.struct_passwd, path: str, writable: bool, what: str) -> int
     return fd
 
 
-def _disk(pw: pwd.struct_passwd, r: Resource) -> tuple[int, int]:
-    """Returns (fd, virtual size)."""
+def _disk(pw: pwd.struct_passwd, r: Resource, limits: Limits) -> tuple[int, int]:
+    """Returns (fd, virtual size). The size comes from the user's header (qcow2)
+    or file (raw) and sizes what root and QEMU do for the disk (the -snapshot
+    overlay, the guest's disk): it is checked against the policy before anything
+    is built for it."""
     assert r.path is not None
     fd = _open_as(pw, r.path, r.writable, f"-{r.of}")
-    if r.fmt == "qcow2":
-        try:
-            info = qcow2.inspect(os.pread(fd, qcow2.HEADER_READ, 0))
-        except Qcow2Refused as err:
-            os.close(fd)
-            raise FileRefused(f"{r.path}: {err}") from None
-        return fd, info.virtual_size
-    size = os.fstat(fd).st_size
-    return fd, max(512, -(-size // 512) * 512)
+    try:
+        if r.fmt == "qcow2":
+            try:
+                size = qcow2.inspect(os.pread(fd, qcow2.HEADER_READ, 0)).virtual_size
+            except Qcow2Refused as err:
+                raise FileRefused(f"{r.path}: {err}") from None
+        else:
+            size = max(512, -(-os.fstat(fd).st_size // 512) * 512)
+        if size > limits.image_max_gib << 30:
+            raise FileRefused(
+                f"{r.path}: its virtual size ({size / (1 << 30):.0f} GiB) is above this host's limit "
+                f"of {limits.image_max_gib} GiB"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, size
 
 
 def _readable_by_qemu(st: os.stat_result, uid: int, qemu_gid: int) -> bool:
@@ -93,19 +106,25 @@ def _readable_by_qemu(st: os.stat_result, uid: int, qemu_gid: int) -> bool:
     return bool(st.st_mode & stat.S_IROTH)
 
 
-def _blob(pw: pwd.struct_passwd, r: Resource, qemu_gid: int) -> int:
+def _blob(pw: pwd.struct_passwd, r: Resource, qemu_gid: int, budget: list[int]) -> int:
     """Kernels, initrds and ROMs, which QEMU re-opens by /proc/self/fd/N. The fd
     opened with the user's rights is passed as is when QEMU's own credentials can
     read the file; a file the user reads only through a supplementary group
-    (which QEMU does not have) is copied into a sealed memfd instead."""
+    (which QEMU does not have) is copied into a sealed memfd instead. Copies come
+    out of `budget` (bytes left for this start), checked before copying: a
+    repeated -option-rom cannot multiply shared memory."""
     assert r.path is not None
     src = _open_as(pw, r.path, False, f"-{r.of}")
     st = os.fstat(src)
     if _readable_by_qemu(st, pw.pw_uid, qemu_gid):
         return src
     try:
-        if st.st_size > MAX_BLOB:
-            raise FileRefused(f"{r.path}: larger than {MAX_BLOB >> 20} MiB")
+        if st.st_size > budget[0]:
+            raise FileRefused(
+                f"{r.path}: the files copied for QEMU (kernels, initrds, ROMs it could not read itself) "
+                "would exceed this host's limit for one start"
+            )
+        budget[0] -= st.st_size
         mfd = os.memfd_create("kvmgate-blob", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         off = 0
         while off < st.st_size:
@@ -146,14 +165,33 @@ def check_dirs(plan: Plan, pw: pwd.struct_passwd, qemu_gid: int) -> None:
 
 
 def _overlay(pw: pwd.struct_passwd, tmpdir: str, size: int, of: Resource) -> int:
+    """The -snapshot overlay, an unlinked file in the VM's tmp/ written as the
+    owner in constant memory (three clusters, then a sparse extension). It grows
+    while the VM runs only up to QEMU's RLIMIT_FSIZE (`file_size_limit`)."""
     try:
         image = qcow2.empty_image(size)
     except ValueError as err:  # a size the user's image header chose: odd, or too large
         raise FileRefused(f"{of.path}: no -snapshot overlay for this image ({err})") from None
     with caller.as_user(pw):
         fd = os.open(tmpdir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    os.write(fd, image)
+    try:
+        write_image(fd, image)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
+
+
+def file_size_limit(plan: Plan, limits: Limits) -> int:
+    """QEMU's RLIMIT_FSIZE. A VM with -snapshot writes to overlays in root's state
+    tree: together they may hold `limits.snapshot_max_mib`, and past that the
+    guest gets an I/O error (EFBIG, SIGXFSZ ignored). Without overlays QEMU writes
+    only the owner's own disks (on the owner's storage), its logs and saved
+    states, and gets no file size limit here."""
+    overlays = sum(1 for r in plan.resources if r.kind == "overlay")
+    if not overlays:
+        return resource.RLIM_INFINITY
+    return (limits.snapshot_max_mib << 20) // overlays
 
 
 def _tap(ifname: str) -> int:
@@ -175,21 +213,25 @@ def _listener(path: str) -> int:
     return s.detach()
 
 
-def open_user_resources(plan: Plan, pw: pwd.struct_passwd, qemu_gid: int, tmpdir: str) -> dict[int, int]:
+def open_user_resources(
+    plan: Plan, pw: pwd.struct_passwd, qemu_gid: int, tmpdir: str, limits: Limits
+) -> dict[int, int]:
     """Everything a start can be refused over, opened before anything is changed:
-    disks, overlays and blobs with the owner's rights, taps. Maps QEMU fd -> fd."""
+    disks, overlays and blobs with the owner's rights, taps. Maps QEMU fd -> fd.
+    Every size the user's files choose is checked against `limits` first."""
     opened: dict[int, int] = {}
     disks: dict[str, tuple[Resource, int]] = {}
+    budget = [limits.blobs_max_mib << 20]
     try:
         for r in plan.resources:
             if r.kind == "disk":
-                opened[r.fd], size = _disk(pw, r)
+                opened[r.fd], size = _disk(pw, r, limits)
                 disks[r.of or ""] = (r, size)
             elif r.kind == "overlay":
                 disk, size = disks[r.of or ""]
                 opened[r.fd] = _overlay(pw, tmpdir, size, disk)
             elif r.kind == "blob":
-                opened[r.fd] = _blob(pw, r, qemu_gid)
+                opened[r.fd] = _blob(pw, r, qemu_gid, budget)
             elif r.kind == "tap":
                 opened[r.fd] = _tap(r.path or "")
     except BaseException:
@@ -239,6 +281,7 @@ def spawn(
     placement: cgroup.Placement,
     qemu_log: int,
     max_files: int,
+    max_file_size: int,
 ) -> int:
     """Fork; the child becomes QEMU. Returns QEMU's pid.
 
@@ -249,7 +292,7 @@ def spawn(
     go_r, go_w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        _child(qemu, plan, fds, pw, qemu_gid, where, qemu_log, max_files, go_r, go_w)
+        _child(qemu, plan, fds, pw, qemu_gid, where, qemu_log, (max_files, max_file_size), go_r, go_w)
     os.close(go_r)
     try:
         placement.place(pid)
@@ -271,15 +314,23 @@ def _child(
     qemu_gid: int,
     where: Where,
     qemu_log: int,
-    max_files: int,
+    rlimits: tuple[int, int],
     go_r: int,
     go_w: int,
 ) -> None:
     try:
         os.close(go_w)
         os.setsid()
-        for lim, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, max_files)):
+        max_files, max_file_size = rlimits
+        for lim, value in (
+            (resource.RLIMIT_CORE, 0),
+            (resource.RLIMIT_NOFILE, max_files),
+            (resource.RLIMIT_FSIZE, max_file_size),
+        ):
             resource.setrlimit(lim, (value, value))
+        # Past RLIMIT_FSIZE a write fails with EFBIG (an I/O error for the guest)
+        # instead of killing QEMU; the disposition survives exec.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         # Install exactly the planned fds: move every source above the target range
         # first, so no dup2 clobbers a source that is still to be moved.
         devnull = os.open("/dev/null", os.O_RDONLY)

@@ -71,11 +71,20 @@ def inspect(head: bytes) -> Qcow2Info:
     return Qcow2Info(version, size, cluster_bits)
 
 
-def empty_image(virtual_size: int, cluster_bits: int = 16) -> bytes:
+class EmptyImage(NamedTuple):
+    """An empty image as its non-zero head plus its full length: the L1 table
+    after the head is all zeros, so a writer extends the file (sparse) instead of
+    holding it. Memory stays at three clusters whatever size a header claimed."""
+
+    head: bytes
+    length: int
+
+
+def empty_image(virtual_size: int, cluster_bits: int = 16) -> EmptyImage:
     """A valid, empty qcow2 v3 image of `virtual_size` bytes with no backing file.
 
     Layout, one cluster each: header, refcount table, refcount block, then the
-    L1 table. QEMU grows everything else on demand.
+    L1 table (zeros). QEMU grows everything else on demand.
     """
     if virtual_size <= 0 or virtual_size % 512:
         raise ValueError("virtual size must be a positive multiple of 512")
@@ -85,7 +94,7 @@ def empty_image(virtual_size: int, cluster_bits: int = 16) -> bytes:
     clusters = 3 + l1_clusters
     if clusters > cs // 2:  # one 16-bit refcount block must cover the metadata
         raise ValueError("virtual size too large for a single refcount block")
-    img = bytearray(clusters * cs)
+    img = bytearray(3 * cs)
     struct.pack_into(
         ">4sIQIIQIIQQIIQQQQII",
         img,
@@ -112,4 +121,4 @@ def empty_image(virtual_size: int, cluster_bits: int = 16) -> bytes:
     struct.pack_into(">Q", img, cs, 2 * cs)
     for i in range(clusters):
         struct.pack_into(">H", img, 2 * cs + 2 * i, 1)
-    return bytes(img)
+    return EmptyImage(bytes(img), clusters * cs)

@@ -102,7 +102,7 @@ def _launch(
     plan = plan_for(vm, policy, options, accel, paused=paused, incoming=incoming)  # all validation first
     where = launch.Where(vm.rundir, vm.sub("log"), vm.sub("tmp"))
     launch.check_dirs(plan, pw, qemu_gid)
-    fds = launch.open_user_resources(plan, pw, qemu_gid, where.tmpdir)  # the last refusals
+    fds = launch.open_user_resources(plan, pw, qemu_gid, where.tmpdir, policy.limits)  # the last refusals
     try:
         # Bridged NICs and guarded ports need the host's networks and rules: after a
         # reboot, the first such start brings them back (cheap when they are up).
@@ -125,7 +125,18 @@ def _launch(
         argv = [policy.qemu, *plan.argv]
         audit.done(paths.audit_log, who, "start", vm.identity.owner, vm.identity.name, options=options, argv=argv)
         qemu_fds = {t: f for t, f in fds.items() if t >= 0}
-        pid = launch.spawn(policy.qemu, plan, qemu_fds, pw, qemu_gid, where, placement, log, policy.max_open_files)
+        pid = launch.spawn(
+            policy.qemu,
+            plan,
+            qemu_fds,
+            pw,
+            qemu_gid,
+            where,
+            placement,
+            log,
+            policy.max_open_files,
+            launch.file_size_limit(plan, policy.limits),
+        )
     finally:
         launch.close_all(fds)
         os.close(lock_fd)  # QEMU holds its own copy of the liveness lock from here on

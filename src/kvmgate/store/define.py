@@ -10,14 +10,17 @@ import time
 
 from kvmgate.errors import WrongState
 from kvmgate.model import identity as ident
+from kvmgate.model.qcow2 import EmptyImage
 from kvmgate.model.settings import Settings
 from kvmgate.paths import Paths
 from kvmgate.store import locks
-from kvmgate.store.files import touch, write_atomic
+from kvmgate.store.files import touch, write_atomic, write_image
 from kvmgate.store.registry import DEFAULT_DISK, VM, mkdir_root, vm_for
 
 
-def create(paths: Paths, identity: ident.Identity, empty_image: bytes | None, settings: Settings | None = None) -> VM:
+def create(
+    paths: Paths, identity: ident.Identity, empty_image: EmptyImage | None, settings: Settings | None = None
+) -> VM:
     """Build the VM directory under a temporary name, then publish it with one
     rename and one exclusive symlink: a failure leaves nothing behind."""
     pw = pwd.getpwnam(identity.owner)
@@ -51,7 +54,7 @@ def create(paths: Paths, identity: ident.Identity, empty_image: bytes | None, se
                 0o600,
             )
             try:
-                os.write(fd, empty_image)
+                write_image(fd, empty_image)
                 os.fchown(fd, pw.pw_uid, pw.pw_gid)
             finally:
                 os.close(fd)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 
 from kvmgate.errors import Busy
+from kvmgate.model.qcow2 import EmptyImage
 
 NOFOLLOW_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -46,6 +47,12 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def write_image(fd: int, image: EmptyImage) -> None:
+    """An empty image: its head, then the file extended (sparse) to its length."""
+    _write_all(fd, image.head)
+    os.ftruncate(fd, image.length)
 
 
 def read_small(path: str, limit: int = 1 << 20) -> bytes:

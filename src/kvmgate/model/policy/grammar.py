@@ -28,6 +28,10 @@ class Limits(NamedTuple):
     vnc_max: int = 99
     machines: tuple[str, ...] = ("pc", "q35")
     append_max: int = 2048
+    image_max_gib: int = 256  # a user image's virtual size (qcow2 header, raw file size)
+    snapshot_max_mib: int = 16384  # all -snapshot overlays of one VM together, while it runs
+    blobs_max_mib: int = 1024  # kernels, initrds, ROMs copied into memory for one start
+    repeat_max: int = 8  # uses of one repeatable option (-option-rom, -usbdevice, ...) in one list
 
 
 # --------------------------------------------------------------------------- values

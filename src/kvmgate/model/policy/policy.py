@@ -115,7 +115,16 @@ class Policy(NamedTuple):
         if not isinstance(data, Mapping):
             raise fail("[limits] must be a table")
         d = g.Limits()
-        ints = {"mem_min_mib": (1, 1 << 22), "mem_max_mib": (1, 1 << 22), "smp_max": (1, 1024), "append_max": (0, 4096)}
+        ints = {
+            "mem_min_mib": (1, 1 << 22),
+            "mem_max_mib": (1, 1 << 22),
+            "smp_max": (1, 1024),
+            "append_max": (0, 4096),
+            "image_max_gib": (1, 1 << 16),
+            "snapshot_max_mib": (16, 1 << 24),
+            "blobs_max_mib": (1, 4096),
+            "repeat_max": (1, 64),
+        }
         kw: dict[str, Any] = {}
         for key, value in data.items():
             if key in ints:
@@ -177,6 +186,8 @@ class Policy(NamedTuple):
             if tok in seen and not spec.repeatable:
                 raise PolicyError(tok, "given more than once")
             seen.add(tok)
+            if spec.repeatable and sum(1 for o in out if o.spec is spec) >= self.limits.repeat_max:
+                raise PolicyError(tok, f"given more than {self.limits.repeat_max} times (limits.repeat_max)")
             if spec.parse is None:
                 value: g.Value = g.parse_flag(tok, None, self.limits)
                 i += 1
