@@ -3,7 +3,7 @@
 #
 #   ./install.sh [--prefix /usr/local] [--libdir DIR] [--etc /etc/kvmgate]
 #                [--state /var/lib/kvmgate] [--run /run/kvmgate] [--log /var/log/kvmgate]
-#                [--sudoers /etc/sudoers.d/kvmgate]
+#                [--sudoers /etc/sudoers.d/kvmgate] [--test-pause-points CONTROL_FILE]
 #
 # The helper and front end run under /usr/bin/python3 -I -S: no PYTHON* variable,
 # user site or site-packages reaches them; they import the standard library and
@@ -11,11 +11,14 @@
 # kvmgate/_install.py, so nothing a caller controls can move them.
 set -eu
 prefix=/usr/local libdir= etc=/etc/kvmgate state=/var/lib/kvmgate run=/run/kvmgate log=/var/log/kvmgate
-sudoers=/etc/sudoers.d/kvmgate
+sudoers=/etc/sudoers.d/kvmgate pause=
 while [ $# -gt 0 ]; do
     case "$1" in
         --prefix) prefix=$2 ;; --libdir) libdir=$2 ;; --etc) etc=$2 ;; --state) state=$2 ;;
         --run) run=$2 ;; --log) log=$2 ;; --sudoers) sudoers=$2 ;;
+        # The test suite's own installation only: the helper stops at named points
+        # while root's CONTROL_FILE names them (kvmgate/store/critical.py).
+        --test-pause-points) pause=$2 ;;
         *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift 2
@@ -42,6 +45,7 @@ PATHS = {
     "sudoers": "$sudoers",
 }
 PY
+[ -z "$pause" ] || echo "PAUSE_CONTROL = \"$pause\"  # test installation: pause points" >> "$libdir.new.$$/kvmgate/_install.py"
 cat > "$libdir.new.$$/kvmgate-helper" <<PY
 #!$python -IS
 # kvmgate's privileged helper. Reached by users only through sudo (see sudoers).

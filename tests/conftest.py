@@ -33,6 +33,7 @@ LOG = f"{PREFIX}/log"
 KVMGATE = f"{PREFIX}/bin/kvmgate"
 HELPER = f"{PREFIX}/lib/kvmgate/kvmgate-helper"
 SUDOERS = "/etc/sudoers.d/kvmgate-test"
+PAUSE_CONTROL = f"{PREFIX}/pause-control"  # the helper's test-only pause points (store/critical.py)
 GUEST = os.environ.get("KVMGATE_GUEST_DIR", "/var/cache/kvmgate-test-guest")
 BOOT_LINE = r"KVMGATE-GUEST-READY[^\r\n]*[\r\n]"
 # ssh(1) options for throwaway test hosts: never prompt, never remember a host key.
@@ -210,6 +211,8 @@ def kg(guest: Path) -> Iterator[Kvmgate]:
             LOG,
             "--sudoers",
             SUDOERS,
+            "--test-pause-points",
+            PAUSE_CONTROL,
         ],
         check=True,
     )
@@ -313,3 +316,38 @@ def httpd_options(guest: Path, *extra: str) -> list[str]:
     opts = boot_options(guest)
     opts[opts.index("-append") + 1] += " kvmgate.httpd"
     return [*opts, "-net", "nic", "-net", "user", *extra]
+
+
+class Pause:
+    """The helper's test-only pause points (kvmgate/store/critical.py): while the
+    control file names a point, a helper that reaches it writes
+    `<control>.at.<point>` (its pid) and waits."""
+
+    def __init__(self, point: str) -> None:
+        self.point = point
+        self.marker = Path(f"{PAUSE_CONTROL}.at.{point}")
+
+    def __enter__(self) -> Pause:
+        Path(PAUSE_CONTROL).write_text(self.point + "\n")
+        Path(PAUSE_CONTROL).chmod(0o644)
+        return self
+
+    def reached(self, timeout: float = 60) -> int:
+        """Wait until a helper is paused here; returns its pid."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                return int(self.marker.read_text())
+            time.sleep(0.01)
+        raise AssertionError(f"no helper reached the pause point {self.point}")
+
+    def release(self) -> None:
+        Path(PAUSE_CONTROL).unlink(missing_ok=True)
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])

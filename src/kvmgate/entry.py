@@ -22,7 +22,7 @@ import json
 import os
 import sys
 
-from kvmgate.errors import EXIT_INTERNAL, KvmgateError, PermissionRefused, UsageError
+from kvmgate.errors import EXIT_INTERNAL, KvmgateError, PermissionRefused, UsageError, one_line
 from kvmgate.host import audit, caller
 from kvmgate.model.commands import Request, parse
 from kvmgate.paths import Paths, installed
@@ -80,12 +80,6 @@ def _stdout_gone() -> bool:
     p = select.poll()
     p.register(1, select.POLLOUT)
     return any(ev & select.POLLERR for _, ev in p.poll(0))
-
-
-def one_line(text: str) -> str:
-    """A refusal is one printable line: a newline or escape sequence in a name the
-    user chose is shown escaped, never interpreted by the reader's terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)[:2000]
 
 
 def main(argv: list[str] | None = None, paths: Paths | None = None) -> int:

@@ -104,3 +104,9 @@ class VMDied(KvmgateError):
     """`admin watch`: QEMU exited without kvmgate asking it to."""
 
     exit_code = EXIT_VM_DIED
+
+
+def one_line(text: object) -> str:
+    """A message is one printable line: a newline or escape sequence in a name the
+    user chose is shown escaped, never interpreted by the reader's terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))[:2000]

@@ -14,6 +14,7 @@ import os
 import pwd
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +25,19 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import BOOT_LINE, DEFAULT_POLICY, ETC, KVMGATE, RUN, SSH_THROWAWAY, Kvmgate, as_user, boot_options, run
+from ..conftest import (
+    BOOT_LINE,
+    DEFAULT_POLICY,
+    ETC,
+    KVMGATE,
+    RUN,
+    SSH_THROWAWAY,
+    Kvmgate,
+    Pause,
+    as_user,
+    boot_options,
+    run,
+)
 
 SNIFF = r"""
 import json, socket, sys, time
@@ -591,3 +604,29 @@ def test_a_subverted_dnsmasq_cannot_aim_roots_signals(net: Net) -> None:
         pidfile.write_text(real)
         net.kvmgate("admin", "net-down")
         net.ok("admin", "net-up")
+
+
+def test_a_signal_between_stopping_and_restarting_dnsmasq_leaves_it_running(
+    net: Net, vms: list, alice: str, guest: Path
+) -> None:
+    """Freeing an address restarts dnsmasq. A SIGTERM to the helper at that point
+    (root's Ctrl-C, a unit's stop) once left the services network without DHCP."""
+    first = create(net, vms, alice, name(), "--network", "services", "--", *boot(guest))
+    create(net, vms, alice, name(), "--network", "services", "--", *boot(guest))
+    net.ok("admin", "net-up")
+    pidfile = Path(f"{RUN}-net/services.{os.stat(f'/run/netns/{net.ns}').st_ino}.pid")
+    with Pause("net:dnsmasq-stopped") as pause:
+        p = subprocess.Popen(
+            net.cmd([KVMGATE, "admin", "delete", first["name"], "--owner", alice]),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        helper = pause.reached()
+        os.kill(helper, signal.SIGTERM)
+        pause.release()
+        _, err = p.communicate(timeout=60)
+    vms.remove((alice, first["name"]))
+    assert p.returncode == 0, err
+    pid = int(pidfile.read_text())
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "dnsmasq", "DHCP is served again"

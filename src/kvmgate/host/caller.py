@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from kvmgate.errors import PermissionRefused
+from kvmgate.store import critical
 
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -58,6 +59,7 @@ def scrub() -> None:
     # job with `stty tostop`, must never stop root while it holds a lock others wait for.
     for sig in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_IGN)
+    critical.install()  # every other signal sudo relays waits while a lock is held
     os.environ.clear()
     os.environ["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
     os.umask(0o077)

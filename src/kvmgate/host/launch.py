@@ -59,6 +59,7 @@ def _open_as(pw: pwd.struct_passwd, path: str, writable: bool, what: str) -> int
             errno.ENAMETOOLONG,
             errno.EISDIR,
             errno.ENXIO,
+            errno.ETXTBSY,
         ):
             raise FileRefused(f"{what}: cannot open {path}: no such file, or not permitted") from None
         raise
@@ -329,8 +330,12 @@ def _child(
         ):
             resource.setrlimit(lim, (value, value))
         # Past RLIMIT_FSIZE a write fails with EFBIG (an I/O error for the guest)
-        # instead of killing QEMU; the disposition survives exec.
+        # instead of killing QEMU; the disposition survives exec. The helper's own
+        # ignored and blocked signals do not reach QEMU.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        for sig in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
         # Install exactly the planned fds: move every source above the target range
         # first, so no dup2 clobbers a source that is still to be moved.
         devnull = os.open("/dev/null", os.O_RDONLY)

@@ -23,7 +23,7 @@ import time
 
 from kvmgate.errors import KvmgateError
 from kvmgate.host.qmp import QMP, QMPError
-from kvmgate.store import registry
+from kvmgate.store import critical, registry
 from kvmgate.store.files import fsync_dir, write_atomic
 from kvmgate.store.registry import META, STATE, Saved
 
@@ -132,6 +132,7 @@ def save(vm: registry.VM, options: list[str], timeout: float = 3600) -> Saved:
             os.rename(tmp, os.path.join(saved_dir, STATE))
             saved = Saved(time.time(), size, digest, options, was_running)
             write_atomic(os.path.join(saved_dir, META), json.dumps(saved._asdict()), fsync=True)
+            critical.pause("hibernate:saved")  # tests: a signal here must not lose the state
             with contextlib.suppress(OSError, QMPError):
                 q.execute("quit")
     except (OSError, QMPError) as err:

@@ -28,7 +28,7 @@ from kvmgate.model.policy.policy import Policy
 from kvmgate.model.settings import Forward, Nic, Settings
 from kvmgate.model.translate import Resource
 from kvmgate.paths import GATED_USER, Paths
-from kvmgate.store import registry, runtime
+from kvmgate.store import critical, registry, runtime
 from kvmgate.store.files import flock, write_atomic
 
 IP = "/usr/sbin/ip"
@@ -229,6 +229,7 @@ def _sync(paths: Paths, policy: Policy) -> None:
             # lease time and refuse it to the next VM. Its leases live only in memory
             # (--leasefile-ro), so a restart forgets them.
             _stop(pid)
+            critical.pause("net:dnsmasq-stopped")  # tests: a signal here must not leave it stopped
             _start_dnsmasq(paths, policy.net.networks[name])
         else:
             os.kill(pid, signal.SIGHUP)  # re-reads the hosts file

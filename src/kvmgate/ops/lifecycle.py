@@ -27,7 +27,7 @@ from kvmgate.model.policy.policy import Policy
 from kvmgate.model.translate import Accel, Plan
 from kvmgate.ops.plan import owner_dir, plan_for
 from kvmgate.paths import Paths
-from kvmgate.store import config, locks, registry, runtime
+from kvmgate.store import config, critical, locks, registry, runtime
 from kvmgate.store.files import remove_tree
 
 START_TIMEOUT = 30.0
@@ -140,6 +140,7 @@ def _launch(
     finally:
         launch.close_all(fds)
         os.close(lock_fd)  # QEMU holds its own copy of the liveness lock from here on
+    critical.pause("start:spawned")  # tests: a signal here must not lose the pid
 
     def alive() -> bool:
         return os.waitpid(pid, os.WNOHANG) == (0, 0)

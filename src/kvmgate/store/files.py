@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 from kvmgate.errors import Busy
 from kvmgate.model.qcow2 import EmptyImage
+from kvmgate.store import critical
 
 NOFOLLOW_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -142,6 +143,7 @@ def flock(path: str, timeout: float | None = None, what: str = "") -> Iterator[i
                     if time.monotonic() >= deadline:
                         raise Busy(f"{what or os.path.basename(path)} is busy with another operation") from None
                     time.sleep(0.02)
-        yield fd
+        with critical.section():
+            yield fd
     finally:
         os.close(fd)

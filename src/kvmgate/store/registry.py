@@ -171,9 +171,10 @@ def each_vm(paths: Paths, owner: str | None = None) -> Iterator[VM]:
     reported by `admin list`, and loops over many VMs must go on past it."""
     for o, n in list_names(paths, owner):
         try:
-            yield resolve(paths, o, n)
-        except KvmgateError:
+            vm = resolve(paths, o, n)
+        except (KvmgateError, OSError, ValueError):
             continue
+        yield vm
 
 
 def all_settings(paths: Paths) -> list[tuple[VM, Settings]]:
@@ -182,7 +183,7 @@ def all_settings(paths: Paths) -> list[tuple[VM, Settings]]:
     for vm in each_vm(paths):
         try:
             out.append((vm, read_settings(vm)))
-        except KvmgateError:
+        except (KvmgateError, OSError, ValueError):
             continue
     return out
 

@@ -21,14 +21,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 
-from kvmgate.errors import KvmgateError
+from kvmgate.errors import one_line
 from kvmgate.host import audit, pam
 from kvmgate.host.caller import Caller
 from kvmgate.model.commands import Request
 from kvmgate.ops import power
 from kvmgate.paths import Paths
-from kvmgate.store import registry, runtime
+from kvmgate.store import critical, registry, runtime
 from kvmgate.store.sessions import Sessions
 
 HOOK_SECONDS = 5  # the hook's own bound; VM work happens after it returned
@@ -101,6 +102,7 @@ def apply(paths: Paths, user: str, action: str) -> None:
 
     who = Caller(0, "pam", False)
     for vm in registry.each_vm(paths, user):
+        critical.checkpoint()
         try:
             mode = registry.read_settings(vm).on_logoff
             if mode == "none":
@@ -110,7 +112,7 @@ def apply(paths: Paths, user: str, action: str) -> None:
                     power.thaw(paths, who, vm, wanted)
             else:
                 power.sleep(paths, who, vm, mode, wanted)
-        except (KvmgateError, OSError) as err:
+        except Exception as err:  # noqa: BLE001 - one VM's trouble never stops the others'
             audit.record(
                 paths.audit_log,
                 caller="pam",
@@ -130,7 +132,7 @@ def trim_console_logs(paths: Paths) -> None:
     no size limit: empty every log past CONSOLE_LOG_MAX (QEMU appends, so it simply
     continues at the start; readers notice the file shrank)."""
     for vm in registry.each_vm(paths):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(Exception):
             log = vm.sub("log", "console.log")
             if os.stat(log).st_size > CONSOLE_LOG_MAX:
                 os.truncate(log, 0)
@@ -148,12 +150,16 @@ def reap(paths: Paths) -> None:
     except FileNotFoundError:
         return
     for user in users:
-        sessions = Sessions(paths, user)
-        with sessions.locked():
-            before, live = sessions.prune()
-        if before and not live:
-            apply(paths, user, "logoff")
-            print(f"reaped the sessions of {user}")
+        critical.checkpoint()
+        try:
+            sessions = Sessions(paths, user)
+            with sessions.locked():
+                before, live = sessions.prune()
+            if before and not live:
+                apply(paths, user, "logoff")
+                print(f"reaped the sessions of {user}")
+        except Exception as err:  # noqa: BLE001 - one user's records never stop the others'
+            print(f"kvmgate: reap {user}: {one_line(err)}", file=sys.stderr)
 
 
 def run(req: Request, who: Caller, paths: Paths) -> int:

@@ -14,15 +14,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from types import FrameType
 
-from kvmgate.errors import Busy, KvmgateError, UsageError, VMDied, WrongState
+from kvmgate.errors import Busy, UsageError, VMDied, WrongState, one_line
 from kvmgate.host.caller import Caller
 from kvmgate.model import identity as ident
 from kvmgate.model.commands import Request
 from kvmgate.ops import lifecycle, power
 from kvmgate.paths import Paths
-from kvmgate.store import registry, runtime
+from kvmgate.store import critical, registry, runtime
 
 
 def run(req: Request, who: Caller, paths: Paths) -> int:
@@ -38,6 +37,7 @@ def autostart(who: Caller, paths: Paths) -> int:
     is reported and never stops the loop for the VMs after it."""
     failed = 0
     for vm in registry.each_vm(paths):
+        critical.checkpoint()  # a deferred SIGTERM stops the loop between VMs
         try:
             settings = registry.read_settings(vm)
             if settings.service and settings.autostart and not runtime.is_running(vm):
@@ -47,9 +47,9 @@ def autostart(who: Caller, paths: Paths) -> int:
             sys.stderr.write(f"kvmgate: autostart {vm.identity.owner}/{vm.identity.name}: {err}\n")
         except WrongState:
             continue  # started meanwhile by someone else
-        except (KvmgateError, OSError) as err:
+        except Exception as err:  # noqa: BLE001 - one owner's VM never stops the others'
             failed += 1
-            sys.stderr.write(f"kvmgate: autostart {vm.identity.owner}/{vm.identity.name}: {err}\n")
+            sys.stderr.write(f"kvmgate: autostart {vm.identity.owner}/{vm.identity.name}: {one_line(err)}\n")
     return 1 if failed else 0
 
 
@@ -62,26 +62,25 @@ def watch(who: Caller, paths: Paths, target: str) -> int:
     ident.check_owner(owner)
     vm = registry.resolve(paths, owner, ident.check_name(name))
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
+    def on_term() -> None:
         try:
             power.stop(paths, who, vm)
         finally:
             os._exit(0)
 
-    # SIGTERM waits until the start (a restore may take minutes) is done: its handler
-    # stops the VM under the same lock, which this process holds while it starts.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        if not runtime.is_running(vm):
-            try:
-                lifecycle.start(paths, who, vm, [])
-            except Busy:
-                raise
-            except WrongState:
-                pass  # running already: watch it
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    # A SIGTERM during the start (a restore may take minutes) waits until it is done,
+    # as every relayed signal does while the VM's lock is held (store.critical);
+    # then the watcher stops the VM under the same lock.
+    critical.act_on(signal.SIGTERM, on_term)
+    if not runtime.is_running(vm):
+        try:
+            lifecycle.start(paths, who, vm, [])
+        except Busy:
+            raise
+        except WrongState:
+            pass  # running already: watch it
+    if signal.SIGTERM in critical.deferred():
+        on_term()
     sys.stdout.flush()
     runtime.wait_exit(vm)
     if runtime.take_intended_exit(vm) or registry.read_saved(vm) is not None:
