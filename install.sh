@@ -77,8 +77,8 @@ import os
 import sys
 sys.path.insert(0, "$libdir")
 try:
-    from kvmgate.entry import pam_main
-    pam_main(sys.argv[1:])
+    from kvmgate.verbs.logon import main
+    main(sys.argv[1:])
 finally:
     os._exit(0)
 PY
@@ -106,6 +106,12 @@ doc=$prefix/share/doc/kvmgate
 mkdir -p "$doc"
 cp "$src/../../docs/"*.md "$src/../../README.md" "$doc/"
 cp -R "$src/../../packaging" "$doc/"
+# The audit log's rotation (the helper also bounds it itself), named like the sudoers drop-in.
+if [ -d /etc/logrotate.d ]; then
+    sed "s|/var/log/kvmgate/audit.log|$log/audit.log|" "$src/../../packaging/logrotate/kvmgate" \
+        > "/etc/logrotate.d/$(basename "$sudoers")"
+    chmod 0644 "/etc/logrotate.d/$(basename "$sudoers")"
+fi
 # Upgrade: the session hook moved from common-session (one line for every service,
 # identity from the environment) to sshd's and login's own stacks (identity from
 # the loginuid). Move an installed hook; leave a host without one alone.

@@ -5,7 +5,7 @@
 set -eu
 runtime="python3 qemu-system-x86 qemu-utils sudo iproute2 util-linux nftables dnsmasq-base"
 guest="busybox-static cpio genisoimage kmod e2fsprogs"
-test="python3-venv openssh-server openssh-client procps psmisc iputils-ping samba gcc libc6-dev systemd"
+test="logrotate python3-venv openssh-server openssh-client procps psmisc iputils-ping samba gcc libc6-dev systemd"
 case "${1:-runtime}" in
     runtime) want="$runtime $guest" ;;
     test) want="$runtime $guest $test" ;;

@@ -23,7 +23,7 @@ import os
 import sys
 
 from kvmgate.errors import EXIT_INTERNAL, KvmgateError, PermissionRefused, UsageError, one_line
-from kvmgate.host import audit, caller
+from kvmgate.host import caller
 from kvmgate.model.commands import Request, parse
 from kvmgate.paths import Paths, installed
 
@@ -124,10 +124,13 @@ def _audit(
     if paths is None:
         return
     verb = req.verb if req else (args[0][:40] if args else "")
-    audit.record(
+    from kvmgate.host import audit_rate
+
+    audit_rate.refusal(  # rate-limited per caller: a loop of refusals cannot flood the log
         paths.audit_log,
+        who.uid if who else os.getuid(),
+        audit_rate.rate_for(paths),
         caller=who.name if who else None,
-        uid=who.uid if who else os.getuid(),
         verb=verb,
         vm=req.name if req else None,
         owner=req.flag("--owner") if req else None,
@@ -136,26 +139,6 @@ def _audit(
         reason=reason,
         exit=code,
     )
-
-
-def pam_main(argv: list[str], paths: Paths | None = None) -> int:
-    """kvmgate-pam, run by pam_exec as `kvmgate-pam SERVICE open|close`.
-
-    Its words come from the PAM file root wrote. Its environment is not trusted:
-    it may hold what the user wrote in ~/.pam_environment (host.pam says whose
-    session it is). Always 0: a login never fails because of kvmgate."""
-    claimed = os.environ.get("PAM_USER")
-    if os.geteuid() != 0:
-        return 0  # run by hand by a user: there is nothing it could do for them
-    paths = paths or installed()
-    try:
-        caller.scrub()
-        from kvmgate.verbs import logon
-
-        logon.hook(paths, argv, claimed)
-    except Exception as err:  # noqa: BLE001
-        audit.record(paths.audit_log, caller="pam", verb="pam", outcome="error", reason=one_line(str(err)))
-    return 0
 
 
 if __name__ == "__main__":

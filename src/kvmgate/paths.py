@@ -58,6 +58,17 @@ def installed() -> Paths:
     return Paths(**baked).checked()
 
 
+def pause_control() -> str | None:
+    """The test-only pause points' control file, if install.sh baked one in
+    (--test-pause-points: the suite's own installation only; store/critical.py)."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module("kvmgate._install"), "PAUSE_CONTROL", None)
+    except ImportError:
+        return None
+
+
 # The system accounts kvmgate makes (`admin init`, `admin create --service`).
 QEMU_GROUP = "kvmgate-qemu"  # QEMU's primary group; no user is ever a member
 GATED_USER = "kvmgate-gated"  # the unprivileged wake-on-connect daemon

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import BOOT_LINE, ETC, LOG, PREFIX, REPO, RUN, STATE, SUDOERS, Kvmgate, boot_options, run
+from ..conftest import BOOT_LINE, INSTALL_ARGS, PAUSE_ARGS, PREFIX, REPO, Kvmgate, boot_options, run
 
 # The last commit before the layered layout (issue 9): the release this tree upgrades.
 PREVIOUS = "bf3876372abdedc379607307e209726c17801abb"
 
 
 def install(tree: Path) -> None:
-    args = ["--prefix", PREFIX, "--etc", ETC, "--state", STATE, "--run", RUN, "--log", LOG, "--sudoers", SUDOERS]
-    run([str(tree / "install.sh"), *args], check=True)
+    extra = PAUSE_ARGS if tree == REPO else []  # the previous release has no pause points
+    run([str(tree / "install.sh"), *INSTALL_ARGS, *extra], check=True)
 
 
 @pytest.fixture

@@ -36,7 +36,14 @@ ALLOWED: dict[str, set[str]] = {
         "kvmgate.errors",
         "kvmgate.paths",
     },
-    "kvmgate.entry": {"kvmgate.verbs", "kvmgate.host", "kvmgate.model", "kvmgate.errors", "kvmgate.paths"},
+    "kvmgate.entry": {
+        "kvmgate.verbs",
+        "kvmgate.host",
+        "kvmgate.store",
+        "kvmgate.model",
+        "kvmgate.errors",
+        "kvmgate.paths",
+    },
     # The front end holds no authority: the model for help, and the entry only when root runs it in-process.
     "kvmgate.cli": {"kvmgate.cli", "kvmgate.model", "kvmgate.errors", "kvmgate.paths", "kvmgate.entry", "kvmgate"},
     "kvmgate.gated": {"kvmgate.paths", "kvmgate.errors"},

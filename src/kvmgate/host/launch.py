@@ -97,7 +97,7 @@ def _disk(pw: pwd.struct_passwd, r: Resource, limits: Limits) -> tuple[int, int]
     return fd, size
 
 
-def _readable_by_qemu(st: os.stat_result, uid: int, qemu_gid: int) -> bool:
+def readable_by_qemu(st: os.stat_result, uid: int, qemu_gid: int) -> bool:
     """Would QEMU (owner uid, kvmgate-qemu gid, no groups) pass the kernel's
     permission check when it re-opens this file through /proc/self/fd?"""
     if st.st_uid == uid:
@@ -117,7 +117,7 @@ def _blob(pw: pwd.struct_passwd, r: Resource, qemu_gid: int, budget: list[int]) 
     assert r.path is not None
     src = _open_as(pw, r.path, False, f"-{r.of}")
     st = os.fstat(src)
-    if _readable_by_qemu(st, pw.pw_uid, qemu_gid):
+    if readable_by_qemu(st, pw.pw_uid, qemu_gid):
         return src
     try:
         if st.st_size > budget[0]:
@@ -138,31 +138,6 @@ def _blob(pw: pwd.struct_passwd, r: Resource, qemu_gid: int, budget: list[int]) 
         return mfd
     finally:
         os.close(src)
-
-
-SMBD = "/usr/sbin/smbd"
-
-
-def check_dirs(plan: Plan, pw: pwd.struct_passwd, qemu_gid: int) -> None:
-    """-tftp and -smb directories are read by QEMU's user network itself, as the
-    owner: refuse at start, with the owner's own rights, what it could not read
-    (instead of a guest that silently sees nothing)."""
-    for option, path in plan.dirs:
-        try:
-            with caller.as_user(pw):
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            raise FileRefused(
-                f"{option}: cannot open the directory {path}: no such directory, or not permitted"
-            ) from None
-        try:
-            st = os.fstat(fd)
-            if not _readable_by_qemu(st, pw.pw_uid, qemu_gid) or not st.st_mode & 0o111:
-                raise FileRefused(f"{option}: {path} is not readable by the VM's owner without groups")
-        finally:
-            os.close(fd)
-        if option == "-smb" and not os.access(SMBD, os.X_OK):
-            raise FileRefused("-smb: needs smbd (Debian package samba), which QEMU starts for the guest")
 
 
 def _overlay(pw: pwd.struct_passwd, tmpdir: str, size: int, of: Resource) -> int:

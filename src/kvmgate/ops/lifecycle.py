@@ -101,7 +101,10 @@ def _launch(
     accel = config.accel(policy)
     plan = plan_for(vm, policy, options, accel, paused=paused, incoming=incoming)  # all validation first
     where = launch.Where(vm.rundir, vm.sub("log"), vm.sub("tmp"))
-    launch.check_dirs(plan, pw, qemu_gid)
+    if plan.dirs:
+        from kvmgate.host import userdirs
+
+        userdirs.check_dirs(plan, pw, qemu_gid)
     fds = launch.open_user_resources(plan, pw, qemu_gid, where.tmpdir, policy.limits)  # the last refusals
     try:
         # Bridged NICs and guarded ports need the host's networks and rules: after a

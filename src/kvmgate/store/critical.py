@@ -18,20 +18,18 @@ between VMs, so a deferred SIGTERM stops them at the next boundary.
 Handlers, unlike blocked masks, are reset by exec: QEMU, dnsmasq, ip and nft
 start with default dispositions.
 
-`pause` is a test-only hook: the suite's own installation (install.sh
---test-pause-points bakes the flag in) stops at named points while a root-owned
-control file names them, so that tests can signal the helper exactly there.
-A normal installation has no flag, and the function returns at once.
+`pause` is a test-only hook (store/pausepoints.py); in a normal installation
+it returns at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from types import FrameType
+
+from kvmgate.paths import pause_control
 
 RELAYED = (
     signal.SIGHUP,
@@ -92,34 +90,8 @@ def checkpoint() -> None:
 
 def pause(point: str) -> None:
     """Test-only: wait at `point` while the suite's control file names it."""
-    try:
-        from kvmgate import _install  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    control = getattr(_install, "PAUSE_CONTROL", None)
-    if not control:
-        return
-    try:
-        st = os.lstat(control)
-        with open(control) as f:
-            wanted = f.read().split()
-    except OSError:
-        return
-    if st.st_uid != 0 or st.st_mode & 0o022 or point not in wanted:
-        return
-    marker = f"{control}.at.{point}"
-    with open(marker, "w") as f:
-        f.write(str(os.getpid()))
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with open(control) as f:
-                    if point not in f.read().split():
-                        return
-            except OSError:
-                return
-            time.sleep(0.01)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(marker)
+    control = pause_control()
+    if control:
+        from kvmgate.store import pausepoints  # only the suite's installation gets here
+
+        pausepoints.wait(control, point)

@@ -24,16 +24,34 @@ import signal
 import sys
 
 from kvmgate.errors import one_line
-from kvmgate.host import audit, pam
-from kvmgate.host.caller import Caller
+from kvmgate.host import audit, audit_rate, pam
+from kvmgate.host.caller import Caller, scrub
 from kvmgate.model.commands import Request
 from kvmgate.ops import power
-from kvmgate.paths import Paths
+from kvmgate.paths import Paths, installed
 from kvmgate.store import critical, registry, runtime
 from kvmgate.store.sessions import Sessions
 
 HOOK_SECONDS = 5  # the hook's own bound; VM work happens after it returned
 WORK_SECONDS = 3600
+
+
+def main(argv: list[str], paths: Paths | None = None) -> int:
+    """kvmgate-pam, run by pam_exec as `kvmgate-pam SERVICE open|close`.
+
+    Its words come from the PAM file root wrote. Its environment is not trusted:
+    it may hold what the user wrote in ~/.pam_environment (host.pam says whose
+    session it is). Always 0: a login never fails because of kvmgate."""
+    claimed = os.environ.get("PAM_USER")
+    if os.geteuid() != 0:
+        return 0  # run by hand by a user: there is nothing it could do for them
+    paths = paths or installed()
+    try:
+        scrub()
+        hook(paths, argv, claimed)
+    except Exception as err:  # noqa: BLE001
+        audit.record(paths.audit_log, caller="pam", verb="pam", outcome="error", reason=one_line(err))
+    return 0
 
 
 def hook(paths: Paths, words: list[str], claimed: str | None) -> int:
@@ -142,7 +160,9 @@ def trim_console_logs(paths: Paths) -> None:
 def reap(paths: Paths) -> None:
     """Prune sessions whose leaders died without closing (crashes, kill -9) and
     apply the logoff policy for users left with none; keep console logs bounded.
-    Run every minute by kvmgate-reap.timer."""
+    Run every minute by kvmgate-reap.timer. Also writes the summaries of
+    refusals the audit log held back (host.audit)."""
+    audit_rate.flush_held(paths.audit_log)
     trim_console_logs(paths)
     root = os.path.join(paths.run, "sessions")
     try:

@@ -43,6 +43,8 @@ class Policy(NamedTuple):
     stop_timeout: int = 30
     memory_overhead_mib: int = 256
     max_open_files: int = 4096
+    audit_burst: int = 20  # refusals recorded at once per caller (host.audit)...
+    audit_refill_seconds: int = 5  # ...then one per this many seconds
     net: network.HostNet = network.default()
 
     # ------------------------------------------------------------------ loading
@@ -52,6 +54,7 @@ class Policy(NamedTuple):
             return PolicyError("policy", msg)
 
         known = {"accel", "qemu", "stop_timeout", "memory_overhead_mib", "max_open_files", "lists", "limits"}
+        known |= {"audit_burst", "audit_refill_seconds"}
         known |= {"host", "ports", "vnc", "networks"}
         extra = set(data) - known
         if extra:
@@ -69,6 +72,8 @@ class Policy(NamedTuple):
             ("stop_timeout", 1, 3600),
             ("memory_overhead_mib", 32, 65536),
             ("max_open_files", 256, 1 << 20),
+            ("audit_burst", 1, 1 << 20),
+            ("audit_refill_seconds", 1, 3600),
         ):
             if key in data:
                 v = data[key]
