@@ -56,6 +56,13 @@ class FileRefused(KvmgateError):
     exit_code = EXIT_REFUSED
 
 
+class QemuRefused(KvmgateError):
+    """QEMU would not start the VM as configured (an image another VM holds, a
+    -loadvm tag that is missing, a header QEMU rejects), told in the user's words."""
+
+    exit_code = EXIT_REFUSED
+
+
 class Qcow2Refused(FileRefused):
     """A qcow2 header kvmgate will not hand to QEMU (backing file, data file, ...)."""
 

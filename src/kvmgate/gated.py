@@ -10,6 +10,14 @@ forwards to the guest. While connections are open the owner counts as logged
 on (a session record that dies with this process); after the admin's idle time
 without connections or host sessions, the VM is frozen per its policy. One
 VM's trouble never drops another's listener; SIGHUP reloads the table.
+
+One owner can never shut others out: connections are limited per VM
+(PER_VM) and per owner (PER_OWNER), and in total to what the descriptor limit
+allows (each connection holds two descriptors); past a limit a connection is
+closed at once. gated raises its own descriptor limit to the hard limit
+whatever its unit says, and its log goes through `logging`, rate-limited per
+message (LOG_BURST per LOG_WINDOW seconds, then one summary), so a flood
+cannot turn into a flood of tracebacks.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -26,11 +36,53 @@ from typing import Any
 from kvmgate.paths import installed
 
 CONNECT_TIMEOUT = 60.0
+PER_VM = 64  # connections held open to one VM
+PER_OWNER = 128  # ... and to all VMs of one owner
+RESERVED_FDS = 64  # listeners, helper calls' pipes, logging
+LOG_BURST = 10
+LOG_WINDOW = 60.0
+
+log = logging.getLogger("kvmgate-gated")
+
+
+class RateLimit(logging.Filter):
+    """At most LOG_BURST records per message per LOG_WINDOW; then one line that
+    says how many were dropped when the window ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)[:80]
+        now = time.monotonic()
+        start, count = self.seen.get(key, (now, 0))
+        if now - start > LOG_WINDOW:
+            if count > LOG_BURST:
+                record.msg = f"{record.msg} (and {count - LOG_BURST} more like it in {LOG_WINDOW:.0f} s)"
+            start, count = now, 0
+        if len(self.seen) > 1000:  # bounded: forget the oldest keys
+            self.seen.clear()
+        self.seen[key] = (start, count + 1)
+        return count < LOG_BURST
+
+
+def descriptor_budget() -> int:
+    """Raise the soft limit to the hard one; return how many connections fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        soft = want
+    return max(1, (soft - RESERVED_FDS) // 2)
 
 
 class Gate:
-    def __init__(self, helper: list[str]) -> None:
+    def __init__(self, helper: list[str], budget: int = 1 << 20) -> None:
         self.helper = helper
+        self.budget = budget
+        self.total = 0
+        self.owners: dict[str, int] = {}
         self.servers: dict[int, asyncio.Server] = {}
         self.conns: dict[str, int] = {}
         self.last: dict[str, float] = {}
@@ -46,7 +98,7 @@ class Gate:
         )
         out, err = await p.communicate()
         if p.returncode:
-            sys.stderr.write(f"kvmgate-gated: {' '.join(args)}: {err.decode().strip()}\n")
+            log.warning("%s: %s", " ".join(args[:2]), err.decode(errors="replace").strip()[:300])
         return p.returncode or 0, out.decode()
 
     async def load(self) -> None:
@@ -63,7 +115,7 @@ class Gate:
                         self.handler_for(port), table[port].get("bind", "127.0.0.1"), port
                     )
                 except OSError as err:
-                    sys.stderr.write(f"kvmgate-gated: cannot listen on {port}: {err}\n")
+                    log.error("cannot listen on %s: %s", port, err)
         self.table = table
 
     def handler_for(self, port: int) -> Any:
@@ -77,8 +129,17 @@ class Gate:
         if row is None:
             writer.close()
             return
-        target = f"{row['owner']}:{row['name']}"
+        owner = str(row["owner"])
+        target = f"{owner}:{row['name']}"
+        if self.conns.get(target, 0) >= PER_VM or self.owners.get(owner, 0) >= PER_OWNER or self.total >= self.budget:
+            log.warning(
+                "refused a connection to %s: too many open (limits: %d per VM, %d per owner)", target, PER_VM, PER_OWNER
+            )
+            writer.close()
+            return
         self.conns[target] = self.conns.get(target, 0) + 1
+        self.owners[owner] = self.owners.get(owner, 0) + 1
+        self.total += 1
         try:
             if self.conns[target] == 1:
                 # The first connection: hold the owner logged on, and wake the VM. A frozen
@@ -93,6 +154,8 @@ class Gate:
             await self.pipe(reader, writer, *upstream)
         finally:
             self.conns[target] -= 1
+            self.owners[owner] -= 1
+            self.total -= 1
             self.last[target] = time.monotonic()
             if self.conns[target] == 0:
                 await self.call("gated-hold", target, "--off", "--pid", str(os.getpid()))
@@ -135,12 +198,20 @@ class Gate:
                     await self.call("gated-idle", target)
 
 
+def _loop_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's own errors (an accept that failed for lack of descriptors...): one
+    rate-limited line each, never a traceback per event."""
+    err = context.get("exception")
+    log.error("%s%s", context.get("message", "event loop error"), f": {err}" if err else "")
+
+
 async def serve() -> None:
     paths = installed()
     helper = [paths.helper] if os.geteuid() == 0 else [paths.sudo, "-n", "--", paths.helper]
-    gate = Gate(helper)
-    await gate.load()
+    gate = Gate(helper, descriptor_budget())
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_loop_errors)
+    await gate.load()
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(gate.load()))
     stop: asyncio.Future[None] = loop.create_future()
 
@@ -157,6 +228,11 @@ async def serve() -> None:
 
 
 def main() -> int:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("kvmgate-gated: %(message)s"))
+    handler.addFilter(RateLimit())
+    log.addHandler(handler)
+    log.propagate = False
     asyncio.run(serve())
     return 0
 

@@ -151,3 +151,60 @@ def test_wakes_frozen_and_crashed_vms(kg: Kvmgate, users, gated, guest: Path, vm
     os.kill(kg.json("status", vm_name, "--owner", user)["pid"], 9)  # a crash: gated keeps listening
     time.sleep(1)
     assert get(port).strip() == "kvmgate-guest-httpd"  # the next connection starts the VM again
+
+
+FLOOD = """
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[2])):
+    try:
+        held.append(socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5))
+    except OSError:
+        pass
+print(len(held), flush=True)
+time.sleep(120)
+"""
+
+
+def test_one_owners_flood_never_shuts_out_another(kg: Kvmgate, users, gated, guest: Path, cleanup_vms: list) -> None:
+    """1,100 connections held to one's own wake port once exhausted gated's
+    descriptors: another owner's connection hung and gated wrote 3 MB/s of
+    tracebacks. Now one owner gets at most 64 per VM, 128 in all; the rest are
+    closed at once, and the log says so in a bounded number of lines."""
+    flooder, victim = users.make("kgf"), users.make("kgv")
+    ports = {}
+    for user in (flooder, victim):
+        name = f"w{user[-6:]}"
+        kg.ok("admin", "create", name, "--owner", user, "--", *httpd_options(guest))
+        cleanup_vms.append((user, name))
+        ports[user] = wake_port(kg, user, name)
+        kg.ok("start", name, "--owner", user)
+        kg.ok("console", name, "--owner", user, "--expect", r"KVMGATE-GUEST-NET eth0", "--timeout", "90")
+    p = gated.launch()
+    pw = pwd.getpwnam(flooder)
+    flood = subprocess.Popen(
+        ["/usr/bin/python3", "-c", FLOOD, str(ports[flooder]), "1100"],
+        stdout=subprocess.PIPE,
+        text=True,
+        user=pw.pw_uid,
+        group=pw.pw_gid,
+        extra_groups=[],
+        env={"PATH": "/usr/bin:/bin"},
+        cwd="/",
+    )
+    try:
+        assert flood.stdout is not None and int(flood.stdout.readline()) > 0
+        time.sleep(1)
+        held = subprocess.run(
+            ["ss", "-Htn", "state", "established", f"( sport = :{ports[flooder]} )"], capture_output=True, text=True
+        ).stdout
+        assert len(held.splitlines()) <= 64, "at most 64 held for one VM"
+        assert get(ports[victim], timeout=30).strip() == "kvmgate-guest-httpd", "another owner gets through"
+        assert p.poll() is None
+    finally:
+        flood.kill()
+        flood.wait()
+    p.terminate()
+    _, err = p.communicate(timeout=10)
+    assert "Traceback" not in err and len(err.splitlines()) <= 20, err[-2000:]
+    assert "too many open" in err

@@ -84,9 +84,9 @@ def test_an_image_above_the_size_limit_is_refused_before_anything_is_built(
 
 
 def test_repeated_option_roms_are_bounded_in_count(kg: Kvmgate, alice: str, alice_vm: str, unchanged: None) -> None:
-    r = kg("start", alice_vm, "--", *["-option-rom", "/nonexistent"] * 9, user=alice)
+    r = kg("start", alice_vm, "--", *["-option-rom", "/nonexistent"] * 33, user=alice)
     assert r.returncode == 3, r.stderr
-    assert "-option-rom: given more than 8 times (limits.repeat_max)" in r.stderr
+    assert "-option-rom: given more than 32 times (limits.repeat_max)" in r.stderr
 
 
 def test_copied_roms_are_bounded_in_total_before_copying(

@@ -8,10 +8,9 @@ import os
 import secrets
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
-from ..conftest import STATE, Kvmgate, boot_options, qemu_pids
+from ..conftest import LOG, STATE, Kvmgate, boot_options, qemu_pids
 
 
 def _disks(kg: Kvmgate, owner: str, name: str) -> Path:
@@ -67,5 +66,33 @@ def test_one_owners_broken_vm_never_stops_autostart(kg: Kvmgate, guest: Path) ->
             kg("stop", name, "--owner", "kvmgate-svc", "--force")
             kg("admin", "delete", name, "--owner", "kvmgate-svc")
         busy.unlink(missing_ok=True)
-        time.sleep(0)
     assert not any(p.name.startswith(".del-") for p in Path(STATE, "vms").iterdir())
+
+
+DEEP = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+for _ in range(int(sys.argv[2])):
+    os.mkdir("d", dir_fd=fd)
+    sub = os.open("d", os.O_RDONLY, dir_fd=fd)
+    os.close(fd)
+    fd = sub
+"""
+
+
+def test_a_deep_tree_in_disks_never_breaks_a_delete(kg: Kvmgate, alice: str, guest: Path) -> None:
+    """3,000 nested directories in disks/ once made `admin delete` fail half-way
+    (RecursionError) with the owner's data left in vms/.del-*, nothing audited
+    and the network not synced."""
+    name = f"deep{secrets.token_hex(3)}"
+    kg.ok("admin", "create", name, "--owner", alice, "--disk-size", "16M", "--", *boot_options(guest))
+    disks = _disks(kg, alice, name)
+    subprocess.run(["runuser", "-u", alice, "--", "/usr/bin/python3", "-c", DEEP, str(disks), "3000"], check=True)
+    audit_before = Path(LOG, "audit.log").read_text()
+    r = kg("admin", "delete", name, "--owner", alice)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"deleted {alice}/{name}\n"
+    assert not [p for p in Path(STATE, "vms").iterdir() if p.name.startswith(".del-")]
+    new = Path(LOG, "audit.log").read_text()[len(audit_before) :]
+    assert '"verb": "admin delete"' in new and '"files_removed": true' in new
+    assert '"verb": "admin delete: network freed"' in new

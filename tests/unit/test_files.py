@@ -32,6 +32,43 @@ def test_remove_tree_goes_any_depth_and_never_follows_a_link(tmp_path: Path) -> 
     remove_tree(str(tmp_path / "missing"))  # nothing to do
 
 
+def _deep(top: Path, depth: int) -> None:
+    fd = os.open(top, os.O_RDONLY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        sub = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = sub
+    os.close(fd)
+
+
+def test_remove_tree_needs_no_descriptor_per_level(tmp_path: Path) -> None:
+    """Deeper than the descriptor limit: the subdirectories are moved up, not descended into."""
+    import resource
+
+    top = tmp_path / "own"
+    top.mkdir()
+    _deep(top, 2000)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    try:
+        assert remove_tree(str(top)) is True
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not top.exists()
+
+
+def test_remove_tree_stops_at_its_budget_and_a_later_call_finishes(tmp_path: Path) -> None:
+    top = tmp_path / "own"
+    top.mkdir()
+    _deep(top, 300)
+    assert remove_tree(str(top), budget=100) is False
+    assert top.exists()
+    while not remove_tree(str(top), budget=100):
+        pass
+    assert not top.exists()
+
+
 def test_write_atomic_replaces_whole_and_sets_the_mode(tmp_path: Path) -> None:
     path = tmp_path / "f"
     write_atomic(str(path), "one", 0o644)

@@ -32,6 +32,7 @@ from kvmgate.model.translate import Plan, Resource
 from kvmgate.store.files import write_image
 
 QEMU_GROUP = paths.QEMU_GROUP
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
@@ -133,11 +134,22 @@ def _blob(pw: pwd.struct_passwd, r: Resource, qemu_gid: int, budget: list[int]) 
             if n == 0:
                 break
             off += n
-        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
-        fcntl.fcntl(mfd, fcntl.F_ADD_SEALS, seals)
+        fcntl.fcntl(mfd, fcntl.F_ADD_SEALS, SEALS)
         return mfd
     finally:
         os.close(src)
+
+
+def _sealed(name: str, data: bytes) -> int:
+    """A read-only memfd holding `data`, which QEMU opens by /proc/self/fd/N."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.write(fd, data)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _overlay(pw: pwd.struct_passwd, tmpdir: str, size: int, of: Resource) -> int:
@@ -210,6 +222,8 @@ def open_user_resources(
                 opened[r.fd] = _blob(pw, r, qemu_gid, budget)
             elif r.kind == "tap":
                 opened[r.fd] = _tap(r.path or "")
+            elif r.kind == "config":
+                opened[r.fd] = _sealed("kvmgate-config", (r.text or "").encode())
     except BaseException:
         close_all(opened)
         raise

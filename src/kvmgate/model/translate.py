@@ -30,7 +30,7 @@ SANDBOX_SMB = "on,obsolete=deny,elevateprivileges=deny,spawn=allow,resourcecontr
 DEFAULT_MEM_MIB = 128  # the design note's default
 
 Accel = Literal["kvm", "tcg"]
-ResourceKind = Literal["qmp", "console", "console-log", "lock", "disk", "overlay", "blob", "tap"]
+ResourceKind = Literal["qmp", "console", "console-log", "lock", "disk", "overlay", "blob", "tap", "config"]
 
 
 class Resource(NamedTuple):
@@ -44,6 +44,7 @@ class Resource(NamedTuple):
     of: str | None = None  # disks and overlays: the drive node ("hda", ...)
     bridge: str | None = None  # taps: the bridge the helper attaches them to
     isolated: bool = False  # taps: an isolated bridge port (user VMs on a services network)
+    text: str | None = None  # config: what QEMU reads through -readconfig /proc/self/fd/N
 
 
 class Port(NamedTuple):
@@ -236,7 +237,7 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
             b.add(opt, f"/proc/self/fd/{r.fd}")
     append = one("-append")
     if append:
-        b.add("-append", append.canonical)
+        _append(b, append.canonical)
     for v in by.get("-option-rom", []):
         r = b.resource("blob", path=v.canonical, of="option-rom")
         b.add("-option-rom", f"/proc/self/fd/{r.fd}")
@@ -306,6 +307,24 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
     pidfiles = tuple(v.canonical for v in by.get("-pidfile", []))
     dirs = tuple((n, v.canonical) for n in ("-tftp", "-smb") for v in by.get(n, []))
     return Plan(tuple(b.argv), tuple(b.resources), memory, pidfiles, dirs, vnc, snapshot, host_ports)
+
+
+# QEMU's config syntax: one `name = "value"` per line of at most 1023 bytes, no `"`
+# inside a value, no way to escape one.
+CONFIG_VALUE_MAX = 1000
+
+
+def _append(b: _Builder, cmdline: str) -> None:
+    """The kernel command line is the user's text (tokens, secrets): put it where
+    other users cannot read it. /proc/PID/cmdline is world-readable, so it goes
+    in a config file QEMU reads through a descriptor (`[machine] append`). A line
+    QEMU's config syntax cannot carry (a `"`, more than CONFIG_VALUE_MAX bytes)
+    stays on the command line (docs/security.md, "Hidden command lines")."""
+    if '"' in cmdline or len(cmdline) > CONFIG_VALUE_MAX:
+        b.add("-append", cmdline)
+        return
+    r = b.resource("config", text=f'[machine]\n  append = "{cmdline}"\n')
+    b.add("-readconfig", f"/proc/self/fd/{r.fd}")
 
 
 def _disk(b: _Builder, opt: str, path: str, snapshot: bool, geometry: g.Value | None) -> None:

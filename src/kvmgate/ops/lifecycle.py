@@ -19,11 +19,10 @@ import time
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from kvmgate.errors import KvmgateError, NoSuchVM, PermissionRefused, QMPError, WrongState
+from kvmgate.errors import KvmgateError, NoSuchVM, QemuRefused, QMPError, WrongState
 from kvmgate.host import audit, cgroup, launch
 from kvmgate.host.caller import Caller
 from kvmgate.host.qmp import QMP, wait_ready
-from kvmgate.model.policy.policy import Policy
 from kvmgate.model.translate import Accel, Plan
 from kvmgate.ops.plan import owner_dir, plan_for
 from kvmgate.paths import Paths
@@ -151,19 +150,28 @@ def _launch(
     try:
         wait_ready(os.path.join(vm.rundir, "qmp.sock"), time.monotonic() + START_TIMEOUT, alive)
     except QMPError as err:
-        reason = _log_tail(vm.sub("log", "qemu.log")) or str(err)
+        tail = _log_tail(vm.sub("log", "qemu.log"))
         _kill(pid)
-        raise KvmgateError(f"QEMU failed to start: {reason}") from None
-    try:
-        _record_display(paths, policy, vm, plan)
-    except (OSError, QMPError) as err:
-        _kill(pid)
-        raise KvmgateError(f"cannot set up the display: {err}") from None
+        if not tail:
+            raise KvmgateError(f"QEMU failed to start: {err}") from None
+        from kvmgate.model.qemu_errors import explain
+
+        raise QemuRefused(f"QEMU refused the VM: {explain(tail, plan)}") from None
+    if plan.vnc is not None:
+        from kvmgate.ops import display
+
+        try:
+            display.record(paths, policy, vm, plan)
+        except (OSError, QMPError) as err:
+            _kill(pid)
+            raise KvmgateError(f"cannot set up the display: {err}") from None
     runtime.write_pid(vm, pid)
     runtime.write_options(vm, options)
     runtime.take_intended_exit(vm)  # a stale mark from an earlier run must not hide a crash
-    for extra in plan.pidfiles:
-        _write_admin_pidfile(extra, pid)
+    if plan.pidfiles:
+        from kvmgate.ops import display
+
+        display.write_admin_pidfiles(plan.pidfiles, pid)
     return pid, accel
 
 
@@ -181,45 +189,15 @@ def _prepare_owner_dir(vm: registry.VM, plan: Plan, uid: int) -> None:
     os.chown(d, uid, -1)
 
 
-_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-
-
-def _record_display(paths: Paths, policy: Policy, vm: registry.VM, plan: Plan) -> None:
-    """What `kvmgate vnc` shows the owner, from the plan, never
-    from QEMU's command line. TCP VNC gets a fresh random password at every start
-    (VNC passwords are 8 characters), and its port is guarded like a forwarded one."""
-    record: dict[str, object] = {}
-    if plan.vnc is not None and plan.vnc.mode == "unix":
-        record["vnc"] = {"kind": "unix", "socket": plan.vnc.socket}
-    elif plan.vnc is not None:
-        password = "".join(_ALPHABET[b % 64] for b in os.urandom(8))  # 48 random bits; no `secrets` import
-        with qmp(vm, timeout=5) as q:
-            q.execute("change-vnc-password", {"password": password})
-        record["vnc"] = {"kind": "tcp", "port": plan.vnc.port, "password": password}
-    if record:
-        runtime.write_display(vm, record)
-    if plan.vnc is not None and plan.vnc.mode == "tcp" and policy.net.ports.protect:
-        from kvmgate.host import network
-
-        network.sync(paths, policy)
-
-
-def _write_admin_pidfile(path: str, pid: int) -> None:
-    parent = os.stat(os.path.dirname(path) or "/")
-    if parent.st_uid != 0 or parent.st_mode & 0o022:
-        raise PermissionRefused(f"-pidfile: {os.path.dirname(path)} must be a root-owned directory")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    os.write(fd, f"{pid}\n".encode())
-    os.close(fd)
-
-
-def _log_tail(path: str) -> str:
+def _log_tail(path: str) -> list[str]:
+    """The last lines QEMU logged (its refusal), from at most the last 4 KiB."""
     try:
         with open(path, "rb") as f:
-            lines = [ln.strip() for ln in f.read()[-4096:].decode(errors="replace").splitlines() if ln.strip()]
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = [ln.strip() for ln in f.read(4096).decode(errors="replace").splitlines() if ln.strip()]
     except OSError:
-        return ""
-    return lines[-1][:300] if lines else ""
+        return []
+    return [ln[:600] for ln in lines[-3:]]
 
 
 def _kill(pid: int) -> None:

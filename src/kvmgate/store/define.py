@@ -14,7 +14,7 @@ from kvmgate.model.qcow2 import EmptyImage
 from kvmgate.model.settings import Settings
 from kvmgate.paths import Paths
 from kvmgate.store import locks
-from kvmgate.store.files import touch, write_atomic, write_image
+from kvmgate.store.files import remove_tree, touch, write_atomic, write_image
 from kvmgate.store.registry import DEFAULT_DISK, VM, mkdir_root, vm_for
 
 
@@ -76,7 +76,14 @@ def create(
     return vm
 
 
-def delete(paths: Paths, vm: VM, keep_disks: bool) -> str | None:
+TRASH = ".del-"  # vms/.del-*: deleted VMs whose files are still being removed
+
+
+def delete(paths: Paths, vm: VM, keep_disks: bool) -> tuple[str | None, bool]:
+    """Unpublish the VM (its name link), keep its disks if asked, move its
+    directory aside and remove it. Returns (where the disks were kept, whether
+    everything is gone): a tree too big to remove in one go (the owner's
+    disks/ can hold anything) is finished by `finish_deletes` (`admin reap`)."""
     os.unlink(os.path.join(paths.names, vm.identity.owner, vm.identity.name))
     kept = None
     if keep_disks:
@@ -85,8 +92,21 @@ def delete(paths: Paths, vm: VM, keep_disks: bool) -> str | None:
         mkdir_root(owner_dir, 0o711)
         kept = os.path.join(owner_dir, f"{vm.identity.name}.{stamp}")
         os.rename(vm.sub("disks"), kept)
-    trash = os.path.join(paths.vms, f".del-{os.getpid()}-{time.monotonic_ns()}")
+    trash = os.path.join(paths.vms, f"{TRASH}{os.getpid()}-{time.monotonic_ns()}")
     os.rename(vm.vmdir, trash)
-    shutil.rmtree(trash)
-    shutil.rmtree(vm.rundir, ignore_errors=True)
-    return kept
+    done = remove_tree(trash)
+    done = remove_tree(vm.rundir) and done
+    return kept, done
+
+
+def finish_deletes(paths: Paths) -> list[str]:
+    """Go on removing what earlier deletes left (a relayed signal, a huge tree)."""
+    finished = []
+    try:
+        names = sorted(n for n in os.listdir(paths.vms) if n.startswith(TRASH))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if remove_tree(os.path.join(paths.vms, name)):
+            finished.append(name)
+    return finished

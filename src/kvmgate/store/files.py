@@ -9,7 +9,6 @@ signal leaves the old content or the new, never half of one.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import time
@@ -77,52 +76,75 @@ def touch(path: str) -> None:
     os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
 
 
-def remove_tree(path: str) -> None:
-    """Remove a directory tree someone else could write (the owner's directory on
-    /run): iteratively, so no depth breaks it (shutil.rmtree recurses), and by
-    descriptor with O_NOFOLLOW, so no link planted in it leads root elsewhere."""
+def remove_tree(path: str, budget: int = 1 << 20) -> bool:
+    """Remove a tree someone else could write (a VM's disks, the owner's directory
+    on /run). Whatever its depth, with at most three descriptors: a directory
+    that is not empty has its subdirectories moved up to the top of the tree
+    (renames by descriptor, never following a link), so nothing recurses and
+    nothing is opened deeper than one level. Stops after `budget` entries (the
+    owner may keep adding while root removes): returns False, and a later call
+    (`admin reap`) goes on where this one stopped."""
     parent, name = os.path.split(path)
     try:
-        top = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return
-    stack: list[tuple[int, str]] = [(top, name)]  # (directory fd, entry in it) still to remove
-    opened = [top]
-    budget = 1 << 20  # entries: the owner may keep adding while root removes; root stops, not loops
+        return True
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        while stack and budget > 0:
-            budget -= 1
-            dfd, entry = stack[-1]
-            try:
-                try:
-                    os.unlink(entry, dir_fd=dfd)
-                except IsADirectoryError:
-                    os.rmdir(entry, dir_fd=dfd)
-            except OSError as err:
-                if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    pass  # a directory with entries: descend below
-                else:
-                    stack.pop()  # gone meanwhile, or cannot be removed (a mount point): leave it
-                    continue
-            else:
-                stack.pop()
-                continue
-            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-            sub = os.open(entry, flags, dir_fd=dfd)
-            opened.append(sub)
-            children = os.listdir(sub)
-            if not children:
-                continue  # emptied meanwhile: rmdir on the next turn
-            stack.extend((sub, child) for child in children)
-            if len(opened) > 4096:  # bound the descriptors held: close those whose entries are done
-                live = {fd for fd, _ in stack}
-                for fd in [f for f in opened if f not in live]:
-                    os.close(fd)
-                opened = [f for f in opened if f in live]
+        if _remove_entry(pfd, name):
+            return True
+        try:
+            top = os.open(name, flags, dir_fd=pfd)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        try:
+            moved = 0
+            while budget > 0:
+                children = os.listdir(top)
+                if not children:
+                    break
+                for child in children:
+                    budget -= 1
+                    if _remove_entry(top, child):
+                        continue
+                    with contextlib.suppress(FileNotFoundError, NotADirectoryError, PermissionError):
+                        sub = os.open(child, flags, dir_fd=top)
+                        try:
+                            for entry in os.listdir(sub):
+                                budget -= 1
+                                if not _remove_entry(sub, entry):  # a directory with entries: move it up
+                                    moved += 1
+                                    with contextlib.suppress(OSError):
+                                        os.rename(entry, f".kvmgate-rm-{moved}", src_dir_fd=sub, dst_dir_fd=top)
+                        finally:
+                            os.close(sub)
+                        _remove_entry(top, child)
+            return _remove_entry(pfd, name)
+        finally:
+            os.close(top)
     finally:
-        for fd in opened:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        os.close(pfd)
+
+
+def _remove_entry(dfd: int, name: str) -> bool:
+    """unlink or rmdir `name` in `dfd`; True if it is gone, False if it is a
+    directory that still has entries (or cannot be removed)."""
+    try:
+        os.unlink(name, dir_fd=dfd)
+        return True
+    except FileNotFoundError:
+        return True
+    except IsADirectoryError:
+        pass
+    except OSError:
+        return False
+    try:
+        os.rmdir(name, dir_fd=dfd)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

@@ -91,11 +91,16 @@ def delete(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     if runtime.is_running(vm):
         raise WrongState(f"{name} is running; stop it first")
     with locks.alloc_lock(paths):
-        kept = define.delete(paths, vm, req.has("--keep-disks"))
-    remove_tree(owner_dir(vm))
+        kept, done = define.delete(paths, vm, req.has("--keep-disks"))
+    done = remove_tree(owner_dir(vm)) and done
+    audit.done(paths.audit_log, who, "admin delete", owner, name, kept=kept, files_removed=done)
     network.sync(paths, config.load(paths))  # its ports, MACs and addresses are free again
-    audit.done(paths.audit_log, who, "admin delete", owner, name, kept=kept)
-    print(f"deleted {owner}/{name}" + (f"; disks kept in {kept}" if kept else ""))
+    audit.done(paths.audit_log, who, "admin delete: network freed", owner, name)
+    print(
+        f"deleted {owner}/{name}"
+        + (f"; disks kept in {kept}" if kept else "")
+        + ("" if done else "; the rest of its files are removed by kvmgate admin reap")
+    )
     return 0
 
 

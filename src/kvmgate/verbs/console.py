@@ -6,6 +6,11 @@ nor leave a gap. The socket carries the keyboard to the guest; what QEMU also
 sends over it is drained and dropped. One attachment at a time (a lock); a second
 one is refused with exit 5. The socket and log are opened as root; the relay
 itself then runs as the caller. Detach with Ctrl-].
+
+The guest's output reaches its owner as it is. Anyone else (root with --owner)
+sees control sequences made visible (model.terminal), so a guest can never drive
+an administrator's terminal (its clipboard, its title, answers typed into its
+shell).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import BinaryIO
 from kvmgate.errors import KvmgateError, UsageError, WrongState
 from kvmgate.host.caller import Caller, drop_to
 from kvmgate.model.commands import Request
+from kvmgate.model.terminal import Visible
 from kvmgate.paths import Paths
 from kvmgate.store import runtime
 from kvmgate.verbs.common import target
@@ -61,14 +67,23 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         raise WrongState(f"{vm.identity.name} has no serial console") from None
     log.seek(0, os.SEEK_END)
     log.seek(max(0, log.tell() - SCROLLBACK))
+    shown = None if who.name == vm.identity.owner else Visible()
     if not who.is_root:
         pw = pwd.getpwuid(who.uid)
         drop_to(pw.pw_uid, pw.pw_gid)
     deadline = time.monotonic() + float(t) if t is not None else None
-    return relay(sock, log, pattern, deadline)
+    return relay(sock, log, pattern, deadline, shown)
 
 
-def relay(sock: socket.socket, log: BinaryIO, pattern: re.Pattern[bytes] | None, deadline: float | None) -> int:
+def relay(
+    sock: socket.socket,
+    log: BinaryIO,
+    pattern: re.Pattern[bytes] | None,
+    deadline: float | None,
+    shown: Visible | None = None,
+) -> int:
+    """Copy the log to stdout (through `shown` for a viewer who is not the owner)
+    and the keyboard to the guest, until detached, matched or timed out."""
     out = sys.stdout.buffer
     interactive = pattern is None and os.isatty(0)
     saved = None
@@ -88,7 +103,7 @@ def relay(sock: socket.socket, log: BinaryIO, pattern: re.Pattern[bytes] | None,
                 log.seek(0)  # the log was emptied (kvmgate admin reap keeps it bounded)
                 continue
             if data:
-                out.write(data)
+                out.write(data if shown is None else shown.feed(data))
                 out.flush()
                 if pattern is not None:
                     seen = (seen + data)[-65536:]

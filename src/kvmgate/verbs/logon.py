@@ -163,6 +163,11 @@ def reap(paths: Paths) -> None:
     Run every minute by kvmgate-reap.timer. Also writes the summaries of
     refusals the audit log held back (host.audit)."""
     audit_rate.flush_held(paths.audit_log)
+    from kvmgate.store import define
+
+    for name in define.finish_deletes(paths):  # what earlier deletes left behind
+        audit.record(paths.audit_log, caller="reap", verb="admin delete: files removed", vm=name, outcome="ok")
+        print(f"removed what a delete left in {name}")
     trim_console_logs(paths)
     root = os.path.join(paths.run, "sessions")
     try:

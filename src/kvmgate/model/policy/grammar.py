@@ -31,7 +31,7 @@ class Limits(NamedTuple):
     image_max_gib: int = 256  # a user image's virtual size (qcow2 header, raw file size)
     snapshot_max_mib: int = 16384  # all -snapshot overlays of one VM together, while it runs
     blobs_max_mib: int = 1024  # kernels, initrds, ROMs copied into memory for one start
-    repeat_max: int = 8  # uses of one repeatable option (-option-rom, -usbdevice, ...) in one list
+    repeat_max: int = 32  # uses of one repeatable option (-option-rom, -net, ...) in one list
 
 
 # --------------------------------------------------------------------------- values
