@@ -36,6 +36,7 @@ from ..conftest import (
     Pause,
     as_user,
     boot_options,
+    parent_of,
     run,
 )
 
@@ -630,3 +631,82 @@ def test_a_signal_between_stopping_and_restarting_dnsmasq_leaves_it_running(
     assert p.returncode == 0, err
     pid = int(pidfile.read_text())
     assert Path(f"/proc/{pid}/comm").read_text().strip() == "dnsmasq", "DHCP is served again"
+
+
+SQUAT = """
+import socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(1)
+print("listening", flush=True)
+conn, _ = s.accept()
+print("got a connection", flush=True)
+"""
+
+
+def test_a_squatted_port_is_never_handed_to_the_squatter(
+    net: Net, vms: list, alice: str, bob: str, guest: Path
+) -> None:
+    """Any local user can bind a free pool port. Bob listening on alice's stopped
+    VM's ssh port once received her `kvmgate ssh`, and made her next start fail."""
+    vm = create(net, vms, alice, name(), "--forward", "ssh", "--", *boot(guest, "kvmgate.ssh"))
+    port = net.json("ports", vm["name"], user=alice)[0]["port"]
+    squat = subprocess.Popen(
+        net.cmd([sys.executable, "-c", SQUAT, str(port)], user=bob), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert squat.stdout is not None and squat.stdout.readline().strip() == "listening"
+        r = net.kvmgate("ssh", vm["name"], "--", *SSH_THROWAWAY, "true", user=alice)
+        assert r.returncode == 5 and "is not held by the VM" in r.stderr, r.stderr
+        r = net.kvmgate("start", vm["name"], user=alice)
+        assert r.returncode == 0, r.stderr
+        assert f"ssh: port {port} is held by another program; the VM now uses port " in r.stderr
+        row = net.json("ports", vm["name"], user=alice)[0]
+        assert row["port"] != port and row["held"] is True
+        assert squat.poll() is None, "the squatter got nothing"
+    finally:
+        squat.kill()
+        squat.wait()
+
+
+def test_tcp_vnc_is_guarded_before_qemu_listens(net: Net, vms: list, alice: str, bob: str) -> None:
+    """The owner-only rule once came after QEMU listened: others could connect in
+    that window and keep the connection. It is loaded before QEMU is spawned."""
+    Path(ETC, "policy.toml").write_text(DEFAULT_POLICY + '[vnc]\nmode = "tcp"\n')
+    vm = create(net, vms, alice, name(), "--network", "user", "--", "-m", "128")
+    with Pause("start:spawned") as pause:
+        p = subprocess.Popen(net.cmd([KVMGATE, "start", vm["name"], "--paused", "--", "-vnc", "8"], user=alice))
+        pause.reached()
+        deadline = time.monotonic() + 30
+        while "127.0.0.1:5908 " not in net.sh("ss", "-Hltn").stdout:
+            assert time.monotonic() < deadline, "QEMU never listened"
+            time.sleep(0.05)
+        assert _rfb(net, "5908", bob).startswith("refused"), "bob cannot connect, even now"
+        pause.release()
+        assert p.wait(60) == 0
+    assert net.json("vnc", vm["name"], user=alice)["port"] == 5908
+
+
+def test_a_stopped_caller_never_holds_the_network_lock(net: Net, vms: list, alice: str, bob: str, guest: Path) -> None:
+    """Ctrl-Z at the moment the helper held the network lock once stopped it there,
+    and every other user's bridged start waited for the attacker. Whatever alice
+    sends (Ctrl-Z to the helper, SIGTSTP and SIGSTOP to her own sudo), her helper
+    keeps running, lets the lock go, and bob's start goes through."""
+    mine = create(net, vms, alice, name(), "--network", "private", "--", *boot(guest))
+    his = create(net, vms, bob, name(), "--network", "private", "--", *boot(guest))
+    with Pause("lock:net.lock") as pause:
+        p = subprocess.Popen(net.cmd([KVMGATE, "start", mine["name"]], user=alice))
+        helper = pause.reached()
+        sudo = parent_of(helper)
+        os.kill(helper, signal.SIGTSTP)  # the terminal's Ctrl-Z reaches the whole group
+        for sig in ("-TSTP", "-STOP"):
+            assert net.sh("kill", sig, str(sudo), user=alice).returncode == 0
+        time.sleep(0.3)
+        with open(f"/proc/{helper}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] != "T", "the helper is not stopped"
+        q = subprocess.Popen(net.cmd([KVMGATE, "start", his["name"]], user=bob))
+        pause.release()
+        assert q.wait(60) == 0, "bob's start got the lock"
+    for pid in (sudo, parent_of(sudo)):  # runuser stopped itself with its stopped child (job control)
+        os.kill(pid, signal.SIGCONT)
+    assert p.wait(60) == 0

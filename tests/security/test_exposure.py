@@ -16,33 +16,25 @@ from .conftest import home
 
 
 def test_the_kernel_command_line_is_hidden_from_other_users(
-    kg: Kvmgate, alice: str, bob: str, alice_vm: str, guest: Path
+    kg: Kvmgate, alice: str, bob: str, guest: Path, cleanup_vms: list
 ) -> None:
     """/proc/PID/cmdline is world-readable: an -append secret once showed there."""
+    name = f"cmd{secrets.token_hex(3)}"
+    kg.ok("admin", "create", name, "--owner", alice, "--", "-m", "256", "-nographic")
+    cleanup_vms.append((alice, name))
     secret = f"token={secrets.token_hex(8)}"
-    kg("stop", alice_vm, "--owner", alice, "--force")
-    try:
-        kg.ok("start", alice_vm, "--", "-append", f"console=ttyS0 quiet {secret}", user=alice)
-        pid = kg.json("status", alice_vm, user=alice)["pid"]
-        seen = as_user(bob, ["cat", f"/proc/{pid}/cmdline"])
-        assert seen.returncode == 0 and "qemu-system" in seen.stdout, "bob can read the command line..."
-        assert secret not in seen.stdout, "...but not alice's kernel command line"
-        ps = as_user(bob, ["ps", "-eo", "args"]).stdout
-        assert secret not in ps
-        kg.ok("console", alice_vm, "--expect", BOOT_LINE, "--timeout", "90", user=alice)
-        out = kg.ok(
-            "console",
-            alice_vm,
-            "--expect",
-            "token=[0-9a-f]{16}",
-            "--timeout",
-            "30",
-            input="cat /proc/cmdline\n",
-            user=alice,
-        ).stdout
-        assert secret in out, "the guest got it"
-    finally:
-        kg("stop", alice_vm, "--owner", alice, "--force")
+    boot = ["-kernel", f"{guest}/vmlinuz", "-initrd", f"{guest}/initrd.img"]
+    kg.ok("start", name, "--", *boot, "-append", f"console=ttyS0 quiet {secret}", user=alice)
+    pid = kg.json("status", name, user=alice)["pid"]
+    seen = as_user(bob, ["cat", f"/proc/{pid}/cmdline"])
+    assert seen.returncode == 0 and "qemu-system" in seen.stdout, "bob can read the command line..."
+    assert secret not in seen.stdout, "...but not alice's kernel command line"
+    assert secret not in as_user(bob, ["ps", "-eo", "args"]).stdout
+    kg.ok("console", name, "--expect", BOOT_LINE, "--timeout", "90", user=alice)
+    out = kg.ok(
+        "console", name, "--expect", "token=[0-9a-f]{16}", "--timeout", "30", input="cat /proc/cmdline\n", user=alice
+    ).stdout
+    assert secret in out, "the guest got it"
 
 
 @pytest.fixture

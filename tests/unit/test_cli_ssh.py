@@ -41,8 +41,8 @@ def _fake(monkeypatch: pytest.MonkeyPatch, rows: list[dict[str, Any]], code: int
 
 
 ROWS = [
-    {"service": "http", "guest_port": 80, "host": "127.0.0.1", "port": 20001, "via": "qemu"},
-    {"service": "ssh", "guest_port": 22, "host": "127.0.0.1", "port": 20000, "via": "qemu"},
+    {"service": "http", "guest_port": 80, "host": "127.0.0.1", "port": 20001, "via": "qemu", "held": True},
+    {"service": "ssh", "guest_port": 22, "host": "127.0.0.1", "port": 20000, "via": "qemu", "held": True},
 ]
 
 
@@ -80,3 +80,13 @@ def test_ssh_without_a_forward_or_a_vm_is_refused(
     _fake(monkeypatch, [], code=4)
     assert cli.ssh(["--owner", "alice", "web"], []) == 4
     assert cli.ssh([], []) == 2
+
+
+def test_ssh_refuses_a_port_the_vm_does_not_hold(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Stopped, or another program on the port: never hand the connection over."""
+    calls = _fake(monkeypatch, [{**ROWS[1], "held": False}])
+    assert cli.ssh(["--owner", "alice", "web"], []) == 5
+    assert len(calls) == 1, "ssh was never run"
+    assert "is not held by the VM" in capsys.readouterr().err

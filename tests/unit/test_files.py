@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kvmgate.store.files import remove_tree, write_atomic
+from kvmgate.store.files import write_atomic
+from kvmgate.store.trees import remove_tree
 
 
 def test_remove_tree_goes_any_depth_and_never_follows_a_link(tmp_path: Path) -> None:

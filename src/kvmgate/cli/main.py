@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from kvmgate.errors import EXIT_REFUSED, EXIT_USAGE
+from kvmgate.errors import EXIT_REFUSED, EXIT_USAGE, EXIT_WRONG_STATE
 
 # The front end's hot path imports nothing but os and sys (typing alone would add
 # milliseconds to every command); argparse and the policy table load only for help.
@@ -101,6 +101,13 @@ def ssh(args: list[str], extra: list[str]) -> int:
     if row is None:
         sys.stderr.write(f"kvmgate: {name} has no forwarded ssh port (the admin adds one with --forward ssh)\n")
         return EXIT_REFUSED
+    if not row.get("held"):
+        # Stopped (nothing, or another user's program, may listen there) or the port is
+        # someone else's: never hand the owner's connection to a squatter.
+        sys.stderr.write(
+            f"kvmgate: {name}: its ssh port {row['port']} is not held by the VM (is it running?); not connecting\n"
+        )
+        return EXIT_WRONG_STATE
     host = "127.0.0.1" if row["host"] == "0.0.0.0" else row["host"]  # noqa: S104 - reach a public port locally
     import pwd
 

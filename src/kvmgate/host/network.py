@@ -28,7 +28,7 @@ from kvmgate.model.policy.policy import Policy
 from kvmgate.model.settings import Forward, Nic, Settings
 from kvmgate.model.translate import Resource
 from kvmgate.paths import GATED_USER, Paths
-from kvmgate.store import critical, registry, runtime
+from kvmgate.store import critical, locks, registry, runtime
 from kvmgate.store.files import flock, write_atomic
 
 IP = "/usr/sbin/ip"
@@ -79,6 +79,7 @@ def allocate_for(
     networks: list[str] | None = None,
     forwards: list[ForwardRequest] | None = None,
     wake: bool | None = None,
+    avoid: frozenset[int] = frozenset(),
 ) -> Settings:
     """New settings for `vm` with ports, MACs, addresses and taps chosen. The caller
     holds the allocation lock until the settings are written. Values the VM already
@@ -86,7 +87,8 @@ def allocate_for(
     everyone = [(v, s) for v, s in registry.all_settings(paths) if v.key != vm.key]
     others = [s for _, s in everyone]
     taken_ports = {f.port for s in others for f in s.forwards} | {p for v, _ in everyone for p in _redir_ports(v)}
-    taken_internal = {f.internal for s in others for f in s.forwards if f.internal}
+    taken_internal = {f.internal for s in others for f in s.forwards if f.internal} | avoid
+    taken_ports |= avoid  # held by some other program right now (reclaim_ports)
     taken_macs = {n.mac for s in others for n in s.nics}
     taken_taps = {n.tap for s in others for n in s.nics if n.tap}
     taken_ips = {(n.network, n.ip) for s in others for n in s.nics if n.ip}
@@ -146,6 +148,35 @@ def allocate_for(
     return settings.with_(nics=nics, wake=waking, forwards=tuple(rows))
 
 
+def reclaim_ports(paths: Paths, policy: Policy, vm: registry.VM) -> list[str]:
+    """Before QEMU binds the VM's forwarded ports: any that another program holds
+    now (a user squatting the pool) gets a new port, under the allocation lock,
+    so that a squatter can neither stop the start nor receive its connections.
+    Ports kvmgate-gated listens on are gated's and left alone. Returns what moved."""
+    settings = registry.read_settings(vm)
+    net = policy.net
+    # QEMU binds a wake port's internal end on loopback, and a plain forward itself.
+    qemu_binds = [(f.internal, "127.0.0.1") if f.internal else (f.port, net.ports.bind) for f in settings.forwards]
+    squatted = frozenset(p for p, bind in qemu_binds if not _bindable(bind)(p))
+    if not squatted:
+        return []
+    with locks.alloc_lock(paths):
+        settings = registry.read_settings(vm)
+        requests = [
+            ForwardRequest(f.service, f.guest, None if f.port in squatted else f.port) for f in settings.forwards
+        ]
+        new = allocate_for(paths, net, vm, settings, forwards=requests, avoid=squatted)
+        registry.write_settings(vm, new)
+    sync(paths, policy)
+    before = {f.service: f for f in settings.forwards}
+    return [
+        f"{f.service}: port {old} is held by another program; the VM now uses port {now}"
+        for f in new.forwards
+        for old, now in ((before[f.service].port, f.port), (before[f.service].internal, f.internal))
+        if old != now and old is not None
+    ]
+
+
 def _uid(name: str) -> int | None:
     try:
         return pwd.getpwnam(name).pw_uid
@@ -153,12 +184,15 @@ def _uid(name: str) -> int | None:
         return None
 
 
-def _rules(paths: Paths, net: HostNet) -> tuple[str, dict[str, list[tuple[str, str]]]]:
+def _rules(
+    paths: Paths, net: HostNet, extra: tuple[tuple[int, int], ...] = ()
+) -> tuple[str, dict[str, list[tuple[str, str]]]]:
     bridges = {n.bridge for n in net.networks.values() if n.kind == "services"}
     taps: list[hostnet.TapRule] = []
     ports: list[hostnet.PortRule] = []
     dhcp: dict[str, list[tuple[str, str]]] = {n.name: [] for n in net.networks.values() if n.kind == "services"}
     gated = _uid(GATED_USER)
+    ports.extend(hostnet.PortRule(port, (uid,)) for port, uid in extra if net.ports.protect)
     for vm, s in registry.all_settings(paths):
         uid = _uid(vm.identity.owner)
         if uid is None:
@@ -198,14 +232,16 @@ def netrun(paths: Paths) -> str:
     return paths.run + "-net"
 
 
-def sync(paths: Paths, policy: Policy) -> None:
-    """Load the ruleset and dnsmasq's hosts files from the registry (idempotent)."""
+def sync(paths: Paths, policy: Policy, extra: tuple[tuple[int, int], ...] = ()) -> None:
+    """Load the ruleset and dnsmasq's hosts files from the registry (idempotent).
+    extra: (port, uid) rules for a VM that is starting and not yet running (its
+    TCP VNC port, guarded before QEMU listens on it)."""
     with _net_lock(paths):
-        _sync(paths, policy)
+        _sync(paths, policy, extra)
 
 
-def _sync(paths: Paths, policy: Policy) -> None:
-    text, dhcp = _rules(paths, policy.net)
+def _sync(paths: Paths, policy: Policy, extra: tuple[tuple[int, int], ...] = ()) -> None:
+    text, dhcp = _rules(paths, policy.net, extra)
     _run([NFT, "-f", "-"], text)
     d = netrun(paths)
     os.makedirs(d, 0o755, exist_ok=True)

@@ -4,13 +4,16 @@ Read-only; no lock (a reader sees one consistent state or the next)."""
 from __future__ import annotations
 
 import os
+import pwd
 import time
 from typing import Any
 
 from kvmgate.errors import QMPError
+from kvmgate.host import sockets
 from kvmgate.host.qmp import QMP
 from kvmgate.model.hostnet import redirs
 from kvmgate.model.policy.policy import Policy
+from kvmgate.paths import GATED_USER
 from kvmgate.store import registry, runtime
 
 PAUSED = ("paused", "prelaunch", "suspended", "postmigrate")
@@ -52,7 +55,9 @@ def addresses(vm: registry.VM) -> list[dict[str, Any]]:
 
 def forwarded(policy: Policy, vm: registry.VM) -> list[dict[str, Any]]:
     """The VM's host ports: `--forward`s (through kvmgate-gated when it wakes the VM)
-    and the note's `-redir`s."""
+    and the note's `-redir`s. `held` says whether the port is listened on by the
+    process that should hold it (the running QEMU, as the owner; kvmgate-gated):
+    anything else on it is another user's program, which `kvmgate ssh` refuses."""
     rows: list[dict[str, Any]] = [
         {
             "service": f.service,
@@ -73,4 +78,16 @@ def forwarded(policy: Policy, vm: registry.VM) -> list[dict[str, Any]]:
         }
         for r in redirs(vm.identity.tokens)
     ]
+    running = runtime.is_running(vm)
+    owner, gated = _uid(vm.identity.owner), _uid(GATED_USER)
+    for row in rows:
+        expected = gated if row["via"] == "kvmgate-gated" else owner if running else None
+        row["held"] = expected is not None and sockets.held_by(row["port"], expected)
     return rows
+
+
+def _uid(name: str) -> int | None:
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None

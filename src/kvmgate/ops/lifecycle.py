@@ -15,6 +15,7 @@ import grp
 import os
 import pwd
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -27,7 +28,6 @@ from kvmgate.model.translate import Accel, Plan
 from kvmgate.ops.plan import owner_dir, plan_for
 from kvmgate.paths import Paths
 from kvmgate.store import config, critical, locks, registry, runtime
-from kvmgate.store.files import remove_tree
 
 START_TIMEOUT = 30.0
 
@@ -98,6 +98,11 @@ def _launch(
     launch.refuse_unless_owner(pw)
     qemu_gid = grp.getgrnam(launch.QEMU_GROUP).gr_gid
     accel = config.accel(policy)
+    if registry.read_settings(vm).forwards:  # a port another program took since: a new one, said why
+        from kvmgate.host import network
+
+        for line in network.reclaim_ports(paths, policy, vm):
+            sys.stderr.write(f"kvmgate: {line}\n")
     plan = plan_for(vm, policy, options, accel, paused=paused, incoming=incoming)  # all validation first
     where = launch.Where(vm.rundir, vm.sub("log"), vm.sub("tmp"))
     if plan.dirs:
@@ -113,6 +118,10 @@ def _launch(
 
             network.ensure_up(paths, policy)
             network.attach_taps(paths, policy, plan.resources)
+        if plan.vnc is not None and plan.vnc.mode == "tcp" and policy.net.ports.protect:
+            from kvmgate.host import network  # the owner-only rule is in place before QEMU listens
+
+            network.sync(paths, policy, ((plan.vnc.port, pw.pw_uid),))
         lock_fd = runtime.liveness_lock(vm)
     except BaseException:
         launch.close_all(fds)  # the taps vanish with their last descriptor
@@ -179,7 +188,10 @@ def _prepare_owner_dir(vm: registry.VM, plan: Plan, uid: int) -> None:
     """A fresh owner directory for this run's VNC socket, which QEMU
     (running as the owner) creates in it. Made by root, then given to the owner."""
     d = owner_dir(vm)
-    remove_tree(d)  # whatever the owner left there, however deep; never following a link
+    if os.path.lexists(d):  # whatever the owner left there, however deep; never following a link
+        from kvmgate.store.trees import remove_tree
+
+        remove_tree(d)
     if not (plan.vnc and plan.vnc.mode == "unix"):
         return
     parent = os.path.dirname(d)

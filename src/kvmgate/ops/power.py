@@ -17,7 +17,7 @@ from kvmgate.ops.lifecycle import Started, lock, qmp, start_locked
 from kvmgate.ops.plan import owner_dir, plan_for
 from kvmgate.paths import Paths
 from kvmgate.store import config, registry, runtime
-from kvmgate.store.files import remove_tree
+from kvmgate.store.trees import remove_tree
 
 # ------------------------------------------------------------------------------ stop
 

@@ -14,8 +14,9 @@ from kvmgate.model.qcow2 import EmptyImage
 from kvmgate.model.settings import Settings
 from kvmgate.paths import Paths
 from kvmgate.store import locks
-from kvmgate.store.files import remove_tree, touch, write_atomic, write_image
+from kvmgate.store.files import touch, write_atomic, write_image
 from kvmgate.store.registry import DEFAULT_DISK, VM, mkdir_root, vm_for
+from kvmgate.store.trees import remove_tree
 
 
 def create(

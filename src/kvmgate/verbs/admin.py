@@ -25,7 +25,8 @@ from kvmgate.ops.inspect import describe
 from kvmgate.ops.plan import owner_dir, plan_for
 from kvmgate.paths import GATED_USER, QEMU_GROUP, SERVICE_USER, Paths
 from kvmgate.store import config, define, locks, registry, runtime
-from kvmgate.store.files import remove_tree, write_atomic
+from kvmgate.store.files import write_atomic
+from kvmgate.store.trees import remove_tree
 from kvmgate.verbs.common import emit
 
 UDEV_RULE = "/etc/udev/rules.d/65-kvmgate.rules"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pwd
 import socket
 from typing import Any
 
 from kvmgate.errors import UsageError, WrongState
+from kvmgate.host import sockets
 from kvmgate.host.caller import Caller
 from kvmgate.model.commands import Request
 from kvmgate.ops.inspect import addresses, describe, forwarded
@@ -90,6 +92,9 @@ def display(req: Request, vm: registry.VM) -> int:
         }
     else:
         port = vnc.get("port")
+        uid = pwd.getpwnam(owner).pw_uid
+        if not isinstance(port, int) or not sockets.held_by(port, uid):
+            raise WrongState(f"{vm.identity.name}: its VNC port is not held by the VM; not showing it")
         info = {
             "kind": "tcp",
             "host": "127.0.0.1",
