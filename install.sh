@@ -114,11 +114,15 @@ if [ -d /etc/logrotate.d ]; then
 fi
 # Upgrade: the session hook moved from common-session (one line for every service,
 # identity from the environment) to sshd's and login's own stacks (identity from
-# the loginuid). Move an installed hook; leave a host without one alone.
+# the loginuid). Move an installed hook; leave a host without one alone. Session
+# records the old hook wrote may name the wrong user (a ~/.pam_environment could
+# choose it): drop them all. A user who is logged on counts again at the next
+# logon; nobody's VM is frozen or thawed by the drop itself.
 if grep -qs "$libdir/kvmgate-pam" /etc/pam.d/common-session; then
     "$python" -I -S -c "import sys; sys.path.insert(0, '$libdir')
 from kvmgate.host.pam import install_pam
 from kvmgate.paths import installed
 print(install_pam(installed()))"
+    rm -rf "$run/sessions"
 fi
 echo "installed kvmgate in $libdir (command: $prefix/bin/kvmgate)"

@@ -59,7 +59,7 @@ def dispatch(req: Request, who: caller.Caller, paths: Paths) -> int:
         from kvmgate.verbs import info
 
         return info.run(req, who, paths)
-    if req.verb == "console":
+    if req.verb in ("console", "log"):
         from kvmgate.verbs import console
 
         return console.run(req, who, paths)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import subprocess
 import threading
 from pathlib import Path
@@ -57,6 +58,8 @@ def test_qemu_credentials(kg: Kvmgate, alice: str, booted: str) -> None:
     assert os.readlink(f"/proc/{pid}/cwd") == "/"
     limits = Path(f"/proc/{pid}/limits").read_text()
     assert "Max core file size        0" in limits
+    assert re.search(r"Max open files\s+4096\s+4096", limits), "the policy's max_open_files"
+    assert re.search(r"Max file size\s+unlimited", limits), "no overlay: no file size limit"
 
 
 def test_memory_cgroup_limit(kg: Kvmgate, alice: str, booted: str) -> None:
@@ -150,15 +153,15 @@ def test_admin_memory_user_kernel_boots(kg: Kvmgate, alice: str, vm_name: str, c
     assert r.returncode == 0 and "KVMGATE-GUEST-READY" in r.stdout
 
 
-def test_console_log_is_kept_bounded(kg: Kvmgate, alice: str, booted: str) -> None:
-    """A guest printing without end cannot fill the state directory: reap empties
-    oversized console logs, and the console keeps working after it. (The flood is
-    appended directly: pushing 8 MiB through an emulated UART under TCG takes minutes.)"""
+def test_console_log_of_an_old_release_is_kept_bounded(kg: Kvmgate, alice: str, booted: str) -> None:
+    """A VM started by a release before the console pump writes its log without a
+    bound: `admin reap` still empties one well past the ring's bound, and the
+    console keeps working. (Simulated by appending to the log.)"""
     kg.ok("console", booted, "--owner", alice, "--expect", BOOT_LINE, "--timeout", "90")
     log = Path(kg.json("status", booted, "--owner", alice)["directory"], "log", "console.log")
     with open(log, "ab") as f:
         f.write(b"flood " * (2 << 20))
-    assert log.stat().st_size > 8 << 20
+    assert log.stat().st_size > 9 << 20
     assert "emptied the console log" in kg.ok("admin", "reap").stdout
     assert log.stat().st_size < 1 << 20
     r = kg(

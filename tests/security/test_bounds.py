@@ -14,7 +14,7 @@ import pytest
 
 from kvmgate.model import qcow2
 
-from ..conftest import BOOT_LINE, DEFAULT_POLICY, KVMGATE, STATE, Kvmgate, as_user, qemu_pids
+from ..conftest import BOOT_LINE, DEFAULT_POLICY, KVMGATE, STATE, Kvmgate, as_user, boot_options, qemu_pids
 from .conftest import give
 
 AUDIT = Path("/opt/kvmgate-test/log/audit.log")
@@ -165,3 +165,36 @@ def test_snapshot_overlays_stop_at_the_policy_bound(kg: Kvmgate, alice: str, ali
     finally:
         kg("stop", alice_vm, "--owner", alice, "--force")
         kg.write_policy(DEFAULT_POLICY)
+
+
+def test_a_flooding_guest_cannot_grow_its_console_log_or_erase_how_it_began(
+    kg: Kvmgate, alice: str, guest: Path, cleanup_vms: list
+) -> None:
+    """The console log once had no bound but the reaper's, which emptied it, so a
+    flood erased everything before it. Now the pump keeps it within the policy's
+    console_log_mib as it writes: the boot and what came before the flood stay,
+    a line says how much was dropped, the newest output is there; the log
+    survives a restore, and the run before a restart stays readable."""
+    kg.write_policy(DEFAULT_POLICY + "console_log_mib = 1\n")
+    name = f"flood{os.getpid() % 10000}"
+    kg.ok("admin", "create", name, "--owner", alice, "--", *boot_options(guest))
+    cleanup_vms.append((alice, name))
+    kg.ok("start", name, user=alice)
+    kg.ok("console", name, "--expect", BOOT_LINE, "--timeout", "90", user=alice)
+    flood = "echo BEFORE-$((6*7)); yes flood-flood-flood | head -c 3000000; echo; echo AFTER-$((6*7))\n"
+    kg.ok("console", name, "--expect", "AFTER-42", "--timeout", "300", input=flood, user=alice)
+    log = Path(kg.json("status", name, user=alice)["directory"], "log", "console.log")
+    assert log.stat().st_size <= (1 << 20) + (64 << 10) + 100, "within the bound (plus one pipe read)"
+    text = kg.ok("log", name, user=alice).stdout
+    assert "KVMGATE-GUEST-READY" in text and "BEFORE-42" in text, "how the run began is kept"
+    assert "bytes of console output dropped here]" in text and "AFTER-42" in text
+    kg.ok("hibernate", name, user=alice)
+    kg.ok("start", name, user=alice)
+    assert "BEFORE-42" in kg.ok("log", name, user=alice).stdout, "a restore continues the run's log"
+    kg.ok("stop", name, "--force", user=alice)
+    kg.ok("start", name, user=alice)
+    assert "BEFORE-42" in kg.ok("log", name, "--previous", user=alice).stdout, "the last run is kept"
+    assert "BEFORE-42" not in kg.ok("log", name, user=alice).stdout
+    last = kg.ok("log", name, "--previous", "--lines", "1", user=alice).stdout
+    assert last.count("\n") <= 1
+    assert kg("log", name, "--lines", "\u0661", user=alice).returncode == 2

@@ -54,6 +54,8 @@ def test_user_may_set_user_options() -> None:
         (["-incoming", "tcp:0:4444"], "-incoming: unknown option"),
         (["--incoming", "x"], "--incoming: unknown option"),
         (["-S"], "-S: not used on this host"),
+        (["-append", "x" * 2049], "-append: longer than 2048 characters"),
+        (["-option-rom", "/r"] * 33, "-option-rom: given more than 32 times (limits.repeat_max)"),
     ],
 )
 def test_user_refusals(tokens: list[str], message: str) -> None:

@@ -21,6 +21,7 @@ import signal
 import socket
 import stat
 import struct
+import sys
 from typing import NamedTuple
 
 from kvmgate import paths
@@ -29,7 +30,6 @@ from kvmgate.host import caller, cgroup
 from kvmgate.model import qcow2
 from kvmgate.model.policy.grammar import Limits
 from kvmgate.model.translate import Plan, Resource
-from kvmgate.store.files import write_image
 
 QEMU_GROUP = paths.QEMU_GROUP
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
@@ -152,36 +152,6 @@ def _sealed(name: str, data: bytes) -> int:
     return fd
 
 
-def _overlay(pw: pwd.struct_passwd, tmpdir: str, size: int, of: Resource) -> int:
-    """The -snapshot overlay, an unlinked file in the VM's tmp/ written as the
-    owner in constant memory (three clusters, then a sparse extension). It grows
-    while the VM runs only up to QEMU's RLIMIT_FSIZE (`file_size_limit`)."""
-    try:
-        image = qcow2.empty_image(size)
-    except ValueError as err:  # a size the user's image header chose: odd, or too large
-        raise FileRefused(f"{of.path}: no -snapshot overlay for this image ({err})") from None
-    with caller.as_user(pw):
-        fd = os.open(tmpdir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    try:
-        write_image(fd, image)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def file_size_limit(plan: Plan, limits: Limits) -> int:
-    """QEMU's RLIMIT_FSIZE. A VM with -snapshot writes to overlays in root's state
-    tree: together they may hold `limits.snapshot_max_mib`, and past that the
-    guest gets an I/O error (EFBIG, SIGXFSZ ignored). Without overlays QEMU writes
-    only the owner's own disks (on the owner's storage), its logs and saved
-    states, and gets no file size limit here."""
-    overlays = sum(1 for r in plan.resources if r.kind == "overlay")
-    if not overlays:
-        return resource.RLIM_INFINITY
-    return (limits.snapshot_max_mib << 20) // overlays
-
-
 def _tap(ifname: str) -> int:
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
@@ -216,8 +186,10 @@ def open_user_resources(
                 opened[r.fd], size = _disk(pw, r, limits)
                 disks[r.of or ""] = (r, size)
             elif r.kind == "overlay":
+                from kvmgate.host import overlay  # -snapshot only
+
                 disk, size = disks[r.of or ""]
-                opened[r.fd] = _overlay(pw, tmpdir, size, disk)
+                opened[r.fd] = overlay.create(pw, tmpdir, size, disk)
             elif r.kind == "blob":
                 opened[r.fd] = _blob(pw, r, qemu_gid, budget)
             elif r.kind == "tap":
@@ -240,14 +212,29 @@ def open_runtime_resources(plan: Plan, where: Where, lock_fd: int) -> dict[int, 
             elif r.kind == "console":
                 opened[r.fd] = _listener(os.path.join(where.rundir, "console.sock"))
             elif r.kind == "console-log":
-                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-                opened[r.fd] = os.open(os.path.join(where.logdir, "console.log"), flags, 0o600)
+                # QEMU writes into a pipe; the pump (kvmgate.pump) keeps the file bounded.
+                opened[PUMP_READ], opened[r.fd] = os.pipe2(os.O_CLOEXEC)
+                opened[PUMP_LOG] = _console_log(where.logdir, plan.restore)
             elif r.kind == "lock":
                 opened[r.fd] = os.dup(lock_fd)
     except BaseException:
         close_all(opened)
         raise
     return opened
+
+
+PUMP_READ, PUMP_LOG = -2, -3  # keys of the pump's descriptors among a start's (QEMU's are >= 0)
+
+
+def _console_log(logdir: str, restore: bool) -> int:
+    """This run's console log. A start moves the last run's aside (console.prev.log),
+    so that why a VM died can still be read; a restore continues the run's own."""
+    path = os.path.join(logdir, "console.log")
+    if not restore:
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path, os.path.join(logdir, "console.prev.log"))
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(path, flags, 0o600)
 
 
 def close_all(fds: dict[int, int]) -> None:
@@ -272,8 +259,10 @@ def spawn(
     qemu_log: int,
     max_files: int,
     max_file_size: int,
+    pump: tuple[int, int, int] | None = None,
 ) -> int:
-    """Fork; the child becomes QEMU. Returns QEMU's pid.
+    """Fork; the child becomes QEMU. Returns QEMU's pid. pump: (pipe's read end,
+    console log, its bound in bytes) for the console pump the child starts.
 
     The parent moves the child into its cgroup while the child prepares (a cgroup
     v1 attach takes milliseconds); the child execs only after the parent says the
@@ -282,7 +271,7 @@ def spawn(
     go_r, go_w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        _child(qemu, plan, fds, pw, qemu_gid, where, qemu_log, (max_files, max_file_size), go_r, go_w)
+        _child(qemu, plan, fds, pw, qemu_gid, where, qemu_log, (max_files, max_file_size), go_r, go_w, pump)
     os.close(go_r)
     try:
         placement.place(pid)
@@ -307,6 +296,7 @@ def _child(
     rlimits: tuple[int, int],
     go_r: int,
     go_w: int,
+    pump: tuple[int, int, int] | None,
 ) -> None:
     try:
         os.close(go_w)
@@ -334,6 +324,14 @@ def _child(
         log = fcntl.fcntl(qemu_log, fcntl.F_DUPFD_CLOEXEC, high)
         dn = fcntl.fcntl(devnull, fcntl.F_DUPFD_CLOEXEC, high)
         go = fcntl.fcntl(go_r, fcntl.F_DUPFD_CLOEXEC, high)
+        kept = [go]
+        if pump is not None:
+            pump = (
+                fcntl.fcntl(pump[0], fcntl.F_DUPFD_CLOEXEC, high),
+                fcntl.fcntl(pump[1], fcntl.F_DUPFD_CLOEXEC, high),
+                pump[2],
+            )
+            kept += pump[:2]
         os.dup2(dn, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
@@ -344,20 +342,46 @@ def _child(
             if fd not in keep:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        os.closerange(top, go)
-        os.closerange(go + 1, 1 << 20)
+        low = top
+        for fd in sorted(kept):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 1 << 20)
         caller.drop_to(pw.pw_uid, qemu_gid)
         _clear_dir(where.tmpdir)
         os.chdir("/")
         if os.read(go, 1) != b"1":  # the parent failed to place us in the cgroup
             os._exit(126)
         os.close(go)
+        if pump is not None:
+            _start_pump(*pump)
         os.execve(qemu, [qemu, *plan.argv], qemu_env(where.tmpdir))
     except BaseException as err:  # noqa: BLE001 - the child must never return into the helper
         try:
             os.write(2, f"kvmgate: cannot start QEMU: {err}\n".encode())
         finally:
             os._exit(127)
+
+
+PUMP = "import sys; sys.path.insert(0, {lib!r}); from kvmgate.pump import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _start_pump(read: int, log: int, limit: int) -> None:
+    """Fork the console pump: already the owner, in the VM's cgroup, no
+    capabilities. It gets the pipe on 0 and the log on 3, nothing else."""
+    if os.fork():
+        os.close(read)
+        os.close(log)
+        return
+    try:
+        os.dup2(read, 0)
+        os.dup2(log, 3)
+        os.closerange(4, 1 << 20)
+        lib = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        python = sys.executable or "/usr/bin/python3"
+        os.execve(python, [python, "-I", "-S", "-c", PUMP.format(lib=lib), str(limit)], {"PATH": "/usr/bin:/bin"})
+    finally:
+        os._exit(127)
 
 
 def _clear_dir(path: str) -> None:

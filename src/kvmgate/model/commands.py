@@ -126,6 +126,19 @@ VERBS: tuple[Verb, ...] = (
         epilog="The console shows up to 16 KiB of earlier output first. One attachment at a time;\n"
         "a second attach is refused with exit 5.",
     ),
+    Verb(
+        "log",
+        "show a VM's console log, also after it stopped (control characters made visible)",
+        (
+            OWNER,
+            Flag("--previous", "the run before the last start (why a VM died, after a restart)"),
+            Flag("--lines", "only the last N lines", "N"),
+            Flag("--raw", "the guest's bytes as they are, escape sequences included"),
+            JSON,
+        ),
+        epilog="The log is bounded as it is written (the policy's console_log_mib): past it, kvmgate keeps\n"
+        "how the run began and its newest output, with a line saying how much was dropped between.",
+    ),
     Verb("ports", "show a VM's forwarded host ports (admin create --forward, -redir)", (OWNER, JSON)),
     Verb(
         "ssh",

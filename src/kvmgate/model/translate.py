@@ -95,6 +95,7 @@ class Plan(NamedTuple):
     vnc: Vnc | None = None
     snapshot: bool = False  # writes go to a throw-away overlay: the VM cannot be hibernated
     host_ports: bool = False  # QEMU listens on host TCP ports (forwards, -redir) the host's rules guard
+    restore: bool = False  # a restore continues the run (its console log); a start begins a new one
 
     def fds(self) -> list[int]:
         return [r.fd for r in self.resources]
@@ -306,7 +307,7 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
     host_ports = _network(b, by, ctx)
     pidfiles = tuple(v.canonical for v in by.get("-pidfile", []))
     dirs = tuple((n, v.canonical) for n in ("-tftp", "-smb") for v in by.get(n, []))
-    return Plan(tuple(b.argv), tuple(b.resources), memory, pidfiles, dirs, vnc, snapshot, host_ports)
+    return Plan(tuple(b.argv), tuple(b.resources), memory, pidfiles, dirs, vnc, snapshot, host_ports, ctx.incoming)
 
 
 # QEMU's config syntax: one `name = "value"` per line of at most 1023 bytes, no `"`

@@ -24,6 +24,7 @@ from kvmgate.errors import KvmgateError, NoSuchVM, QemuRefused, QMPError, WrongS
 from kvmgate.host import audit, cgroup, launch
 from kvmgate.host.caller import Caller
 from kvmgate.host.qmp import QMP, wait_ready
+from kvmgate.model.policy.grammar import Limits
 from kvmgate.model.translate import Accel, Plan
 from kvmgate.ops.plan import owner_dir, plan_for
 from kvmgate.paths import Paths
@@ -146,7 +147,10 @@ def _launch(
             placement,
             log,
             policy.max_open_files,
-            launch.file_size_limit(plan, policy.limits),
+            _file_size_limit(plan, policy.limits),
+            (fds[launch.PUMP_READ], fds[launch.PUMP_LOG], policy.console_log_mib << 20)
+            if launch.PUMP_READ in fds
+            else None,
         )
     finally:
         launch.close_all(fds)
@@ -199,6 +203,14 @@ def _prepare_owner_dir(vm: registry.VM, plan: Plan, uid: int) -> None:
     os.chmod(parent, 0o711)
     os.mkdir(d, 0o700)
     os.chown(d, uid, -1)
+
+
+def _file_size_limit(plan: Plan, limits: Limits) -> int:
+    if not plan.snapshot:
+        return -1  # RLIM_INFINITY: QEMU writes only the owner's own disks, its logs, saved states
+    from kvmgate.host import overlay
+
+    return overlay.size_limit(plan, limits)
 
 
 def _log_tail(path: str) -> list[str]:

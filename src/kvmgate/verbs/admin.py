@@ -316,8 +316,23 @@ def init(req: Request, paths: Paths) -> int:
         _say(pam.install_pam(paths))
     elif req.has("--no-pam"):
         _say(pam.uninstall_pam(paths))
+    if not _proc_hides_pids():
+        _say(
+            "note: /proc is mounted without hidepid: users see each other's processes (not VMs' kernel command "
+            'lines or files, which kvmgate keeps off them; docs/security.md, "Hidden command lines")'
+        )
     _say("done")
     return 0
+
+
+def _proc_hides_pids() -> bool:
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return False
+    opts = [o for m in mounts if len(m) > 3 and m[1] == "/proc" for o in m[3].split(",")]
+    return any(o.startswith("hidepid=") and o not in ("hidepid=0", "hidepid=off") for o in opts)
 
 
 def sudoers_text(paths: Paths) -> str:

@@ -31,14 +31,20 @@ from kvmgate.model.commands import Request
 from kvmgate.model.terminal import Visible
 from kvmgate.paths import Paths
 from kvmgate.store import runtime
-from kvmgate.verbs.common import target
+from kvmgate.verbs.common import emit, target
 
 DETACH = b"\x1d"  # Ctrl-]
+LOG_READ_MAX = 1100 << 20  # above the largest ring the policy allows (1 GiB): never unbounded
 SCROLLBACK = 16384
 POLL = 0.02
 
 
+LINES_MAX = 1_000_000
+
+
 def run(req: Request, who: Caller, paths: Paths) -> int:
+    if req.verb == "log":
+        return history(req, who, paths)
     expect = req.flag("--expect")
     t = req.flag("--timeout")
     if t is not None and not (t.isascii() and t.isdigit() and len(t) <= 6 and int(t) <= 86400):
@@ -135,3 +141,30 @@ def relay(
 
             termios.tcsetattr(0, termios.TCSADRAIN, saved)
             sys.stderr.write("\r\n[kvmgate: detached]\n")
+
+
+def history(req: Request, who: Caller, paths: Paths) -> int:
+    """`kvmgate log`: the console log of the current (or last) run, or of the one
+    before it, read by root (the log directory is root's) and shown to the owner
+    with control sequences made visible unless --raw. Its size is the ring's bound."""
+    n = req.flag("--lines")
+    if n is not None and not (n.isascii() and n.isdigit() and len(n) <= 7 and int(n) <= LINES_MAX):
+        raise UsageError(f"--lines must be a whole number up to {LINES_MAX}")
+    vm = target(req, who, paths)
+    name = "console.prev.log" if req.has("--previous") else "console.log"
+    try:
+        fd = os.open(vm.sub("log", name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        data = b""
+    else:
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(LOG_READ_MAX)
+    if n is not None:
+        data = b"\n".join(data.split(b"\n")[-int(n) - 1 :]) if int(n) else b""
+    text = data if req.has("--raw") else Visible().feed(data, final=True)
+    if req.as_json:
+        emit({"name": vm.identity.name, "log": "previous" if req.has("--previous") else "current",
+              "text": text.decode(errors="replace")}, "", True)  # fmt: skip
+    else:
+        sys.stdout.buffer.write(text)
+    return 0

@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 
-from kvmgate.errors import one_line
+from kvmgate.errors import KvmgateError, one_line
 from kvmgate.host import audit, audit_rate, pam
 from kvmgate.host.caller import Caller, scrub
 from kvmgate.model.commands import Request
@@ -142,17 +142,20 @@ def apply(paths: Paths, user: str, action: str) -> None:
             )
 
 
-CONSOLE_LOG_MAX = 8 << 20
-
-
 def trim_console_logs(paths: Paths) -> None:
-    """A guest can print to its serial port without end, and QEMU's console log has
-    no size limit: empty every log past CONSOLE_LOG_MAX (QEMU appends, so it simply
-    continues at the start; readers notice the file shrank)."""
+    """A backstop for VMs started by a release before the console pump, whose QEMU
+    writes its console log itself without a bound: empty a log that is well past
+    the ring's bound (a pump-managed log never is)."""
+    from kvmgate.store import config
+
+    try:
+        limit = (config.load(paths).console_log_mib + 1) << 20
+    except KvmgateError:
+        return
     for vm in registry.each_vm(paths):
         with contextlib.suppress(Exception):
             log = vm.sub("log", "console.log")
-            if os.stat(log).st_size > CONSOLE_LOG_MAX:
+            if os.stat(log).st_size > limit:
                 os.truncate(log, 0)
                 print(f"emptied the console log of {vm.identity.owner}/{vm.identity.name}")
 

@@ -45,6 +45,7 @@ class Policy(NamedTuple):
     max_open_files: int = 4096
     audit_burst: int = 20  # refusals recorded at once per caller (host.audit)...
     audit_refill_seconds: int = 5  # ...then one per this many seconds
+    console_log_mib: int = 8  # each VM's console log, bounded as it is written (model.consolelog)
     net: network.HostNet = network.default()
 
     # ------------------------------------------------------------------ loading
@@ -54,7 +55,7 @@ class Policy(NamedTuple):
             return PolicyError("policy", msg)
 
         known = {"accel", "qemu", "stop_timeout", "memory_overhead_mib", "max_open_files", "lists", "limits"}
-        known |= {"audit_burst", "audit_refill_seconds"}
+        known |= {"audit_burst", "audit_refill_seconds", "console_log_mib"}
         known |= {"host", "ports", "vnc", "networks"}
         extra = set(data) - known
         if extra:
@@ -74,6 +75,7 @@ class Policy(NamedTuple):
             ("max_open_files", 256, 1 << 20),
             ("audit_burst", 1, 1 << 20),
             ("audit_refill_seconds", 1, 3600),
+            ("console_log_mib", 1, 1024),
         ):
             if key in data:
                 v = data[key]
