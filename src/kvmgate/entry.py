@@ -26,6 +26,7 @@ from kvmgate.errors import EXIT_INTERNAL, KvmgateError, PermissionRefused, Usage
 from kvmgate.host import caller
 from kvmgate.model.commands import Request, parse
 from kvmgate.paths import Paths, installed
+from kvmgate.store import critical
 
 LIFECYCLE = ("start", "stop", "freeze", "thaw", "hibernate")
 INFO = ("status", "list", "ports", "vnc")
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None, paths: Paths | None = None) -> int:
         with contextlib.suppress(BrokenPipeError):
             sys.stdout.flush()
     line = one_line(message)
-    _audit(paths, who, req, args, code, line)
+    with critical.section():  # the caller's own signal cannot keep its refusal out of the log
+        _audit(paths, who, req, args, code, line)
     if _wants_json(req, args):
         with contextlib.suppress(BrokenPipeError):
             sys.stdout.write(json.dumps({"error": line, "exit": code}) + "\n")

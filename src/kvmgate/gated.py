@@ -27,17 +27,21 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import resource
 import signal
 import sys
 import time
 from typing import Any
 
+from kvmgate.host import sockets
 from kvmgate.paths import installed
 
 CONNECT_TIMEOUT = 60.0
+RELOAD_AFTER = 3.0
 PER_VM = 64  # connections held open to one VM
 PER_OWNER = 128  # ... and to all VMs of one owner
+PER_PEER = 16  # ... and from one client address to one VM (a public bind address: anyone may connect)
 RESERVED_FDS = 64  # listeners, helper calls' pipes, logging
 LOG_BURST = 10
 LOG_WINDOW = 60.0
@@ -83,6 +87,7 @@ class Gate:
         self.budget = budget
         self.total = 0
         self.owners: dict[str, int] = {}
+        self.peers: dict[tuple[str, str], int] = {}
         self.servers: dict[int, asyncio.Server] = {}
         self.conns: dict[str, int] = {}
         self.last: dict[str, float] = {}
@@ -131,14 +136,25 @@ class Gate:
             return
         owner = str(row["owner"])
         target = f"{owner}:{row['name']}"
-        if self.conns.get(target, 0) >= PER_VM or self.owners.get(owner, 0) >= PER_OWNER or self.total >= self.budget:
+        peer = (target, str((writer.get_extra_info("peername") or ("?",))[0]))
+        if (
+            self.conns.get(target, 0) >= PER_VM
+            or self.owners.get(owner, 0) >= PER_OWNER
+            or self.peers.get(peer, 0) >= PER_PEER
+            or self.total >= self.budget
+        ):
             log.warning(
-                "refused a connection to %s: too many open (limits: %d per VM, %d per owner)", target, PER_VM, PER_OWNER
+                "refused a connection to %s: too many open (limits: %d per VM, %d per owner, %d per client)",
+                target,
+                PER_VM,
+                PER_OWNER,
+                PER_PEER,
             )
             writer.close()
             return
         self.conns[target] = self.conns.get(target, 0) + 1
         self.owners[owner] = self.owners.get(owner, 0) + 1
+        self.peers[peer] = self.peers.get(peer, 0) + 1
         self.total += 1
         try:
             if self.conns[target] == 1:
@@ -148,13 +164,16 @@ class Gate:
                 await asyncio.gather(
                     self.call("gated-hold", target, "--on", "--pid", str(os.getpid())), self.call("gated-wake", target)
                 )
-            upstream = await self.reach(target, int(row["internal"]))
+            upstream = await self.reach(port, owner)
             if upstream is None:
                 return
             await self.pipe(reader, writer, *upstream)
         finally:
             self.conns[target] -= 1
             self.owners[owner] -= 1
+            self.peers[peer] -= 1
+            if not self.peers[peer]:
+                del self.peers[peer]
             self.total -= 1
             self.last[target] = time.monotonic()
             if self.conns[target] == 0:
@@ -162,13 +181,29 @@ class Gate:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def reach(self, target: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        """Connect to the guest's forward, retrying while a woken VM comes up."""
-        deadline = time.monotonic() + CONNECT_TIMEOUT
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                return await asyncio.open_connection("127.0.0.1", port)
-            await asyncio.sleep(0.02)
+    async def reach(self, port: int, owner: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """Connect to the guest's forward, retrying while a woken VM comes up; only
+        to a port the VM's QEMU (running as its owner) listens on, never to some
+        other program that took it. A start may have moved the internal port away
+        from such a program: after a moment without QEMU on it, read the table again."""
+        try:
+            uid = pwd.getpwnam(owner).pw_uid
+        except KeyError:
+            return None
+        start = time.monotonic()
+        reloaded = False
+        while time.monotonic() < start + CONNECT_TIMEOUT:
+            row = self.table.get(port)
+            if row is None:
+                return None
+            internal = int(row["internal"])
+            if sockets.held_by(internal, uid):
+                with contextlib.suppress(OSError):
+                    return await asyncio.open_connection("127.0.0.1", internal)
+            elif not reloaded and time.monotonic() > start + RELOAD_AFTER:
+                reloaded = True
+                await self.load()
+            await asyncio.sleep(0.05)
         return None
 
     @staticmethod

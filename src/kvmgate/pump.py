@@ -3,15 +3,18 @@ console log, bounded at write time (model.consolelog.Ring).
 
 Started by the helper in the child that becomes QEMU, after it dropped to the
 owner's uid and was placed in the VM's cgroup: the pump runs as the owner,
-without capabilities, and its memory counts against the VM's. It gets exactly
-two descriptors: 0, the pipe's read end, and 3, the log (opened by root, the
-log directory is root's). It exits when QEMU closes the pipe.
+without capabilities, and its memory (a pipe read, a 1 MiB copy buffer) counts
+against the VM's. Its descriptors: 0, the pipe's read end; 3, the log (opened
+by root, the log directory is root's); 1 and 2, QEMU's qemu.log, for its own
+errors. It exits when QEMU closes the pipe.
 
     python3 -I -S kvmgate/pump.py LIMIT_BYTES
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import sys
 
@@ -19,22 +22,54 @@ from kvmgate.model.consolelog import Ring, marker
 
 LOG_FD = 3
 READ = 65536
+CHUNK = 1 << 20  # compaction copies the tail forward in pieces: the pump's memory stays small
 
 
-def compact(ring: Ring, fd: int) -> None:
-    """Keep the head and the newest half, with a marker between; memory: the tail."""
-    size = os.fstat(fd).st_size
-    cut = ring.compact(size)
-    if cut is None:
-        return
-    start, dropped = cut
-    tail = os.pread(fd, size - start, start)
-    nl = tail.find(b"\n")
-    if 0 <= nl < 4096:  # start the kept tail at a line
-        tail, dropped = tail[nl + 1 :], dropped + nl + 1
-    os.ftruncate(fd, ring.head)
-    os.lseek(fd, 0, os.SEEK_END)
-    _write(fd, marker(dropped) + tail)
+class Pump:
+    """The log's state: how much guest output was dropped in all, and how long
+    the marker that says so is (it is rewritten at each compaction)."""
+
+    def __init__(self, ring: Ring, fd: int) -> None:
+        self.ring, self.fd = ring, fd
+        self.dropped = 0
+        self.marker_len = 0
+        self.size = os.fstat(fd).st_size
+
+    def compact(self) -> None:
+        """Keep the head and the newest half, the marker between them."""
+        size = os.fstat(self.fd).st_size
+        cut = self.ring.compact(size)
+        if cut is None:
+            self.size = size
+            return
+        start, dropped = cut
+        line = os.pread(self.fd, 4096, start).find(b"\n")
+        if line >= 0:  # start the kept tail at a line
+            start, dropped = start + line + 1, dropped + line + 1
+        self.dropped += max(0, dropped - self.marker_len)  # the old marker is not the guest's
+        mark = marker(self.dropped)
+        os.pwrite(self.fd, mark, self.ring.head)
+        dst = self.ring.head + len(mark)
+        while start < size:  # forward: the destination is always before the source
+            chunk = os.pread(self.fd, min(CHUNK, size - start), start)
+            if not chunk:
+                break
+            os.pwrite(self.fd, chunk, dst)
+            start, dst = start + len(chunk), dst + len(chunk)
+        os.ftruncate(self.fd, dst)
+        os.lseek(self.fd, 0, os.SEEK_END)
+        self.marker_len, self.size = len(mark), dst
+
+    def run(self, src: int) -> None:
+        while data := os.read(src, READ):
+            try:
+                _write(self.fd, data)
+                self.size += len(data)
+            except OSError:  # a full disk: drop output, never block QEMU
+                self.size = os.fstat(self.fd).st_size
+            if self.size > self.ring.limit:
+                with contextlib.suppress(OSError):
+                    self.compact()
 
 
 def _write(fd: int, data: bytes) -> None:
@@ -43,23 +78,12 @@ def _write(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def pump(ring: Ring, src: int, log: int) -> None:
-    size = os.fstat(log).st_size
-    while data := os.read(src, READ):
-        try:
-            _write(log, data)
-        except OSError:
-            continue  # a full disk or a file size limit: drop output, never block QEMU
-        size += len(data)
-        if size > ring.limit:
-            compact(ring, log)
-            size = os.fstat(log).st_size
-
-
 def main(argv: list[str]) -> int:
-    ring = Ring(int(argv[0]))
+    # The pump is the log's only writer: plain writes at the end, and pwrite for
+    # compaction (on an O_APPEND file Linux would append every pwrite).
+    fcntl.fcntl(LOG_FD, fcntl.F_SETFL, fcntl.fcntl(LOG_FD, fcntl.F_GETFL) & ~os.O_APPEND)
     os.lseek(LOG_FD, 0, os.SEEK_END)
-    pump(ring, 0, LOG_FD)
+    Pump(Ring(int(argv[0])), LOG_FD).run(0)
     return 0
 
 

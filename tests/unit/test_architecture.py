@@ -46,7 +46,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     # The front end holds no authority: the model for help, and the entry only when root runs it in-process.
     "kvmgate.cli": {"kvmgate.cli", "kvmgate.model", "kvmgate.errors", "kvmgate.paths", "kvmgate.entry", "kvmgate"},
-    "kvmgate.gated": {"kvmgate.paths", "kvmgate.errors"},
+    "kvmgate.gated": {"kvmgate.paths", "kvmgate.errors", "kvmgate.host.sockets"},
     # The console pump runs as the owner in the VM's cgroup: the ring's arithmetic and nothing else.
     "kvmgate.pump": {"kvmgate.model.consolelog"},
     "kvmgate": set(),

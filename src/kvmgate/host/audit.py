@@ -81,8 +81,11 @@ def _rotate(path: str) -> None:
     fd = os.open(path + ".lock", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        if os.lstat(path).st_size <= MAX_LOG:
-            return  # another writer rotated it
+        try:
+            if os.lstat(path).st_size <= MAX_LOG:
+                return  # another writer rotated it
+        except FileNotFoundError:
+            return
         for n in range(GENERATIONS - 1, 0, -1):
             with contextlib.suppress(FileNotFoundError):
                 os.rename(f"{path}.{n}", f"{path}.{n + 1}")

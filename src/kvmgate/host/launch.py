@@ -302,11 +302,7 @@ def _child(
         os.close(go_w)
         os.setsid()
         max_files, max_file_size = rlimits
-        for lim, value in (
-            (resource.RLIMIT_CORE, 0),
-            (resource.RLIMIT_NOFILE, max_files),
-            (resource.RLIMIT_FSIZE, max_file_size),
-        ):
+        for lim, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, max_files)):
             resource.setrlimit(lim, (value, value))
         # Past RLIMIT_FSIZE a write fails with EFBIG (an I/O error for the guest)
         # instead of killing QEMU; the disposition survives exec. The helper's own
@@ -354,7 +350,8 @@ def _child(
             os._exit(126)
         os.close(go)
         if pump is not None:
-            _start_pump(*pump)
+            _start_pump(*pump)  # before QEMU's file size limit: the console log has its own bound
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
         os.execve(qemu, [qemu, *plan.argv], qemu_env(where.tmpdir))
     except BaseException as err:  # noqa: BLE001 - the child must never return into the helper
         try:

@@ -60,8 +60,13 @@ def _redir_ports(vm: registry.VM) -> set[int]:
 
 
 def _bindable(bind: str) -> Any:
+    """Could QEMU bind this port now? Probed as QEMU's user network binds
+    (SO_REUSEADDR): a port whose last connection is in TIME_WAIT is free, one
+    that some program listens on is not."""
+
     def usable(port: int) -> bool:
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((bind, port))
                 return True

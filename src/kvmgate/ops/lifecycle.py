@@ -158,14 +158,18 @@ def _launch(
     critical.pause("start:spawned")  # tests: a signal here must not lose the pid
 
     def alive() -> bool:
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+        try:
+            return os.waitpid(pid, os.WNOHANG) == (0, 0)
+        except ChildProcessError:
+            return False  # reaped already
 
     try:
         wait_ready(os.path.join(vm.rundir, "qmp.sock"), time.monotonic() + START_TIMEOUT, alive)
     except QMPError as err:
         tail = _log_tail(vm.sub("log", "qemu.log"))
+        exited = not alive()
         _kill(pid)
-        if not tail:
+        if not tail or not exited:  # no refusal from QEMU: it did not answer in time
             raise KvmgateError(f"QEMU failed to start: {err}") from None
         from kvmgate.model.qemu_errors import explain
 

@@ -44,7 +44,15 @@ def stop(paths: Paths, who: Caller, vm: registry.VM, force: bool = False, timeou
                 how = "quit" if force else "powered down"
         except (OSError, QMPError):
             pass
-    stopped = runtime.wait_stopped(vm, 5 if how == "quit" else grace)
+    try:
+        stopped = runtime.wait_stopped(vm, 5 if how == "quit" else grace)
+    except KeyboardInterrupt:
+        # Interrupted while waiting (nothing held): a guest that ignores the power-down
+        # keeps running, and its next exit must not pass for one kvmgate asked for.
+        with lock(paths, who, vm):
+            if runtime.is_running(vm) and runtime.read_pid(vm) == pid:
+                runtime.take_intended_exit(vm)
+        raise
     with lock(paths, who, vm):
         forced = False
         if not stopped and runtime.is_running(vm) and runtime.read_pid(vm) == pid:

@@ -80,11 +80,12 @@ def create(
 TRASH = ".del-"  # vms/.del-*: deleted VMs whose files are still being removed
 
 
-def delete(paths: Paths, vm: VM, keep_disks: bool) -> tuple[str | None, bool]:
-    """Unpublish the VM (its name link), keep its disks if asked, move its
-    directory aside and remove it. Returns (where the disks were kept, whether
-    everything is gone): a tree too big to remove in one go (the owner's
-    disks/ can hold anything) is finished by `finish_deletes` (`admin reap`)."""
+def delete(paths: Paths, vm: VM, keep_disks: bool) -> tuple[str | None, str]:
+    """Unpublish the VM (its name link), keep its disks if asked, and move its
+    directory aside (vms/.del-*). Returns (where the disks were kept, the moved
+    directory). The caller removes that with `trees.remove_tree` once it let go
+    of the allocation lock (the owner's disks/ can hold anything); what one call
+    cannot remove, `finish_deletes` (`admin reap`) does."""
     os.unlink(os.path.join(paths.names, vm.identity.owner, vm.identity.name))
     kept = None
     if keep_disks:
@@ -95,9 +96,7 @@ def delete(paths: Paths, vm: VM, keep_disks: bool) -> tuple[str | None, bool]:
         os.rename(vm.sub("disks"), kept)
     trash = os.path.join(paths.vms, f"{TRASH}{os.getpid()}-{time.monotonic_ns()}")
     os.rename(vm.vmdir, trash)
-    done = remove_tree(trash)
-    done = remove_tree(vm.rundir) and done
-    return kept, done
+    return kept, trash
 
 
 def finish_deletes(paths: Paths) -> list[str]:

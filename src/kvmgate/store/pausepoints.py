@@ -22,8 +22,11 @@ def wait(control: str, point: str) -> None:
     if st.st_uid != 0 or st.st_mode & 0o022 or point not in wanted:
         return
     marker = f"{control}.at.{point}"
-    with open(marker, "w") as f:
-        f.write(str(os.getpid()))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(marker)
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 
 from kvmgate.paths import Paths
+from kvmgate.store import critical
 from kvmgate.store.runtime import process_start
 
 
@@ -34,7 +35,8 @@ class Sessions:
         fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            with critical.section():
+                yield
         finally:
             os.close(fd)
 

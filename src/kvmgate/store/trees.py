@@ -32,25 +32,33 @@ def remove_tree(path: str, budget: int = 1 << 20) -> bool:
         try:
             moved = 0
             while budget > 0:
-                children = os.listdir(top)
-                if not children:
+                seen = 0
+                with os.scandir(top) as children:  # streamed: a huge directory never sits in root's memory
+                    for child in children:
+                        seen, budget = seen + 1, budget - 1
+                        if budget <= 0:
+                            break
+                        if _remove_entry(top, child.name):
+                            continue
+                        with contextlib.suppress(FileNotFoundError, NotADirectoryError, PermissionError):
+                            sub = os.open(child.name, flags, dir_fd=top)
+                            try:
+                                with os.scandir(sub) as entries:
+                                    for entry in entries:
+                                        budget -= 1
+                                        if budget <= 0:
+                                            break
+                                        if not _remove_entry(sub, entry.name):  # a directory with entries: up
+                                            moved += 1
+                                            with contextlib.suppress(OSError):
+                                                os.rename(
+                                                    entry.name, f".kvmgate-rm-{moved}", src_dir_fd=sub, dst_dir_fd=top
+                                                )
+                            finally:
+                                os.close(sub)
+                            _remove_entry(top, child.name)
+                if not seen:
                     break
-                for child in children:
-                    budget -= 1
-                    if _remove_entry(top, child):
-                        continue
-                    with contextlib.suppress(FileNotFoundError, NotADirectoryError, PermissionError):
-                        sub = os.open(child, flags, dir_fd=top)
-                        try:
-                            for entry in os.listdir(sub):
-                                budget -= 1
-                                if not _remove_entry(sub, entry):  # a directory with entries: move it up
-                                    moved += 1
-                                    with contextlib.suppress(OSError):
-                                        os.rename(entry, f".kvmgate-rm-{moved}", src_dir_fd=sub, dst_dir_fd=top)
-                        finally:
-                            os.close(sub)
-                        _remove_entry(top, child)
             return _remove_entry(pfd, name)
         finally:
             os.close(top)

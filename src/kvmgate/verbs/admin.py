@@ -92,8 +92,8 @@ def delete(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     if runtime.is_running(vm):
         raise WrongState(f"{name} is running; stop it first")
     with locks.alloc_lock(paths):
-        kept, done = define.delete(paths, vm, req.has("--keep-disks"))
-    done = remove_tree(owner_dir(vm)) and done
+        kept, trash = define.delete(paths, vm, req.has("--keep-disks"))
+    done = all([remove_tree(trash), remove_tree(vm.rundir), remove_tree(owner_dir(vm))])
     audit.done(paths.audit_log, who, "admin delete", owner, name, kept=kept, files_removed=done)
     network.sync(paths, config.load(paths))  # its ports, MACs and addresses are free again
     audit.done(paths.audit_log, who, "admin delete: network freed", owner, name)

@@ -28,9 +28,10 @@ from typing import BinaryIO
 from kvmgate.errors import KvmgateError, UsageError, WrongState
 from kvmgate.host.caller import Caller, drop_to
 from kvmgate.model.commands import Request
+from kvmgate.model.consolelog import Ring
 from kvmgate.model.terminal import Visible
 from kvmgate.paths import Paths
-from kvmgate.store import runtime
+from kvmgate.store import config, runtime
 from kvmgate.verbs.common import emit, target
 
 DETACH = b"\x1d"  # Ctrl-]
@@ -74,11 +75,12 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
     log.seek(0, os.SEEK_END)
     log.seek(max(0, log.tell() - SCROLLBACK))
     shown = None if who.name == vm.identity.owner else Visible()
+    resume = Ring(config.load(paths).console_log_mib << 20).head  # where a compacted log goes on
     if not who.is_root:
         pw = pwd.getpwuid(who.uid)
         drop_to(pw.pw_uid, pw.pw_gid)
     deadline = time.monotonic() + float(t) if t is not None else None
-    return relay(sock, log, pattern, deadline, shown)
+    return relay(sock, log, pattern, deadline, shown, resume)
 
 
 def relay(
@@ -87,6 +89,7 @@ def relay(
     pattern: re.Pattern[bytes] | None,
     deadline: float | None,
     shown: Visible | None = None,
+    resume: int = 0,
 ) -> int:
     """Copy the log to stdout (through `shown` for a viewer who is not the owner)
     and the keyboard to the guest, until detached, matched or timed out."""
@@ -105,8 +108,11 @@ def relay(
     try:
         while True:
             data = log.read(65536)
-            if not data and os.fstat(log.fileno()).st_size < log.tell():
-                log.seek(0)  # the log was emptied (kvmgate admin reap keeps it bounded)
+            size = os.fstat(log.fileno()).st_size
+            if not data and size < log.tell():
+                # The pump compacted the log (head, marker, newest output): go on at the
+                # marker. A log an old release's QEMU wrote was emptied: from the start.
+                log.seek(resume if resume < size else 0)
                 continue
             if data:
                 out.write(data if shown is None else shown.feed(data))
@@ -160,7 +166,7 @@ def history(req: Request, who: Caller, paths: Paths) -> int:
         with os.fdopen(fd, "rb") as f:
             data = f.read(LOG_READ_MAX)
     if n is not None:
-        data = b"\n".join(data.split(b"\n")[-int(n) - 1 :]) if int(n) else b""
+        data = b"".join(data.splitlines(keepends=True)[-int(n) :]) if int(n) else b""
     text = data if req.has("--raw") else Visible().feed(data, final=True)
     if req.as_json:
         emit({"name": vm.identity.name, "log": "previous" if req.has("--previous") else "current",
