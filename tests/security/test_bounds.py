@@ -175,7 +175,7 @@ def test_a_flooding_guest_cannot_grow_its_console_log_or_erase_how_it_began(
     console_log_mib as it writes: the boot and what came before the flood stay,
     a line says how much was dropped, the newest output is there; the log
     survives a restore, and the run before a restart stays readable."""
-    kg.write_policy(DEFAULT_POLICY + "console_log_mib = 1\n")
+    kg.write_policy("console_log_mib = 1\n" + DEFAULT_POLICY)  # a top-level key: before any [table]
     name = f"flood{os.getpid() % 10000}"
     kg.ok("admin", "create", name, "--owner", alice, "--", *boot_options(guest))
     cleanup_vms.append((alice, name))

@@ -221,6 +221,7 @@ ALLOWED_ARGV_OPTIONS = {
     "-kernel",
     "-initrd",
     "-append",
+    "-readconfig",
     "-option-rom",
     "-loadvm",
     "-rtc",
@@ -294,6 +295,12 @@ def _paths_reach_qemu_only_as_fds(argv: list[str], resources: tuple[Resource, ..
                 continue
             assert word not in paths, f"a user path reaches QEMU: {opt} {value}"
             assert not word.startswith("/"), f"a file QEMU would open by name: {opt} {value}"
+        if opt == "-readconfig":  # the kernel command line, in a sealed config: one line, one section
+            ref = FD_REF.fullmatch(value)
+            assert ref and ref[2], value
+            text = fds[int(ref[2])].text or ""
+            assert fds[int(ref[2])].kind == "config" and text.startswith('[machine]\n  append = "')
+            assert text.count("\n") == 2 and text.count('"') == 2 and text.endswith('"\n'), text
         if opt in ("-kernel", "-initrd", "-option-rom"):
             ref = FD_REF.fullmatch(value)
             assert ref and ref[2], value
