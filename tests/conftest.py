@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,6 +77,24 @@ def as_user(
     groups = os.getgrouplist(user, pw.pw_gid)
     kw.setdefault("cwd", pw.pw_dir if os.path.isdir(pw.pw_dir) else "/")
     return run(cmd, env=base if env is None else env, user=pw.pw_uid, group=pw.pw_gid, extra_groups=groups, **kw)
+
+
+def popen_as(user: str, cmd: list[str], env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen[str]:
+    """Start cmd as a real user (uid, primary gid, no other groups) from /, with a
+    minimal environment; stdout is a pipe, stdin /dev/null."""
+    pw = pwd.getpwnam(user)
+    kw.setdefault("stdout", subprocess.PIPE)
+    return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+        cmd,
+        text=True,
+        user=pw.pw_uid,
+        group=pw.pw_gid,
+        extra_groups=[],
+        env=env or {"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir, "USER": user, "LANG": "C.UTF-8"},
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        **kw,
+    )
 
 
 @dataclass

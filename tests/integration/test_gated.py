@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import socket
 import subprocess
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import HELPER, PREFIX, Kvmgate, as_user, httpd_options
+from ..conftest import HELPER, PREFIX, Kvmgate, as_user, httpd_options, popen_as
 
 
 def wake_port(kg: Kvmgate, user: str, name: str, *extra: str) -> int:
@@ -29,19 +28,9 @@ def wake_port(kg: Kvmgate, user: str, name: str, *extra: str) -> int:
 
 @pytest.fixture
 def gated(kg: Kvmgate) -> Iterator[subprocess.Popen[str]]:
-    pw = pwd.getpwnam("kvmgate-gated")
-
     def launch() -> subprocess.Popen[str]:
-        p = subprocess.Popen(
-            [f"{PREFIX}/lib/kvmgate/kvmgate-gated"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            user=pw.pw_uid,
-            group=pw.pw_gid,
-            extra_groups=[],
-            env={"PATH": "/usr/bin:/bin"},
-            cwd="/",
+        p = popen_as(
+            "kvmgate-gated", [f"{PREFIX}/lib/kvmgate/kvmgate-gated"], {"PATH": "/usr/bin:/bin"}, stderr=subprocess.PIPE
         )
         assert "listening on" in (p.stdout.readline() if p.stdout else "")
         return p
@@ -181,17 +170,7 @@ def test_one_owners_flood_never_shuts_out_another(kg: Kvmgate, users, gated, gue
         kg.ok("start", name, "--owner", user)
         kg.ok("console", name, "--owner", user, "--expect", r"KVMGATE-GUEST-NET eth0", "--timeout", "90")
     p = gated.launch()
-    pw = pwd.getpwnam(flooder)
-    flood = subprocess.Popen(
-        ["/usr/bin/python3", "-c", FLOOD, str(ports[flooder]), "1100"],
-        stdout=subprocess.PIPE,
-        text=True,
-        user=pw.pw_uid,
-        group=pw.pw_gid,
-        extra_groups=[],
-        env={"PATH": "/usr/bin:/bin"},
-        cwd="/",
-    )
+    flood = popen_as(flooder, ["/usr/bin/python3", "-c", FLOOD, str(ports[flooder]), "1100"])
     try:
         assert flood.stdout is not None and int(flood.stdout.readline()) > 0
         time.sleep(1)

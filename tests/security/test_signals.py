@@ -10,7 +10,6 @@ record, and the helper's exit says what really happened.
 from __future__ import annotations
 
 import os
-import pwd
 import signal
 import subprocess
 import time
@@ -18,25 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import KVMGATE, RUN, STATE, Kvmgate, Pause, as_user, parent_of, qemu_pids
+from ..conftest import KVMGATE, RUN, STATE, Kvmgate, Pause, as_user, parent_of, popen_as, qemu_pids
 
 RELAYED = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGALRM]
 
 
 def _popen_as(user: str, *args: str) -> subprocess.Popen[str]:
-    pw = pwd.getpwnam(user)
-    return subprocess.Popen(
-        [KVMGATE, *args],
-        user=pw.pw_uid,
-        group=pw.pw_gid,
-        extra_groups=os.getgrouplist(user, pw.pw_gid),
-        env={"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir, "USER": user, "LANG": "C.UTF-8"},
-        cwd="/",
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return popen_as(user, [KVMGATE, *args], stderr=subprocess.PIPE)
 
 
 def _signal_at(user: str, point: str, sig: int, *args: str) -> subprocess.CompletedProcess[str]:
