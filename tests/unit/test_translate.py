@@ -257,8 +257,9 @@ def test_any_user_input_is_refused_or_safe(user: list[str]) -> None:
         raw = o.value.canonical
         if o.spec.parse is None or not raw or o.name in PATH_OPTS:
             continue
-        if o.name == "-append":
-            assert argv[argv.index("-append") + 1] == raw
+        if o.name == "-append":  # on the command line, or in the config QEMU reads by descriptor
+            config = "".join(r.text or "" for r in plan.resources if r.kind == "config")
+            assert f'append = "{raw}"' in config or argv[argv.index("-append") + 1] == raw
         else:
             assert "," not in raw and "=" not in raw and not raw.startswith("-") and "\n" not in raw
     _paths_reach_qemu_only_as_fds(argv, plan.resources, [o for o in opts if o.name in PATH_OPTS])
