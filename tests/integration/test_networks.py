@@ -649,13 +649,15 @@ def test_a_squatted_port_is_never_handed_to_the_squatter(
 ) -> None:
     """Any local user can bind a free pool port. Bob listening on alice's stopped
     VM's ssh port once received her `kvmgate ssh`, and made her next start fail."""
-    vm = create(net, vms, alice, name(), "--forward", "ssh", "--", *boot(guest, "kvmgate.ssh"))
-    port = net.json("ports", vm["name"], user=alice)[0]["port"]
+    used = net.sh("ss", "-Htan").stdout  # earlier tests' connections linger in TIME-WAIT in this namespace
+    port = next(p for p in range(21500, 22000) if f":{p} " not in used)
+    vm = create(net, vms, alice, name(), "--forward", f"ssh@{port}", "--", *boot(guest, "kvmgate.ssh"))
+    assert net.json("ports", vm["name"], user=alice)[0]["port"] == port
     squat = subprocess.Popen(
         net.cmd([sys.executable, "-c", SQUAT, str(port)], user=bob), stdout=subprocess.PIPE, text=True
     )
     try:
-        assert squat.stdout is not None and squat.stdout.readline().strip() == "listening"
+        assert squat.stdout is not None and squat.stdout.readline().strip() == "listening", net.sh("ss", "-Htan").stdout
         r = net.kvmgate("ssh", vm["name"], "--", *SSH_THROWAWAY, "true", user=alice)
         assert r.returncode == 5 and "is not held by the VM" in r.stderr, r.stderr
         r = net.kvmgate("start", vm["name"], user=alice)
