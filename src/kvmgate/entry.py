@@ -17,13 +17,12 @@ costs start-up time (docs/architecture.md, "Start-up budget").
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
 
 from kvmgate.errors import EXIT_INTERNAL, KvmgateError, PermissionRefused, UsageError, one_line
-from kvmgate.host import caller
+from kvmgate.host import caller, output
 from kvmgate.model.commands import Request, parse
 from kvmgate.paths import Paths, installed
 from kvmgate.store import critical
@@ -74,30 +73,20 @@ def _wants_json(req: Request | None, args: list[str]) -> bool:
     return "--json" in (args[: args.index("--")] if "--" in args else args)
 
 
-def _stdout_gone() -> bool:
-    """Is it our stdout whose reader left (and not some other pipe or socket)?"""
-    import select
-
-    p = select.poll()
-    p.register(1, select.POLLOUT)
-    return any(ev & select.POLLERR for _, ev in p.poll(0))
-
-
 def main(argv: list[str] | None = None, paths: Paths | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ)  # read what sudo vouches for, then drop everything
     who: caller.Caller | None = None
     req: Request | None = None
+    output.install()  # never blocks on the caller, never while a lock is held (host.output)
     try:
         paths = paths or installed()  # fixed at install time: known before anything can be refused
         caller.scrub()
         who = caller.identify(environ)
+        if who.is_root:
+            output.trust_caller()
         req = parse(args)
         return dispatch(req, who, paths)
-    except BrokenPipeError as err:
-        if _stdout_gone():
-            return 0  # the reader went away (`kvmgate list | head`): nothing to say to it
-        code, message = EXIT_INTERNAL, f"internal error: {type(err).__name__}: {err}"
     except KvmgateError as err:
         code, message = err.exit_code, str(err)
     except KeyboardInterrupt:
@@ -105,17 +94,15 @@ def main(argv: list[str] | None = None, paths: Paths | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - one line, never a traceback to the user
         code, message = EXIT_INTERNAL, f"internal error: {type(err).__name__}: {err}"
     finally:
-        with contextlib.suppress(BrokenPipeError):
-            sys.stdout.flush()
+        output.flush()
     line = one_line(message)
     with critical.section():  # the caller's own signal cannot keep its refusal out of the log
         _audit(paths, who, req, args, code, line)
     if _wants_json(req, args):
-        with contextlib.suppress(BrokenPipeError):
-            sys.stdout.write(json.dumps({"error": line, "exit": code}) + "\n")
-            sys.stdout.flush()
+        sys.stdout.write(json.dumps({"error": line, "exit": code}) + "\n")
     hint = " (see kvmgate --help)" if code == UsageError.exit_code else ""
     sys.stderr.write(f"kvmgate: {line}{hint}\n")
+    output.flush()
     return code
 
 

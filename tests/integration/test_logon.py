@@ -4,17 +4,19 @@ hibernated at their last logoff; crashed sessions are reaped."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ..conftest import BOOT_LINE, KVMGATE, LOG, PREFIX, Kvmgate, boot_options
+from ..conftest import BOOT_LINE, KVMGATE, LOG, PREFIX, Kvmgate, Pause, boot_options
 from .test_ssh_logon import Sshd
 
 HOOK = f"{PREFIX}/lib/kvmgate/kvmgate-pam"
@@ -203,3 +205,38 @@ def test_pam_environment_cannot_speak_for_another_user(
         assert not records.is_dir() or not os.listdir(records), "no session was recorded for the victim"
     new = Path(LOG, "audit.log").read_text()[len(audit_before) :]
     assert f'"caller": "{victim}"' not in new and f'"uid": {uid}' not in new
+
+
+@pytest.mark.parametrize("user_vm", ["pause"], indirect=True)
+def test_logons_behind_a_held_lock_never_pile_up_workers(kg: Kvmgate, sshd: Sshd, user_vm: tuple[str, str]) -> None:
+    """Every logon and logoff once spawned its own worker, each waiting for the VM's
+    lock: behind a lock held long, a process per login piled up. A user has one
+    worker at a time, which takes the newest request when it gets the lock."""
+    user, name = user_vm
+    key = hashlib.sha256(f"{user}\0{name}".encode()).hexdigest()[:32]
+    with Pause(f"lock:vm-{key}") as pause:
+        holder = subprocess.Popen([KVMGATE, "freeze", name, "--owner", user], stdout=subprocess.DEVNULL)
+        pause.reached()
+        for i in range(6):  # six one-shot logins: six logons and six logoffs
+            assert sshd.run(user, f"echo {i}").returncode == 0
+        time.sleep(1)
+        workers = [p for p in _pids() if HOOK in _cmdline(p)]
+        assert len(workers) <= 1, [_cmdline(p) for p in workers]
+        pause.release()
+        assert holder.wait(30) == 0
+    assert wait_state(kg, user, name, "paused")["state"] == "paused", "the newest request (logoff) won"
+    deadline = time.monotonic() + 30
+    while any(HOOK in _cmdline(p) for p in _pids()):
+        assert time.monotonic() < deadline, "the worker finished"
+        time.sleep(0.2)
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""

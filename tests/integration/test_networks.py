@@ -643,6 +643,8 @@ conn, _ = s.accept()
 print("got a connection", flush=True)
 """
 
+SQUAT6 = SQUAT.replace("socket.socket()", "socket.socket(socket.AF_INET6)").replace('"127.0.0.1"', '"::1"')
+
 
 def test_a_squatted_port_is_never_handed_to_the_squatter(
     net: Net, vms: list, alice: str, bob: str, guest: Path
@@ -666,7 +668,61 @@ def test_a_squatted_port_is_never_handed_to_the_squatter(
         row = net.json("ports", vm["name"], user=alice)[0]
         assert row["port"] != port and row["held"] is True
         assert squat.poll() is None, "the squatter got nothing"
+        # Bob on [::1] at the new port takes no connection to 127.0.0.1: the port stays alice's.
+        v6 = subprocess.Popen(
+            net.cmd([sys.executable, "-c", SQUAT6, str(row["port"])], user=bob),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert v6.stdout is not None and v6.stdout.readline().strip() == "listening"
+            assert net.json("ports", vm["name"], user=alice)[0]["held"] is True
+        finally:
+            v6.kill()
+            v6.wait()
     finally:
+        squat.kill()
+        squat.wait()
+
+
+def _full_pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"x" * 65536)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    return r, w
+
+
+def test_a_caller_who_never_reads_holds_no_lock(net: Net, vms: list, alice: str, bob: str, guest: Path) -> None:
+    """A start whose stderr was a full pipe nobody read blocked writing its
+    moved-port line while it held the VM's lock: every later operation on the VM
+    (the logon worker's too) waited for ever. Root writes to a caller only once it
+    holds nothing, and gives up on one who does not read (host.output)."""
+    used = net.sh("ss", "-Htan").stdout
+    port = next(p for p in range(21999, 21500, -1) if f":{p} " not in used)
+    vm = create(net, vms, alice, name(), "--forward", f"ssh@{port}", "--", *boot(guest))
+    squat = subprocess.Popen(
+        net.cmd([sys.executable, "-c", SQUAT, str(port)], user=bob), stdout=subprocess.PIPE, text=True
+    )
+    r, w = _full_pipe()
+    try:
+        assert squat.stdout is not None and squat.stdout.readline().strip() == "listening"
+        began = time.monotonic()
+        p = subprocess.Popen(net.cmd([KVMGATE, "start", vm["name"]], user=alice), stdout=w, stderr=w)
+        os.close(w)
+        while net.json("status", vm["name"], user=alice)["state"] != "running":
+            assert p.poll() is None and time.monotonic() < began + 60, "the start went on"
+            time.sleep(0.2)
+        stop = net.kvmgate("stop", vm["name"], "--force", user=alice)
+        assert stop.returncode == 0, stop.stderr
+        assert time.monotonic() - began < 25, "the stop did not wait for the start's caller"
+        assert p.wait(60) == 0, "the start's outcome stands, though nobody read it"
+    finally:
+        os.close(r)
         squat.kill()
         squat.wait()
 

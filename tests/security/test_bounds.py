@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import struct
+import time
 from pathlib import Path
 
 import pytest
 
 from kvmgate.model import qcow2
 
-from ..conftest import BOOT_LINE, DEFAULT_POLICY, KVMGATE, STATE, Kvmgate, as_user, boot_options, qemu_pids
+from ..conftest import BOOT_LINE, DEFAULT_POLICY, KVMGATE, STATE, Kvmgate, as_user, boot_options, popen_as, qemu_pids
 from .conftest import give
 
 AUDIT = Path("/opt/kvmgate-test/log/audit.log")
@@ -198,3 +200,58 @@ def test_a_flooding_guest_cannot_grow_its_console_log_or_erase_how_it_began(
     last = kg.ok("log", name, "--previous", "--lines", "1", user=alice).stdout
     assert last.count("\n") <= 1
     assert kg("log", name, "--lines", "\u0661", user=alice).returncode == 2
+
+
+def test_reading_a_big_log_costs_root_nothing(kg: Kvmgate, alice: str, alice_vm: str) -> None:
+    """`kvmgate log` read the whole log into root's memory (about 200 MB for a
+    big ring, split into lines) and then waited, as root, on a caller who never
+    read. Now root only opens the log: the helper drops to the caller, finds the
+    last lines from the end, and writes a chunk at a time."""
+    log = Path(kg.json("status", alice_vm, user=alice)["directory"], "log", "console.prev.log")
+    saved = log.read_bytes() if log.exists() else None
+    try:
+        with log.open("wb") as f:  # as a generous ring (console_log_mib = 64) would leave it
+            line = b"x" * 99 + b"\n"
+            for _ in range(64):
+                f.write(line * ((1 << 20) // 100))
+            f.write(b"second-to-last\nthe-last-line\n")
+        r = as_user(alice, ["/usr/bin/python3", "-c", PEAK_RSS, KVMGATE, "log", alice_vm, "--previous", "--lines", "2"])
+        code, peak_kib = map(int, r.stdout.splitlines()[-1].split())
+        assert code == 0 and r.stdout.startswith("second-to-last\nthe-last-line\n0 "), r.stdout[:200]
+        assert peak_kib < 60 << 10, f"peak RSS {peak_kib} KiB"
+        # A caller who never reads: the process that waits on them is theirs, not root's.
+        rfd, wfd = os.pipe()
+        p = popen_as(alice, [KVMGATE, "log", alice_vm, "--previous"], stdout=wfd)
+        os.close(wfd)
+        try:
+            time.sleep(3)
+            helpers = _helpers("log")
+            assert helpers, "the helper is still waiting on its reader"
+            uid = pwd.getpwnam(alice).pw_uid
+            for pid in helpers:
+                status = Path(f"/proc/{pid}/status").read_text()
+                uids = next(ln for ln in status.splitlines() if ln.startswith("Uid:")).split()[1:]
+                assert set(map(int, uids)) == {uid}, f"the waiting helper runs as {uids}"
+        finally:
+            p.kill()
+            for pid in _helpers("log"):
+                os.kill(pid, 9)
+            p.wait()
+            os.close(rfd)
+    finally:
+        if saved is None:
+            log.unlink(missing_ok=True)
+        else:
+            log.write_bytes(saved)
+
+
+def _helpers(verb: str) -> list[int]:
+    found = []
+    for d in os.listdir("/proc"):
+        try:
+            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not argv[0].endswith(b"sudo") and any(a.endswith(b"kvmgate-helper") for a in argv) and verb.encode() in argv:
+            found.append(int(d))
+    return found

@@ -4,6 +4,7 @@ QEMU refusal caused by the user's file names that file and exits 3."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -35,6 +36,10 @@ def test_the_kernel_command_line_is_hidden_from_other_users(
         "console", name, "--expect", "token=[0-9a-f]{16}", "--timeout", "30", input="cat /proc/cmdline\n", user=alice
     ).stdout
     assert secret in out, "the guest got it"
+    # A line QEMU's config syntax cannot carry stays in argv, and the owner is told so.
+    kg.ok("stop", name, "--owner", alice, "--force")
+    r = kg.ok("start", name, "--", *boot, "-append", 'console=ttyS0 quiet x="y"', user=alice)
+    assert r.stderr == "kvmgate: note: this -append stays on QEMU's command line, which other users can read\n"
 
 
 @pytest.fixture
@@ -69,6 +74,35 @@ def test_a_missing_loadvm_tag_is_a_refusal(kg: Kvmgate, alice: str, alice_vm: st
     assert r.returncode == 3, r.stderr
     assert r.stderr == "kvmgate: QEMU refused the VM: -loadvm nosuch: no snapshot of that name in the VM's disks\n"
     assert kg.json("status", alice_vm, user=alice)["state"] == "stopped"
+
+
+def test_a_start_qemu_refused_is_audited_as_refused_and_small(kg: Kvmgate, alice: str, alice_vm: str) -> None:
+    """A start's "ok" record, with every option and QEMU's whole argv, was written
+    before QEMU answered: a start QEMU then refused left a 36 kB "ok" record, and
+    such records escaped the refusal rate limit. Now a start is recorded once QEMU
+    answered, as a refusal otherwise, and no record passes 4 KiB."""
+    audit = Path("/opt/kvmgate-test/log/audit.log")
+    kg("stop", alice_vm, "--owner", alice, "--force")
+    before = audit.stat().st_size
+    r = kg("start", alice_vm, "--", "-loadvm", "nosuch", user=alice)
+    assert r.returncode == 3, r.stderr
+    r = kg("start", alice_vm, "--", "-loadvm", "nosuch", "-append", "console=ttyS0 " + "y" * 900, user=alice)
+    assert r.returncode == 3, r.stderr
+    with audit.open("rb") as f:
+        f.seek(before)
+        lines = f.read().splitlines()
+    mine = [json.loads(line) for line in lines if json.loads(line).get("vm") == alice_vm]
+    assert [(m["verb"], m["outcome"], m["exit"]) for m in mine] == [("start", "refused", 3)] * 2, mine
+    assert all(len(line) <= 4096 for line in lines), max(map(len, lines))
+
+
+def test_no_audit_record_passes_4_kib() -> None:
+    from kvmgate.host import audit
+
+    event = {"verb": "start", "vm": "v", "options": ["-device", "x" * 500] * 40, "argv": ["y" * 511] * 64}
+    line = audit.line_for(event)
+    assert len(line) <= audit.MAX_RECORD and json.loads(line)["vm"] == "v"
+    assert json.loads(line)["options"][-1] == "...[80 items]"
 
 
 def test_guest_output_cannot_drive_an_administrators_terminal(kg: Kvmgate, alice: str, alice_vm: str) -> None:

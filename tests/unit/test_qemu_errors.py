@@ -54,3 +54,13 @@ def test_an_unknown_message_keeps_its_words_without_fdsets() -> None:
     out = explain([TS + f"could not load kernel '/proc/self/fd/{fd}': broken", TS + "oops /dev/fdset/999"], pl)
     assert "/dev/fdset" not in out and "a file kvmgate opened" in out
     assert explain([], pl) == "QEMU exited without saying why"
+
+
+def test_a_copied_rom_or_kernel_is_named_as_the_user_named_it() -> None:
+    """A ROM QEMU could not load was named `/proc/self/fd/25`, the copy's fd."""
+    pl = plan("-option-rom", "/home/a/ipxe.rom", "-kernel", "/home/a/vmlinuz")
+    rom, kernel = fd_of(pl, "option-rom", "blob"), fd_of(pl, "kernel", "blob")
+    out = explain([TS + f'failed to find romfile "/proc/self/fd/{rom}"'], pl)
+    assert out == 'failed to find romfile "/home/a/ipxe.rom"', out
+    out = explain([TS + f"could not load kernel '/proc/self/fd/{kernel}'"], pl)
+    assert out == "could not load kernel '/home/a/vmlinuz'", out

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from kvmgate.model.terminal import Visible
 
-CONTROL = set(range(0x20)) - {0x09, 0x0A, 0x0D} | {0x7F}
+CONTROL = set(range(0x20)) - {0x09, 0x0A, 0x0D} | {0x7F}  # CR only before LF (below)
 
 
 def test_sequences_that_would_act_on_the_terminal_are_shown() -> None:
@@ -29,3 +29,17 @@ def test_no_control_byte_ever_reaches_the_viewer(chunks: list[bytes]) -> None:
     assert not CONTROL & set(out)
     text = out.decode()  # always valid UTF-8
     assert not any(0x80 <= ord(c) <= 0x9F for c in text)
+
+
+def test_a_lone_carriage_return_cannot_write_over_a_line() -> None:
+    """`rm -rf ~\rls -l` showed as `ls -l`. CRLF stays (a raw-mode console needs it)."""
+    v = Visible()
+    out = v.feed(b"rm -rf ~\rls -l\r") + v.feed(b"\nnext\r") + v.feed(b"", final=True)
+    assert out == b"rm -rf ~^Mls -l\r\nnext^M"
+
+
+@given(st.lists(st.binary(max_size=64), max_size=8))
+def test_every_carriage_return_left_ends_a_line(chunks: list[bytes]) -> None:
+    v = Visible()
+    out = b"".join(v.feed(c) for c in chunks) + v.feed(b"", final=True)
+    assert out.count(b"\r") == out.count(b"\r\n")

@@ -9,23 +9,44 @@ owner for QEMU, kvmgate-gated for wake ports)."""
 from __future__ import annotations
 
 import contextlib
+import socket
+import sys
 
 LISTEN = "0A"
+# /proc/net/tcp{,6} local addresses (32-bit words in host order) that take a
+# connection to 127.0.0.1: the address itself, the IPv4 wildcard, the IPv6
+# wildcard (dual-stack) and ::ffff:127.0.0.1. A listener on [::1] or another
+# address never receives one.
+
+
+def _proc_hex(family: int, address: str) -> str:
+    packed = socket.inet_pton(family, address)
+    return "".join(f"{int.from_bytes(packed[i : i + 4], sys.byteorder):08X}" for i in range(0, len(packed), 4))
+
+
+TAKES_LOOPBACK = {
+    "/proc/net/tcp": {_proc_hex(socket.AF_INET, a) for a in ("127.0.0.1", "0.0.0.0")},  # noqa: S104
+    "/proc/net/tcp6": {_proc_hex(socket.AF_INET6, a) for a in ("::", "::ffff:127.0.0.1")},
+}
 
 
 def listener_uids(port: int) -> set[int]:
-    """The uids of the sockets listening on `port` (any address)."""
+    """The uids of the sockets that would take a connection to 127.0.0.1:`port`
+    (where kvmgate ssh, kvmgate vnc and kvmgate-gated connect)."""
     uids: set[int] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table, addresses in TAKES_LOOPBACK.items():
         with contextlib.suppress(OSError), open(table) as f:
             next(f, None)
             for line in f:
                 fields = line.split()
-                if len(fields) > 7 and fields[3] == LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                if len(fields) <= 7 or fields[3] != LISTEN:
+                    continue
+                address, _, hexport = fields[1].rpartition(":")
+                if int(hexport, 16) == port and address.upper() in addresses:
                     uids.add(int(fields[7]))
     return uids
 
 
 def held_by(port: int, uid: int) -> bool:
-    """Is `port` listened on, and only by `uid`?"""
+    """Is `port` on 127.0.0.1 listened on, and only by `uid`?"""
     return listener_uids(port) == {uid}

@@ -1,6 +1,7 @@
 """QEMU's refusals, told in the user's words.
 
-QEMU sees the user's files only as /dev/fdset/N and kvmgate's node names
+QEMU sees the user's files only as /dev/fdset/N (disks), /proc/self/fd/N
+(copied kernels, initrds and ROMs) and kvmgate's node names
 (`hda-fmt`), so its message about a locked image or a broken header names
 neither the option nor the file the user gave. `explain` turns the last line
 QEMU wrote before it gave up into one line that does, and recognises the
@@ -14,7 +15,7 @@ import re
 
 from kvmgate.model.translate import Plan
 
-_FDSET = re.compile(r"/dev/fdset/(\d+)")
+_FDSET = re.compile(r"/dev/fdset/(\d+)|/proc/self/fd/(\d+)")
 _BLOCKDEV = re.compile(r'^-blockdev \{.*?"node-name":"([a-z0-9]+)-(?:file|fmt|overlay|snap)".*?\}: ')
 _PREFIX = re.compile(r"^(?:\d{4}-\d\d-\d\dT[\d:.]+Z )?qemu-system-[a-z0-9_]+: ")
 _SNAPSHOT = re.compile(r"Snapshot '(.*)' does not exist")
@@ -40,7 +41,7 @@ def explain(log_tail: list[str], plan: Plan) -> str:
     by_fd, by_node = _names(plan)
     lines = [_PREFIX.sub("", ln.strip()) for ln in log_tail if ln.strip()]
     text = " ".join(lines[-2:]) if lines else "QEMU exited without saying why"
-    text = _FDSET.sub(lambda m: by_fd.get(int(m.group(1)), "a file kvmgate opened"), text)
+    text = _FDSET.sub(lambda m: by_fd.get(int(m.group(1) or m.group(2)), "a file kvmgate opened"), text)
     node = _BLOCKDEV.match(text)
     if node:
         text = f"{by_node.get(node.group(1), '-' + node.group(1))}: {text[node.end() :]}"

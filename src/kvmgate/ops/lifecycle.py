@@ -105,6 +105,8 @@ def _launch(
         for line in network.reclaim_ports(paths, policy, vm):
             sys.stderr.write(f"kvmgate: {line}\n")
     plan = plan_for(vm, policy, options, accel, paused=paused, incoming=incoming)  # all validation first
+    if "-append" in plan.argv:  # what QEMU's config syntax cannot carry (model.translate._append)
+        sys.stderr.write("kvmgate: note: this -append stays on QEMU's command line, which other users can read\n")
     where = launch.Where(vm.rundir, vm.sub("log"), vm.sub("tmp"))
     if plan.dirs:
         from kvmgate.host import userdirs
@@ -134,8 +136,6 @@ def _launch(
         placement = cgroup.Placement(vm.key, limit)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         fds[-1] = log = os.open(vm.sub("log", "qemu.log"), flags, 0o600)
-        argv = [policy.qemu, *plan.argv]
-        audit.done(paths.audit_log, who, "start", vm.identity.owner, vm.identity.name, options=options, argv=argv)
         qemu_fds = {t: f for t, f in fds.items() if t >= 0}
         pid = launch.spawn(
             policy.qemu,
@@ -185,6 +185,9 @@ def _launch(
     runtime.write_pid(vm, pid)
     runtime.write_options(vm, options)
     runtime.take_intended_exit(vm)  # a stale mark from an earlier run must not hide a crash
+    # Only now: a start QEMU refused is a refusal (rate-limited, by the entry), never an "ok".
+    argv = [policy.qemu, *plan.argv]
+    audit.done(paths.audit_log, who, "start", vm.identity.owner, vm.identity.name, options=options, argv=argv)
     if plan.pidfiles:
         from kvmgate.ops import display
 

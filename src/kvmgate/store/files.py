@@ -95,7 +95,10 @@ def flock(path: str, timeout: float | None = None, what: str = "") -> Iterator[i
                         raise Busy(f"{what or os.path.basename(path)} is busy with another operation") from None
                     time.sleep(0.02)
         with critical.section():
-            critical.pause("lock:" + os.path.basename(path))  # tests: a caller must not stop root here
-            yield fd
+            try:
+                critical.pause("lock:" + os.path.basename(path))  # tests: a caller must not stop root here
+                yield fd
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)  # let go inside the section: what it kept back comes after
     finally:
         os.close(fd)

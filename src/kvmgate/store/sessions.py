@@ -36,7 +36,10 @@ class Sessions:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             with critical.section():
-                yield
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)  # before the section ends (store.files.flock)
         finally:
             os.close(fd)
 

@@ -23,6 +23,7 @@ import select
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from kvmgate.errors import KvmgateError, UsageError, WrongState
@@ -151,8 +152,13 @@ def relay(
 
 def history(req: Request, who: Caller, paths: Paths) -> int:
     """`kvmgate log`: the console log of the current (or last) run, or of the one
-    before it, read by root (the log directory is root's) and shown to the owner
-    with control sequences made visible unless --raw. Its size is the ring's bound."""
+    before it, with control sequences made visible unless --raw.
+
+    Root only opens it (the log directory is root's); the helper then drops to
+    the caller and reads and writes as them, so a caller who reads slowly, or
+    not at all, holds up only their own process. Memory stays at one chunk,
+    whatever the log's size (the ring's bound, up to 1 GiB), except for --json,
+    whose one object is built in the caller's own process."""
     n = req.flag("--lines")
     if n is not None and not (n.isascii() and n.isdigit() and len(n) <= 7 and int(n) <= LINES_MAX):
         raise UsageError(f"--lines must be a whole number up to {LINES_MAX}")
@@ -161,16 +167,63 @@ def history(req: Request, who: Caller, paths: Paths) -> int:
     try:
         fd = os.open(vm.sub("log", name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        data = b""
-    else:
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(LOG_READ_MAX)
-    if n is not None:
-        data = b"".join(data.splitlines(keepends=True)[-int(n) :]) if int(n) else b""
-    text = data if req.has("--raw") else Visible().feed(data, final=True)
-    if req.as_json:
-        emit({"name": vm.identity.name, "log": "previous" if req.has("--previous") else "current",
-              "text": text.decode(errors="replace")}, "", True)  # fmt: skip
-    else:
-        sys.stdout.buffer.write(text)
+        fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    if not who.is_root:
+        pw = pwd.getpwuid(who.uid)
+        drop_to(pw.pw_uid, pw.pw_gid)
+    with os.fdopen(fd, "rb") as f:
+        end = min(os.fstat(fd).st_size, LOG_READ_MAX)
+        begin = 0 if n is None else _start_of_last_lines(f, end, int(n))
+        f.seek(begin)
+        shown = None if req.has("--raw") else Visible()
+        if req.as_json:
+            text = b"".join(_chunks(f, end - begin, shown))
+            emit({"name": vm.identity.name, "log": "previous" if req.has("--previous") else "current",
+                  "text": text.decode(errors="replace")}, "", True)  # fmt: skip
+            return 0
+        try:
+            for chunk in _chunks(f, end - begin, shown):
+                sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            pass  # the reader went away (`kvmgate log vm | head`): nothing more to say to it
+    return 0
+
+
+CHUNK = 1 << 16
+
+
+def _chunks(f: BinaryIO, length: int, shown: Visible | None) -> Iterator[bytes]:
+    while length > 0:
+        data = f.read(min(CHUNK, length))
+        if not data:
+            break
+        length -= len(data)
+        yield data if shown is None else shown.feed(data, final=length <= 0)
+    if shown is not None and length > 0:
+        yield shown.feed(b"", final=True)
+
+
+def _start_of_last_lines(f: BinaryIO, end: int, n: int) -> int:
+    """Where the last n lines before `end` begin (a last line without its
+    newline counts), reading backwards a chunk at a time."""
+    if n == 0:
+        return end
+    pos, newlines = end, 0
+    if end:
+        f.seek(end - 1)
+        newlines = -1 if f.read(1) == b"\n" else 0  # the newline ending the last line starts nothing
+    while pos > 0:
+        step = min(CHUNK, pos)
+        pos -= step
+        f.seek(pos)
+        data = f.read(step)
+        i = len(data)
+        while True:
+            i = data.rfind(b"\n", 0, i)
+            if i < 0:
+                break
+            newlines += 1
+            if newlines == n:
+                return pos + i + 1
     return 0

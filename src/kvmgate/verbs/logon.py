@@ -19,6 +19,7 @@ process, every error goes to the audit log, and the hook always exits 0.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import sys
@@ -78,9 +79,11 @@ def hook(paths: Paths, words: list[str], claimed: str | None) -> int:
             else:
                 sessions.remove(leader)
                 action = "logoff" if sessions.prune()[1] == 0 else None
+            if action:
+                _request(paths, user, action)
         signal.alarm(0)
         if action:
-            _detach(lambda: apply(paths, user, action))
+            _detach(lambda: work(paths, user))
     except Exception as err:  # noqa: BLE001 - a login must never fail because of kvmgate
         audit.record(
             paths.audit_log, caller=f"pam:{service}", verb=f"pam {event}", owner=user, outcome="error", reason=str(err)
@@ -103,6 +106,56 @@ def _detach(work: object) -> None:
         work()  # type: ignore[operator]
     finally:
         os._exit(0)
+
+
+def _work_file(paths: Paths, user: str) -> str:
+    return os.path.join(paths.run, "logon-work", user)
+
+
+def _request(paths: Paths, user: str, action: str) -> None:
+    """Leave the newest request for the user's worker (under the session lock)."""
+    os.makedirs(os.path.dirname(_work_file(paths, user)), 0o700, exist_ok=True)
+    fd = os.open(_work_file(paths, user), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, action.encode())
+    finally:
+        os.close(fd)
+
+
+def _take(paths: Paths, user: str, keep: bool = False) -> str | None:
+    """The request waiting for the user's worker, if any; taken unless `keep`."""
+    with Sessions(paths, user).locked():
+        try:
+            fd = os.open(_work_file(paths, user), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            action = os.read(fd, 16).decode(errors="replace")
+            if not keep:
+                os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+    return action if action in ("thaw", "logoff") else None
+
+
+def work(paths: Paths, user: str) -> None:
+    """One worker per user at a time, however many logins and logoffs: a worker
+    that finds another at work leaves its request to it and exits, and the one at
+    work goes on until no request is left. So a VM operation that takes long (or a
+    lock held long) never piles up a process per login behind it."""
+    while True:
+        fd = os.open(_work_file(paths, user), os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # the worker at work takes this request too
+            while (action := _take(paths, user)) is not None:
+                apply(paths, user, action)
+        finally:
+            os.close(fd)
+        if _take(paths, user, keep=True) is None:
+            return  # nothing came in between the last look and letting go
 
 
 def apply(paths: Paths, user: str, action: str) -> None:
