@@ -17,7 +17,6 @@ Nothing a caller sends sizes the log:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import syslog
@@ -92,26 +91,9 @@ def record(path: str, **event: Any) -> None:
         finally:
             os.close(fd)
         if full:
-            _rotate(path)
+            from kvmgate.host import audit_rotate  # past MAX_LOG only
+
+            audit_rotate.rotate(path, MAX_LOG, GENERATIONS)
     except OSError as err:  # a full /var/log: the record above reached syslog; say that the file missed it
         with contextlib.suppress(OSError):
             syslog.syslog(syslog.LOG_ERR, f"{path}: a record was not written: {err.strerror or err}")
-
-
-def _rotate(path: str) -> None:
-    """audit.log -> audit.log.1 -> ... -> audit.log.GENERATIONS (dropped), under a
-    lock, and only if the file is still too big once the lock is held."""
-    fd = os.open(path + ".lock", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            if os.lstat(path).st_size <= MAX_LOG:
-                return  # another writer rotated it
-        except FileNotFoundError:
-            return
-        for n in range(GENERATIONS - 1, 0, -1):
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(f"{path}.{n}", f"{path}.{n + 1}")
-        os.rename(path, f"{path}.1")
-    finally:
-        os.close(fd)

@@ -20,7 +20,6 @@ import resource
 import signal
 import socket
 import stat
-import struct
 import sys
 from typing import NamedTuple
 
@@ -32,10 +31,6 @@ from kvmgate.model.policy.grammar import Limits
 from kvmgate.model.translate import Plan, Resource
 
 QEMU_GROUP = paths.QEMU_GROUP
-SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
-TUNSETIFF = 0x400454CA
-IFF_TAP = 0x0002
-IFF_NO_PI = 0x1000
 
 
 class Where(NamedTuple):
@@ -98,70 +93,6 @@ def _disk(pw: pwd.struct_passwd, r: Resource, limits: Limits) -> tuple[int, int]
     return fd, size
 
 
-def readable_by_qemu(st: os.stat_result, uid: int, qemu_gid: int) -> bool:
-    """Would QEMU (owner uid, kvmgate-qemu gid, no groups) pass the kernel's
-    permission check when it re-opens this file through /proc/self/fd?"""
-    if st.st_uid == uid:
-        return bool(st.st_mode & stat.S_IRUSR)
-    if st.st_gid == qemu_gid:
-        return bool(st.st_mode & stat.S_IRGRP)
-    return bool(st.st_mode & stat.S_IROTH)
-
-
-def _blob(pw: pwd.struct_passwd, r: Resource, qemu_gid: int, budget: list[int]) -> int:
-    """Kernels, initrds and ROMs, which QEMU re-opens by /proc/self/fd/N. The fd
-    opened with the user's rights is passed as is when QEMU's own credentials can
-    read the file; a file the user reads only through a supplementary group
-    (which QEMU does not have) is copied into a sealed memfd instead. Copies come
-    out of `budget` (bytes left for this start), checked before copying: a
-    repeated -option-rom cannot multiply shared memory."""
-    assert r.path is not None
-    src = _open_as(pw, r.path, False, f"-{r.of}")
-    st = os.fstat(src)
-    if readable_by_qemu(st, pw.pw_uid, qemu_gid):
-        return src
-    try:
-        if st.st_size > budget[0]:
-            raise FileRefused(
-                f"{r.path}: the files copied for QEMU (kernels, initrds, ROMs it could not read itself) "
-                "would exceed this host's limit for one start"
-            )
-        budget[0] -= st.st_size
-        mfd = os.memfd_create("kvmgate-blob", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        off = 0
-        while off < st.st_size:
-            n = os.sendfile(mfd, src, off, st.st_size - off)
-            if n == 0:
-                break
-            off += n
-        fcntl.fcntl(mfd, fcntl.F_ADD_SEALS, SEALS)
-        return mfd
-    finally:
-        os.close(src)
-
-
-def _sealed(name: str, data: bytes) -> int:
-    """A read-only memfd holding `data`, which QEMU opens by /proc/self/fd/N."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.write(fd, data)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _tap(ifname: str) -> int:
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", ifname.encode(), IFF_TAP | IFF_NO_PI))
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
 def _listener(path: str) -> int:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -191,11 +122,18 @@ def open_user_resources(
                 disk, size = disks[r.of or ""]
                 opened[r.fd] = overlay.create(pw, tmpdir, size, disk)
             elif r.kind == "blob":
-                opened[r.fd] = _blob(pw, r, qemu_gid, budget)
+                from kvmgate.host import blobs  # kernels, initrds, ROMs
+
+                src = _open_as(pw, r.path or "", False, f"-{r.of}")
+                opened[r.fd] = blobs.for_qemu(src, r.path or "", pw.pw_uid, qemu_gid, budget)
             elif r.kind == "tap":
-                opened[r.fd] = _tap(r.path or "")
+                from kvmgate.host import network  # bridged NICs
+
+                opened[r.fd] = network.open_tap(r.path or "")
             elif r.kind == "config":
-                opened[r.fd] = _sealed("kvmgate-config", (r.text or "").encode())
+                from kvmgate.host import blobs  # -append
+
+                opened[r.fd] = blobs.sealed("kvmgate-config", (r.text or "").encode())
     except BaseException:
         close_all(opened)
         raise

@@ -12,10 +12,12 @@ reboot (the marker lives on the /run tmpfs) rebuild exactly the same state.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
 import signal
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Sequence
@@ -28,7 +30,7 @@ from kvmgate.model.policy.policy import Policy
 from kvmgate.model.settings import Forward, Nic, Settings
 from kvmgate.model.translate import Resource
 from kvmgate.paths import GATED_USER, Paths
-from kvmgate.store import critical, locks, registry, runtime
+from kvmgate.store import critical, display, every, locks, registry, runtime
 from kvmgate.store.files import flock, write_atomic
 
 IP = "/usr/sbin/ip"
@@ -89,7 +91,7 @@ def allocate_for(
     """New settings for `vm` with ports, MACs, addresses and taps chosen. The caller
     holds the allocation lock until the settings are written. Values the VM already
     has are kept where the request still asks for them."""
-    everyone = [(v, s) for v, s in registry.all_settings(paths) if v.key != vm.key]
+    everyone = [(v, s) for v, s in every.all_settings(paths) if v.key != vm.key]
     others = [s for _, s in everyone]
     taken_ports = {f.port for s in others for f in s.forwards} | {p for v, _ in everyone for p in _redir_ports(v)}
     taken_internal = {f.internal for s in others for f in s.forwards if f.internal} | avoid
@@ -198,7 +200,7 @@ def _rules(
     dhcp: dict[str, list[tuple[str, str]]] = {n.name: [] for n in net.networks.values() if n.kind == "services"}
     gated = _uid(GATED_USER)
     ports.extend(hostnet.PortRule(port, (uid,)) for port, uid in extra if net.ports.protect)
-    for vm, s in registry.all_settings(paths):
+    for vm, s in every.all_settings(paths):
         uid = _uid(vm.identity.owner)
         if uid is None:
             continue
@@ -227,7 +229,7 @@ def _rules(
 
 def _vnc_port(vm: registry.VM) -> int | None:
     """A running VM's loopback VNC port (vnc.mode = tcp), recorded at its start."""
-    vnc = runtime.read_display(vm).get("vnc")
+    vnc = display.read_display(vm).get("vnc")
     port = vnc.get("port") if isinstance(vnc, dict) else None
     return port if isinstance(port, int) and runtime.is_running(vm) else None
 
@@ -414,6 +416,22 @@ def down(paths: Paths, policy: Policy) -> list[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(_marker(paths))
     return done
+
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+
+
+def open_tap(ifname: str) -> int:
+    """The tap's descriptor, opened by root on /dev/net/tun (QEMU never can)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", ifname.encode(), IFF_TAP | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def attach_taps(paths: Paths, policy: Policy, resources: Sequence[Resource]) -> None:

@@ -9,7 +9,7 @@ import pwd
 
 from kvmgate.errors import FileRefused
 from kvmgate.host import caller
-from kvmgate.host.launch import readable_by_qemu
+from kvmgate.host.blobs import readable_by_qemu
 from kvmgate.model.translate import Plan
 
 SMBD = "/usr/sbin/smbd"

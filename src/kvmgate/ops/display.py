@@ -10,7 +10,7 @@ from kvmgate.host.qmp import QMP
 from kvmgate.model.policy.policy import Policy
 from kvmgate.model.translate import Plan
 from kvmgate.paths import Paths
-from kvmgate.store import registry, runtime
+from kvmgate.store import display, registry
 
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
@@ -28,7 +28,7 @@ def record(paths: Paths, policy: Policy, vm: registry.VM, plan: Plan) -> None:
             q.execute("change-vnc-password", {"password": password})
         record["vnc"] = {"kind": "tcp", "port": plan.vnc.port, "password": password}
     if record:
-        runtime.write_display(vm, record)
+        display.write_display(vm, record)
     if plan.vnc is not None and plan.vnc.mode == "tcp" and policy.net.ports.protect:
         from kvmgate.host import network
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterator
 from typing import NamedTuple
 
 from kvmgate.errors import IdentityError, KvmgateError, NoSuchVM, UsageError
@@ -138,17 +137,6 @@ def resolve(paths: Paths, owner: str, name: str) -> VM:
     return vm
 
 
-def list_names(paths: Paths, owner: str | None = None) -> list[tuple[str, str]]:
-    owners = [owner] if owner else sorted(os.listdir(paths.names))
-    out = []
-    for o in owners:
-        try:
-            out += [(o, n) for n in sorted(os.listdir(os.path.join(paths.names, o)))]
-        except FileNotFoundError:
-            continue
-    return out
-
-
 def read_settings(vm: VM) -> Settings:
     """The admin's settings that are not QEMU options (settings.json, root-only)."""
     try:
@@ -164,28 +152,6 @@ def read_settings(vm: VM) -> Settings:
 def write_settings(vm: VM, settings: Settings) -> None:
     # fsynced: after a power loss an empty file would free the VM's ports and addresses
     write_atomic(vm.sub("settings.json"), settings.to_json(), fsync=True)
-
-
-def each_vm(paths: Paths, owner: str | None = None) -> Iterator[VM]:
-    """Every VM (of `owner`) that resolves. One that does not is skipped: it is
-    reported by `admin list`, and loops over many VMs must go on past it."""
-    for o, n in list_names(paths, owner):
-        try:
-            vm = resolve(paths, o, n)
-        except (KvmgateError, OSError, ValueError):
-            continue
-        yield vm
-
-
-def all_settings(paths: Paths) -> list[tuple[VM, Settings]]:
-    """Every VM with its settings: what allocations are checked against."""
-    out = []
-    for vm in each_vm(paths):
-        try:
-            out.append((vm, read_settings(vm)))
-        except (KvmgateError, OSError, ValueError):
-            continue
-    return out
 
 
 # ------------------------------------------------------------------ saved state

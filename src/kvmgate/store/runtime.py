@@ -1,5 +1,6 @@
 """A VM's runtime state under RUN/<key>/ (root 0700): liveness, QEMU's pid, the
-user options it runs with, the display record, and kvmgate's own intent.
+user options it runs with, and kvmgate's own intent (the display record:
+store.display).
 
 QEMU itself holds RUN/<key>/lock (flock) for its whole life: that lock is the
 liveness signal, and the only one (a pid file can be stale, a lock cannot).
@@ -14,7 +15,6 @@ import fcntl
 import json
 import os
 import time
-from typing import Any
 
 from kvmgate.errors import KvmgateError, WrongState
 from kvmgate.store.files import read_small, touch, write_atomic
@@ -104,38 +104,6 @@ def read_options(vm: VM) -> list[str]:
     if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
         raise KvmgateError(f"{vm.identity.name}: corrupt options record")
     return data
-
-
-DISPLAY_VERSION = 1
-
-
-def write_display(vm: VM, record: dict[str, Any]) -> None:
-    """How the owner reaches the display of this run (`kvmgate vnc`)."""
-    data = {**record, "version": DISPLAY_VERSION}
-    write_atomic(os.path.join(vm.rundir, "display.json"), json.dumps(data, sort_keys=True))
-
-
-def read_display(vm: VM) -> dict[str, Any]:
-    try:
-        data = json.loads(read_small(os.path.join(vm.rundir, "display.json")))
-    except FileNotFoundError:
-        return _legacy_display(vm)
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict) or data.pop("version", None) != DISPLAY_VERSION:
-        return {}  # a format this release does not know: nothing to show, nothing to guard wrongly
-    return data
-
-
-def _legacy_display(vm: VM) -> dict[str, Any]:
-    """VMs started before display.json (an upgrade with VMs running) kept their TCP
-    VNC port and password in two files: read them, so the port stays guarded."""
-    try:
-        port = int(read_small(os.path.join(vm.rundir, "vnc.port"), 16))
-        password = read_small(os.path.join(vm.rundir, "vnc.password"), 64).decode().strip()
-    except (OSError, ValueError):
-        return {}
-    return {"vnc": {"kind": "tcp", "port": port, "password": password}}
 
 
 def mark_intended_exit(vm: VM) -> None:

@@ -24,7 +24,7 @@ from kvmgate.model.settings import Settings, check_on_logoff, parse_idle
 from kvmgate.ops.inspect import describe
 from kvmgate.ops.plan import owner_dir, plan_for
 from kvmgate.paths import GATED_USER, QEMU_GROUP, SERVICE_USER, Paths
-from kvmgate.store import config, define, locks, registry, runtime
+from kvmgate.store import config, define, every, locks, registry, runtime
 from kvmgate.store.files import write_atomic
 from kvmgate.store.trees import remove_tree
 from kvmgate.verbs.common import emit
@@ -49,7 +49,7 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         return init(req, paths)
     if verb == "list":
         rows = []
-        for o, n in registry.list_names(paths):
+        for o, n in every.list_names(paths):
             try:
                 rows.append(describe(registry.resolve(paths, o, n)))
             except KvmgateError as err:

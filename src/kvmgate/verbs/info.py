@@ -12,7 +12,7 @@ from kvmgate.host.caller import Caller
 from kvmgate.model.commands import Request
 from kvmgate.ops.inspect import addresses, describe, forwarded
 from kvmgate.paths import Paths
-from kvmgate.store import config, registry, runtime
+from kvmgate.store import config, display, every, registry, runtime
 from kvmgate.verbs.common import emit, owner_of, target
 
 
@@ -35,7 +35,7 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         emit(rows, text or f"{vm.identity.name} has no forwarded ports\n", req.as_json)
         return 0
     if req.verb == "vnc":
-        return display(req, vm)
+        return vnc(req, vm)
     raise UsageError(f"unknown verb {req.verb}")
 
 
@@ -43,7 +43,7 @@ def vms(req: Request, who: Caller, paths: Paths) -> int:
     owner = owner_of(req, who) if (req.has("--owner") or not who.is_root) else None  # root: everyone's
     rows = [
         {"name": vm.identity.name, "owner": vm.identity.owner, "state": describe(vm)["state"]}
-        for vm in registry.each_vm(paths, owner)
+        for vm in every.each_vm(paths, owner)
     ]
     text = "".join(f"{r['owner']:<16} {r['name']:<32} {r['state']}\n" for r in rows)
     emit(rows, text, req.as_json)
@@ -53,7 +53,7 @@ def vms(req: Request, who: Caller, paths: Paths) -> int:
 def services(req: Request, paths: Paths) -> int:
     """Service VMs, for everyone to see (their name and state, nothing to control)."""
     rows = []
-    for vm in registry.each_vm(paths):
+    for vm in every.each_vm(paths):
         if registry.read_settings(vm).service:
             rows.append(
                 {
@@ -71,12 +71,12 @@ def services(req: Request, paths: Paths) -> int:
     return 0
 
 
-def display(req: Request, vm: registry.VM) -> int:
+def vnc(req: Request, vm: registry.VM) -> int:
     """How the owner reaches the VM's display; nothing listens on a
     public address. Read from the record the start wrote, not from QEMU's argv."""
     if not runtime.is_running(vm):
         raise WrongState(f"{vm.identity.name} is not running")
-    record = runtime.read_display(vm)
+    record = display.read_display(vm)
     host, owner = socket.gethostname(), vm.identity.owner
     info: dict[str, Any]
     vnc = record.get("vnc")

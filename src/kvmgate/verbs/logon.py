@@ -30,7 +30,7 @@ from kvmgate.host.caller import Caller, scrub
 from kvmgate.model.commands import Request
 from kvmgate.ops import power
 from kvmgate.paths import Paths, installed
-from kvmgate.store import critical, registry, runtime
+from kvmgate.store import critical, every, registry, runtime
 from kvmgate.store.sessions import Sessions
 
 HOOK_SECONDS = 5  # the hook's own bound; VM work happens after it returned
@@ -172,7 +172,7 @@ def apply(paths: Paths, user: str, action: str) -> None:
         return (action == "thaw") == (sessions.live() > 0)
 
     who = Caller(0, "pam", False)
-    for vm in registry.each_vm(paths, user):
+    for vm in every.each_vm(paths, user):
         critical.checkpoint()
         try:
             mode = registry.read_settings(vm).on_logoff
@@ -205,7 +205,7 @@ def trim_console_logs(paths: Paths) -> None:
         limit = (config.load(paths).console_log_mib + 1) << 20
     except KvmgateError:
         return
-    for vm in registry.each_vm(paths):
+    for vm in every.each_vm(paths):
         with contextlib.suppress(Exception):
             log = vm.sub("log", "console.log")
             if os.stat(log).st_size > limit:

@@ -21,7 +21,7 @@ from kvmgate.model import identity as ident
 from kvmgate.model.commands import Request
 from kvmgate.ops import lifecycle, power
 from kvmgate.paths import Paths
-from kvmgate.store import critical, registry, runtime
+from kvmgate.store import critical, every, registry, runtime
 
 
 def run(req: Request, who: Caller, paths: Paths) -> int:
@@ -36,7 +36,7 @@ def autostart(who: Caller, paths: Paths) -> int:
     """Start every service VM marked autostart. One VM's failure, whatever it is,
     is reported and never stops the loop for the VMs after it."""
     failed = 0
-    for vm in registry.each_vm(paths):
+    for vm in every.each_vm(paths):
         critical.checkpoint()  # a deferred SIGTERM stops the loop between VMs
         try:
             settings = registry.read_settings(vm)

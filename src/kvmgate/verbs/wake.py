@@ -21,7 +21,7 @@ from kvmgate.model import identity as ident
 from kvmgate.model.commands import Request
 from kvmgate.ops import power
 from kvmgate.paths import GATED_USER, Paths
-from kvmgate.store import config, registry
+from kvmgate.store import config, every, registry
 from kvmgate.store.sessions import Sessions
 
 
@@ -55,7 +55,7 @@ def listeners(paths: Paths) -> list[dict[str, Any]]:
             "internal": f.internal,
             "idle": s.idle,
         }
-        for vm, s in registry.all_settings(paths)
+        for vm, s in every.all_settings(paths)
         if s.wake
         for f in s.forwards
         if f.internal
