@@ -5,6 +5,7 @@ hibernated at their last logoff; crashed sessions are reaped."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pwd
 import re
@@ -50,7 +51,11 @@ def user_vm(
     mode = request.param
     user = users.make("kgl")
     sshd.authorize(user)
-    kg.ok("admin", "create", vm_name, "--owner", user, "--on-logoff", mode, "--", *boot_options(guest))
+    # The logoff delay (default 60 s) has its own tests below; these act at once.
+    kg.ok(
+        "admin", "create", vm_name, "--owner", user, "--on-logoff", mode, "--logoff-delay", "0",
+        "--", *boot_options(guest),
+    )  # fmt: skip
     cleanup_vms.append((user, vm_name))
     kg.ok("start", vm_name, "--owner", user)
     kg.ok("console", vm_name, "--owner", user, "--expect", BOOT_LINE, "--timeout", "90")
@@ -135,7 +140,7 @@ def test_crashed_session_is_reaped(kg: Kvmgate, sshd: Sshd, user_vm: tuple[str, 
     time.sleep(0.5)
     assert kg.json("status", name, "--owner", user)["state"] == "running"
     assert f"reaped the sessions of {user}" in kg.ok("admin", "reap").stdout
-    assert kg.json("status", name, "--owner", user)["state"] == "paused"
+    assert wait_state(kg, user, name, "paused")["state"] == "paused"
 
 
 @pytest.mark.parametrize("user_vm", ["hibernate"], indirect=True)
@@ -240,3 +245,47 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_text()
     except OSError:
         return ""
+
+
+def _state(sshd: Sshd, user: str, name: str) -> str:
+    r = sshd.run(user, f"{KVMGATE} status {name} --json")
+    assert r.returncode == 0, r.stderr
+    return str(json.loads(r.stdout)["state"])
+
+
+def test_one_shot_logins_never_put_the_vm_to_sleep_before_the_delay(
+    kg: Kvmgate, users, sshd: Sshd, guest: Path, vm_name: str, cleanup_vms: list
+) -> None:
+    """`ssh host kvmgate start deb` once left the VM paused 3 s later, mid-boot: a
+    one-shot ssh is a whole logon and logoff. The policy now acts only after the
+    owner has had no session for the logoff delay (here 6 s; 60 s by default),
+    and any logon within it cancels it."""
+    user = users.make("kgd")
+    sshd.authorize(user)
+    kg.ok(
+        "admin", "create", vm_name, "--owner", user, "--on-logoff", "pause", "--logoff-delay", "6",
+        "--", *boot_options(guest),
+    )  # fmt: skip
+    cleanup_vms.append((user, vm_name))
+    r = sshd.run(user, f"{KVMGATE} start {vm_name}")  # one-shot: logon, start, logoff
+    assert r.returncode == 0, r.stderr
+    time.sleep(3)
+    assert _state(sshd, user, vm_name) == "running", "a one-shot login 3 s later finds it running"
+    for _ in range(6):  # one-shot commands keep coming, 2 s apart, past the delay
+        time.sleep(2)
+        assert _state(sshd, user, vm_name) == "running", "it never pauses while they keep coming"
+    last = time.monotonic()
+    assert wait_state(kg, user, vm_name, "paused", 30)["state"] == "paused", "frozen after the delay"
+    assert time.monotonic() - last >= 4, "not before the delay"
+
+
+def test_the_logoff_delay_is_a_policy_default_and_a_vm_setting(
+    kg: Kvmgate, users, vm_name: str, cleanup_vms: list
+) -> None:
+    user = users.make("kgs")
+    kg.ok("admin", "create", vm_name, "--owner", user, "--on-logoff", "pause", "--", "-m", "64")
+    cleanup_vms.append((user, vm_name))
+    shown = kg.ok("admin", "set", vm_name, "--owner", user, "--logoff-delay", "90").stdout
+    assert '"logoff_delay": 90' in shown
+    r = kg("admin", "set", vm_name, "--owner", user, "--logoff-delay", "1h")
+    assert r.returncode == 2 and "--logoff-delay takes seconds" in r.stderr

@@ -35,6 +35,7 @@ every = st.builds(
     idle=st.integers(0, s.MAX_IDLE),
     forwards=st.lists(forwards, max_size=4).map(tuple),
     nics=st.lists(nics, max_size=4).map(tuple),
+    logoff_delay=st.none() | st.integers(0, s.MAX_IDLE),
 )
 
 
@@ -72,6 +73,9 @@ def test_a_version_0_file_reads_as_the_same_settings() -> None:
         {"service": 1},
         {"idle": -1},
         {"idle": True},
+        {"logoff_delay": -1},
+        {"logoff_delay": "60"},
+        {"logoff_delay": False},
         {"extra": 1},
         {"forwards": [{"service": "ssh", "guest": 22, "port": 0, "internal": None}]},
         {"forwards": [{"service": "ssh", "guest": 22, "port": 20000}]},
@@ -103,3 +107,11 @@ def test_idle_takes_ascii_seconds(raw: str) -> None:
 def test_idle_refuses_everything_else(raw: str) -> None:
     with pytest.raises(s.UsageError):
         s.parse_idle(raw)
+
+
+def test_the_logoff_delay_defaults_to_the_policys_60_seconds() -> None:
+    from kvmgate.model.policy.policy import Policy
+
+    assert s.parse(json.dumps(VALID)).logoff_delay is None, "a VM from before the delay takes the policy's"
+    assert Policy().logoff_delay_seconds == 60
+    assert Policy.from_dict({"logoff_delay_seconds": 0}).logoff_delay_seconds == 0

@@ -74,6 +74,12 @@ ON_LOGOFF = Flag(
     "MODE",
     ("none", "pause", "hibernate"),
 )
+LOGOFF_DELAY = Flag(
+    "--logoff-delay",
+    "act on --on-logoff only after the owner has had no session this long (default: the policy's "
+    "logoff_delay_seconds, 60); a logon within it cancels it",
+    "SECONDS",
+)
 NETWORK = Flag(
     "--network", "one NIC on each named network from the policy (user, private, services, ...)", "NET[,NET...]"
 )
@@ -178,6 +184,7 @@ VERBS: tuple[Verb, ...] = (
             Flag("--no-autostart", "with --service: do not start it at boot"),
             Flag("--disk-size", "create the VM's default disk (qcow2), e.g. 10G", "SIZE"),
             ON_LOGOFF,
+            LOGOFF_DELAY,
             NETWORK,
             FORWARD,
             WAKE,
@@ -197,6 +204,7 @@ VERBS: tuple[Verb, ...] = (
         (
             OWNER_REQUIRED,
             ON_LOGOFF,
+            LOGOFF_DELAY,
             Flag("--idle", "with --wake on: freeze after this long without connections", "SECONDS"),
             NETWORK,
             FORWARD,

@@ -52,6 +52,7 @@ class Settings(NamedTuple):
     idle: int = 0  # seconds without connections before gated freezes it (0: never)
     forwards: tuple[Forward, ...] = ()
     nics: tuple[Nic, ...] = ()
+    logoff_delay: int | None = None  # seconds; None: the policy's logoff_delay_seconds
 
     def with_(self, **changes: Any) -> Settings:
         return self._replace(**changes)
@@ -143,7 +144,10 @@ def parse(text: bytes | str) -> Settings:
         raise CorruptSettings("bad idle")
     forwards = tuple(Forward(**r) for r in _rows(data.get("forwards", []), FORWARD_SHAPE))
     nics = tuple(Nic(**r) for r in _rows(data.get("nics", []), NIC_SHAPE))
-    return Settings(on_logoff, flags["service"], flags["autostart"], flags["wake"], idle, forwards, nics)
+    delay = data.get("logoff_delay")
+    if delay is not None and (not isinstance(delay, int) or isinstance(delay, bool) or not 0 <= delay <= MAX_IDLE):
+        raise CorruptSettings("bad logoff_delay")
+    return Settings(on_logoff, flags["service"], flags["autostart"], flags["wake"], idle, forwards, nics, delay)
 
 
 MAX_IDLE = 7 * 86400
@@ -155,8 +159,12 @@ def check_on_logoff(mode: str) -> str:
     return mode
 
 
-def parse_idle(raw: str) -> int:
-    """Seconds, ASCII digits only (str.isdigit accepts other scripts' digits)."""
+def parse_seconds(raw: str, flag: str, zero: str) -> int:
+    """Seconds for `flag`, ASCII digits only (str.isdigit accepts other scripts' digits)."""
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 7 or int(raw) > MAX_IDLE:
-        raise UsageError(f"--idle takes seconds between 0 and {MAX_IDLE} (0: never)")
+        raise UsageError(f"{flag} takes seconds between 0 and {MAX_IDLE} (0: {zero})")
     return int(raw)
+
+
+def parse_idle(raw: str) -> int:
+    return parse_seconds(raw, "--idle", "never")

@@ -20,7 +20,7 @@ from kvmgate.model import identity as ident
 from kvmgate.model import qcow2
 from kvmgate.model.commands import Request
 from kvmgate.model.policy.table import OPTIONS
-from kvmgate.model.settings import Settings, check_on_logoff, parse_idle
+from kvmgate.model.settings import Settings, check_on_logoff, parse_idle, parse_seconds
 from kvmgate.ops.inspect import describe
 from kvmgate.ops.plan import owner_dir, plan_for
 from kvmgate.paths import GATED_USER, QEMU_GROUP, SERVICE_USER, Paths
@@ -105,11 +105,14 @@ def delete(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     return 0
 
 
+SETTINGS_FLAGS = ("--on-logoff", "--logoff-delay", "--idle", "--wake", "--forward", "--network")
+
+
 def set_settings(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     settings = registry.read_settings(vm)
-    mode, idle = req.flag("--on-logoff"), req.flag("--idle")
-    if all(req.flag(f) is None for f in ("--on-logoff", "--idle", "--wake", "--forward", "--network")):
-        raise UsageError("admin set needs --on-logoff, --idle, --wake, --forward or --network")
+    mode, idle, delay = req.flag("--on-logoff"), req.flag("--idle"), req.flag("--logoff-delay")
+    if all(req.flag(f) is None for f in SETTINGS_FLAGS):
+        raise UsageError("admin set needs one of " + ", ".join(SETTINGS_FLAGS))
     if runtime.is_running(vm) and any(req.flag(f) is not None for f in ("--network", "--forward", "--wake")):
         # Its taps, guarded ports and addresses are in use: changing them under it would
         # drop its anti-spoofing rules and hand its address to another VM.
@@ -118,6 +121,8 @@ def set_settings(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> in
         settings = settings.with_(on_logoff=check_on_logoff(mode))
     if idle is not None:
         settings = settings.with_(idle=parse_idle(idle))
+    if delay is not None:
+        settings = settings.with_(logoff_delay=parse_seconds(delay, "--logoff-delay", "at once"))
     settings = _allocate(req, paths, vm, settings, lambda s: registry.write_settings(vm, s))
     shown = json.loads(settings.to_json())
     audit.done(paths.audit_log, who, "admin set", vm.identity.owner, vm.identity.name, settings=shown)
@@ -173,6 +178,10 @@ def create(req: Request, who: Caller, paths: Paths, owner: str, name: str) -> in
     image = qcow2.empty_image(parse_size(size)) if size else None
     service = req.has("--service")
     settings = Settings(on_logoff=on_logoff, service=service, autostart=service and not req.has("--no-autostart"))
+    if req.flag("--logoff-delay") is not None:
+        settings = settings.with_(
+            logoff_delay=parse_seconds(req.flag("--logoff-delay") or "", "--logoff-delay", "at once")
+        )
     registry.ensure_layout(paths)
     _allocate(req, paths, vm, settings, lambda s: define.create(paths, identity, image, s))
     audit.done(paths.audit_log, who, "admin create", owner, name, options=list(identity.tokens), directory=vm.vmdir)

@@ -23,6 +23,7 @@ import fcntl
 import os
 import signal
 import sys
+import time
 
 from kvmgate.errors import KvmgateError, one_line
 from kvmgate.host import audit, audit_rate, pam
@@ -30,7 +31,7 @@ from kvmgate.host.caller import Caller, scrub
 from kvmgate.model.commands import Request
 from kvmgate.ops import power
 from kvmgate.paths import Paths, installed
-from kvmgate.store import critical, every, registry, runtime
+from kvmgate.store import config, critical, every, registry, runtime
 from kvmgate.store.sessions import Sessions
 
 HOOK_SECONDS = 5  # the hook's own bound; VM work happens after it returned
@@ -93,7 +94,9 @@ def hook(paths: Paths, words: list[str], claimed: str | None) -> int:
 
 def _detach(work: object) -> None:
     """Run work in a detached grandchild so pam_exec (and the login) need not wait."""
-    if os.fork():
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)  # it exits at once, leaving the grandchild to init
         return
     try:
         os.setsid()
@@ -102,7 +105,6 @@ def _detach(work: object) -> None:
         devnull = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-        signal.alarm(WORK_SECONDS)
         work()  # type: ignore[operator]
     finally:
         os._exit(0)
@@ -113,36 +115,43 @@ def _work_file(paths: Paths, user: str) -> str:
 
 
 def _request(paths: Paths, user: str, action: str) -> None:
-    """Leave the newest request for the user's worker (under the session lock)."""
+    """Leave the newest request for the user's worker (under the session lock),
+    with when it was made: a logoff's delay counts from then."""
     os.makedirs(os.path.dirname(_work_file(paths, user)), 0o700, exist_ok=True)
     fd = os.open(_work_file(paths, user), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, action.encode())
+        os.write(fd, f"{action} {time.monotonic():.3f}".encode())
     finally:
         os.close(fd)
 
 
-def _take(paths: Paths, user: str, keep: bool = False) -> str | None:
-    """The request waiting for the user's worker, if any; taken unless `keep`."""
+def _take(paths: Paths, user: str, keep: bool = False) -> tuple[str, float] | None:
+    """The request waiting for the user's worker and when it was made, if any;
+    taken unless `keep`."""
     with Sessions(paths, user).locked():
         try:
             fd = os.open(_work_file(paths, user), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
-            action = os.read(fd, 16).decode(errors="replace")
+            words = os.read(fd, 64).decode(errors="replace").split()
             if not keep:
                 os.ftruncate(fd, 0)
         finally:
             os.close(fd)
-    return action if action in ("thaw", "logoff") else None
+    try:
+        action, at = words[0], float(words[1])
+    except (IndexError, ValueError):
+        return None
+    return (action, at) if action in ("thaw", "logoff") else None
 
 
 def work(paths: Paths, user: str) -> None:
     """One worker per user at a time, however many logins and logoffs: a worker
     that finds another at work leaves its request to it and exits, and the one at
     work goes on until no request is left. So a VM operation that takes long (or a
-    lock held long) never piles up a process per login behind it."""
+    lock held long) never piles up a process per login behind it, and the
+    logoff delay is one process waiting, whatever the number of one-shot logins."""
     while True:
         fd = os.open(_work_file(paths, user), os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -150,16 +159,44 @@ def work(paths: Paths, user: str) -> None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return  # the worker at work takes this request too
-            while (action := _take(paths, user)) is not None:
-                apply(paths, user, action)
+            while (request := _take(paths, user)) is not None:
+                action, at = request
+                if action == "thaw":
+                    apply(paths, user, "thaw")
+                else:
+                    _logoff(paths, user, at)
         finally:
             os.close(fd)
         if _take(paths, user, keep=True) is None:
             return  # nothing came in between the last look and letting go
 
 
-def apply(paths: Paths, user: str, action: str) -> None:
-    """Thaw, or freeze/hibernate per policy, each of user's VMs that has a session policy.
+def _logoff(paths: Paths, user: str, at: float) -> None:
+    """Put each VM with a session policy to sleep once its logoff delay, counted
+    from `at`, has passed. A new request (a logon, or a later logoff) ends the wait:
+    `work` takes it next. Whether to act is decided again under each VM's lock
+    (the owner may be back), so the delay is never the only guard."""
+    policy_delay = config.load(paths).logoff_delay_seconds
+    pending = []
+    for vm in every.each_vm(paths, user):
+        with contextlib.suppress(Exception):  # a VM that cannot be read is apply's to report
+            s = registry.read_settings(vm)
+            if s.on_logoff != "none":
+                pending.append((policy_delay if s.logoff_delay is None else s.logoff_delay, vm.identity.name, vm))
+    for delay, _, vm in sorted(pending, key=lambda p: (p[0], p[1])):
+        while (left := at + delay - time.monotonic()) > 0:
+            if _take(paths, user, keep=True) is not None:
+                return  # superseded: the newer request decides
+            time.sleep(min(left, POLL_SECONDS))
+        apply(paths, user, "logoff", only=vm)
+
+
+POLL_SECONDS = 0.5  # how often a waiting worker looks for a newer request
+
+
+def apply(paths: Paths, user: str, action: str, only: registry.VM | None = None) -> None:
+    """Thaw, or freeze/hibernate per policy, each of user's VMs that has a session
+    policy (or just `only`).
 
     A worker decides on the session count as it is when it acts on each VM, under
     that VM's operation lock (lock order: VM, then the session records), not as
@@ -172,8 +209,9 @@ def apply(paths: Paths, user: str, action: str) -> None:
         return (action == "thaw") == (sessions.live() > 0)
 
     who = Caller(0, "pam", False)
-    for vm in every.each_vm(paths, user):
+    for vm in [only] if only is not None else every.each_vm(paths, user):
         critical.checkpoint()
+        signal.alarm(WORK_SECONDS)  # bounds each VM's operation, not the waiting in between
         try:
             mode = registry.read_settings(vm).on_logoff
             if mode == "none":
@@ -193,6 +231,8 @@ def apply(paths: Paths, user: str, action: str) -> None:
                 outcome="error",
                 reason=str(err),
             )
+        finally:
+            signal.alarm(0)
 
 
 def trim_console_logs(paths: Paths) -> None:
@@ -215,7 +255,8 @@ def trim_console_logs(paths: Paths) -> None:
 
 def reap(paths: Paths) -> None:
     """Prune sessions whose leaders died without closing (crashes, kill -9) and
-    apply the logoff policy for users left with none; keep console logs bounded.
+    hand a logoff (with its delay) to the worker of each user left with none;
+    restart a worker that was lost; keep console logs bounded.
     Run every minute by kvmgate-reap.timer. Also writes the summaries of
     refusals the audit log held back (host.audit)."""
     audit_rate.flush_held(paths.audit_log)
@@ -236,11 +277,37 @@ def reap(paths: Paths) -> None:
             sessions = Sessions(paths, user)
             with sessions.locked():
                 before, live = sessions.prune()
-            if before and not live:
-                apply(paths, user, "logoff")
+                crashed = bool(before and not live)
+                if crashed:  # the last session ended without closing: a logoff, now
+                    _request(paths, user, "logoff")
+            if crashed:
+                _detach(lambda: work(paths, user))  # noqa: B023 - called before the next iteration
                 print(f"reaped the sessions of {user}")
         except Exception as err:  # noqa: BLE001 - one user's records never stop the others'
             print(f"kvmgate: reap {user}: {one_line(err)}", file=sys.stderr)
+    _restart_lost_workers(paths)
+
+
+def _restart_lost_workers(paths: Paths) -> None:
+    """A request no worker holds (its worker was killed) gets a new worker."""
+    with contextlib.suppress(FileNotFoundError):
+        for user in sorted(os.listdir(os.path.join(paths.run, "logon-work"))):
+            critical.checkpoint()
+            with contextlib.suppress(Exception):
+                if _take(paths, user, keep=True) is not None and not _at_work(paths, user):
+                    _detach(lambda: work(paths, user))  # noqa: B023 - called before the next iteration
+                    print(f"restarted the logon worker of {user}")
+
+
+def _at_work(paths: Paths, user: str) -> bool:
+    fd = os.open(_work_file(paths, user), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def run(req: Request, who: Caller, paths: Paths) -> int:

@@ -46,6 +46,7 @@ class Policy(NamedTuple):
     audit_burst: int = 20  # refusals recorded at once per caller (host.audit)...
     audit_refill_seconds: int = 5  # ...then one per this many seconds
     console_log_mib: int = 8  # each VM's console log, bounded as it is written (model.consolelog)
+    logoff_delay_seconds: int = 60  # --on-logoff acts after this long without a session (per VM: admin set)
     net: network.HostNet = network.default()
 
     # ------------------------------------------------------------------ loading
@@ -55,7 +56,7 @@ class Policy(NamedTuple):
             return PolicyError("policy", msg)
 
         known = {"accel", "qemu", "stop_timeout", "memory_overhead_mib", "max_open_files", "lists", "limits"}
-        known |= {"audit_burst", "audit_refill_seconds", "console_log_mib"}
+        known |= {"audit_burst", "audit_refill_seconds", "console_log_mib", "logoff_delay_seconds"}
         known |= {"host", "ports", "vnc", "networks"}
         extra = set(data) - known
         if extra:
@@ -76,6 +77,7 @@ class Policy(NamedTuple):
             ("audit_burst", 1, 1 << 20),
             ("audit_refill_seconds", 1, 3600),
             ("console_log_mib", 1, 1024),
+            ("logoff_delay_seconds", 0, 7 * 86400),
         ):
             if key in data:
                 v = data[key]
