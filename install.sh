@@ -3,7 +3,13 @@
 #
 #   ./install.sh [--prefix /usr/local] [--libdir DIR] [--etc /etc/kvmgate]
 #                [--state /var/lib/kvmgate] [--run /run/kvmgate] [--log /var/log/kvmgate]
-#                [--sudoers /etc/sudoers.d/kvmgate] [--test-pause-points CONTROL_FILE]
+#                [--sudoers /etc/sudoers.d/kvmgate] [--unitdir /etc/systemd/system]
+#                [--systemd auto|yes|no] [--test-pause-points CONTROL_FILE]
+#
+# The systemd units go into --unitdir with this installation's paths; when systemd
+# is PID 1 (--systemd auto) they are enabled and started. Without systemd,
+# `kvmgate admin init` says what does not run and `admin init --cron` installs
+# cron lines instead.
 #
 # The helper and front end run under /usr/bin/python3 -I -S: no PYTHON* variable,
 # user site or site-packages reaches them; they import the standard library and
@@ -11,11 +17,12 @@
 # kvmgate/_install.py, so nothing a caller controls can move them.
 set -eu
 prefix=/usr/local libdir= etc=/etc/kvmgate state=/var/lib/kvmgate run=/run/kvmgate log=/var/log/kvmgate
-sudoers=/etc/sudoers.d/kvmgate pause=
+sudoers=/etc/sudoers.d/kvmgate pause= unitdir=/etc/systemd/system systemd=auto
 while [ $# -gt 0 ]; do
     case "$1" in
         --prefix) prefix=$2 ;; --libdir) libdir=$2 ;; --etc) etc=$2 ;; --state) state=$2 ;;
         --run) run=$2 ;; --log) log=$2 ;; --sudoers) sudoers=$2 ;;
+        --unitdir) unitdir=$2 ;; --systemd) systemd=$2 ;;
         # The test suite's own installation only: the helper stops at named points
         # while root's CONTROL_FILE names them (kvmgate/store/critical.py).
         --test-pause-points) pause=$2 ;;
@@ -23,6 +30,7 @@ while [ $# -gt 0 ]; do
     esac
     shift 2
 done
+case "$systemd" in auto | yes | no) ;; *) echo "install.sh: --systemd takes auto, yes or no" >&2; exit 2 ;; esac
 [ "$(id -u)" = 0 ] || { echo "install.sh: run as root" >&2; exit 3; }
 libdir=${libdir:-$prefix/lib/kvmgate}
 src=$(cd "$(dirname "$0")" && pwd)/src/kvmgate
@@ -124,5 +132,24 @@ from kvmgate.host.pam import install_pam
 from kvmgate.paths import installed
 print(install_pam(installed()))"
     rm -rf "$run/sessions"
+fi
+# The host's service manager runs what must run: the reap timer, the networks at boot,
+# autostart (which hands service VMs to their kvmgate-vm@ watchers), kvmgate-gated.
+mkdir -p "$unitdir"
+for unit in "$src/../../packaging/systemd/"*; do
+    sed -e "s|/usr/local/bin/kvmgate|$prefix/bin/kvmgate|g" -e "s|/usr/local/lib/kvmgate|$libdir|g" \
+        -e "s|/usr/local/share/doc/kvmgate|$doc|g" "$unit" > "$unitdir/$(basename "$unit")"
+    chmod 0644 "$unitdir/$(basename "$unit")"
+done
+if [ "$systemd" = auto ]; then
+    if [ -d /run/systemd/system ]; then systemd=yes; else systemd=no; fi
+fi
+if [ "$systemd" = yes ]; then
+    systemctl daemon-reload
+    systemctl enable --now kvmgate-runtime.service kvmgate-network.service kvmgate-reap.timer \
+        kvmgate-autostart.service kvmgate-gated.service
+    echo "enabled and started the kvmgate units in $unitdir"
+else
+    echo "systemd is not running here: the units in $unitdir will not run; see: $prefix/bin/kvmgate admin init"
 fi
 echo "installed kvmgate in $libdir (command: $prefix/bin/kvmgate)"

@@ -37,7 +37,10 @@ SUDOERS = "/etc/sudoers.d/kvmgate-test"
 LOGROTATE = "/etc/logrotate.d/kvmgate-test"  # install.sh names it after the sudoers drop-in
 PAUSE_CONTROL = f"{PREFIX}/pause-control"  # the helper's test-only pause points (store/critical.py)
 INSTALL_ARGS = ["--prefix", PREFIX, "--etc", ETC, "--state", STATE, "--run", RUN, "--log", LOG, "--sudoers", SUDOERS]
-PAUSE_ARGS = ["--test-pause-points", PAUSE_CONTROL]  # the suite's installation only (not older releases')
+UNITDIR = f"{PREFIX}/systemd"  # the suite's units go where no systemd reads them
+CRON = "/etc/cron.d/kvmgate-test"  # `admin init --cron` names it after the sudoers drop-in
+# The suite's installation only (older releases' install.sh knows neither option):
+PAUSE_ARGS = ["--test-pause-points", PAUSE_CONTROL, "--unitdir", UNITDIR, "--systemd", "no"]
 GUEST = os.environ.get("KVMGATE_GUEST_DIR", "/var/cache/kvmgate-test-guest")
 BOOT_LINE = r"KVMGATE-GUEST-READY[^\r\n]*[\r\n]"
 # ssh(1) options for throwaway test hosts: never prompt, never remember a host key.
@@ -227,7 +230,7 @@ def kg(guest: Path) -> Iterator[Kvmgate]:
     yield k
     _stop_everything(k)
     k("admin", "net-down")
-    for path in (SUDOERS, LOGROTATE):
+    for path in (SUDOERS, LOGROTATE, CRON):
         if os.path.exists(path):
             os.unlink(path)
     shutil.rmtree(RUN, ignore_errors=True)

@@ -9,12 +9,13 @@ import socket
 import stat
 import subprocess
 import syslog
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ..conftest import HELPER, PREFIX, SUDOERS, Kvmgate
+from ..conftest import CRON, HELPER, INSTALL_ARGS, PAUSE_CONTROL, PREFIX, REPO, SUDOERS, UNITDIR, Kvmgate
 
 
 def test_installed_code_is_root_owned_and_not_writable(kg: Kvmgate) -> None:
@@ -69,27 +70,100 @@ def test_refusals_go_to_syslog(kg: Kvmgate, alice: str, dev_log: socket.socket) 
     )
 
 
-def test_unit_files_verify(kg: Kvmgate, tmp_path: Path) -> None:
-    """The shipped units pass systemd-analyze verify (pointed at this installation)."""
-    units = sorted(Path(__file__).resolve().parents[2].joinpath("packaging/systemd").iterdir())
-    assert {u.name for u in units} >= {
-        "kvmgate-reap.service",
-        "kvmgate-reap.timer",
-        "kvmgate-runtime.service",
-        "kvmgate-autostart.service",
-        "kvmgate-vm@.service",
-        "kvmgate-gated.service",
-        "kvmgate-network.service",
-        "kvmgate.slice",
-    }
-    for unit in units:
-        text = unit.read_text().replace("/usr/local/bin/kvmgate", f"{PREFIX}/bin/kvmgate")
-        (tmp_path / unit.name).write_text(text.replace("/usr/local/lib/kvmgate", f"{PREFIX}/lib/kvmgate"))
-    r = subprocess.run(
-        ["systemd-analyze", "verify", *[str(tmp_path / u.name) for u in units]], capture_output=True, text=True
-    )
+UNITS = {
+    "kvmgate-reap.service",
+    "kvmgate-reap.timer",
+    "kvmgate-runtime.service",
+    "kvmgate-autostart.service",
+    "kvmgate-vm@.service",
+    "kvmgate-gated.service",
+    "kvmgate-network.service",
+    "kvmgate.slice",
+}
+
+
+def test_the_units_are_installed_with_this_installations_paths(kg: Kvmgate) -> None:
+    """install.sh once copied the units only under share/doc: nothing reaped, nothing
+    ran at boot, gated never ran. They are installed into the unit directory, with
+    this installation's paths, and pass systemd-analyze verify there."""
+    installed = sorted(Path(UNITDIR).iterdir())
+    assert {u.name for u in installed} == UNITS
+    for unit in installed:
+        text = unit.read_text()
+        assert "/usr/local" not in text, unit.name
+        assert stat.S_IMODE(unit.stat().st_mode) == 0o644
+    assert f"ExecStart={PREFIX}/bin/kvmgate admin reap" in Path(UNITDIR, "kvmgate-reap.service").read_text()
+    r = subprocess.run(["systemd-analyze", "verify", *map(str, installed)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "kvmgate" not in r.stderr, r.stderr
+
+
+FAKE_SYSTEMCTL = """#!/bin/sh
+echo "$*" >> {log}
+"""
+
+
+def test_install_enables_and_starts_the_units_where_systemd_runs(kg: Kvmgate, tmp_path: Path) -> None:
+    """Where systemd is PID 1, install.sh reloads it and enables and starts the units
+    (here with --systemd yes and a systemctl that records what it was asked)."""
+    log = tmp_path / "systemctl.log"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "systemctl").write_text(FAKE_SYSTEMCTL.format(log=log))
+    (fake / "systemctl").chmod(0o755)
+    units = tmp_path / "units"
+    args = [*INSTALL_ARGS, "--test-pause-points", PAUSE_CONTROL, "--unitdir", str(units), "--systemd", "yes"]
+    env = {"PATH": f"{fake}:/usr/sbin:/usr/bin:/sbin:/bin"}
+    out = subprocess.run([str(REPO / "install.sh"), *args], env=env, capture_output=True, text=True, check=True)
+    assert "enabled and started the kvmgate units" in out.stdout
+    assert log.read_text().splitlines() == [
+        "daemon-reload",
+        "enable --now kvmgate-runtime.service kvmgate-network.service kvmgate-reap.timer "
+        "kvmgate-autostart.service kvmgate-gated.service",
+    ]
+    assert {u.name for u in units.iterdir()} == UNITS
+
+
+def test_without_systemd_init_says_what_does_not_run_and_cron_runs_it(kg: Kvmgate) -> None:
+    """Without systemd as PID 1, `admin init` says what will not run; `--cron`
+    installs cron lines for it, and each line's command runs here."""
+    out = kg.ok("admin", "init").stdout
+    assert "systemd is not running here, so kvmgate's units do not run" in out and "--cron" in out
+    try:
+        assert f"installed {CRON}" in kg.ok("admin", "init", "--cron").stdout
+        assert f"{CRON} runs what its units would" in kg.ok("admin", "init").stdout
+        jobs = [line for line in Path(CRON).read_text().splitlines() if line[:1] in "*@"]
+        assert len(jobs) == 3
+        commands = [re.split(r"\s+", j, maxsplit=6 if j.startswith("*") else 2)[-1] for j in jobs]
+        reap, boot, gated = (c.split(" ", 1)[1] if c.startswith("root ") else c for c in commands)
+        for command in (reap, boot):
+            subprocess.run(["sh", "-c", command], check=True, timeout=120)
+        first = subprocess.Popen(["sh", "-c", gated])
+        try:
+            deadline = time.monotonic() + 30
+            while not _gated_pids():
+                assert time.monotonic() < deadline, "the cron line started kvmgate-gated"
+                time.sleep(0.2)
+            second = subprocess.run(["sh", "-c", gated], timeout=30)
+            assert second.returncode == 0 and len(_gated_pids()) == 1, "a second copy never starts"
+        finally:
+            for pid in _gated_pids():
+                os.kill(pid, 15)
+            first.wait(30)
+    finally:
+        kg.ok("admin", "init", "--no-cron")
+    assert not os.path.exists(CRON)
+
+
+def _gated_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-u", "kvmgate-gated", "-f", "kvmgate-gated"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_a_service_vm_is_handed_to_its_watcher_unit_by_its_escaped_name() -> None:
+    from kvmgate.host.schedule import watcher_unit
+
+    assert watcher_unit("kvmgate-svc", "web-1") == "kvmgate-vm@kvmgate\\x2dsvc:web\\x2d1.service"
 
 
 def test_unit_commands_run(kg: Kvmgate) -> None:

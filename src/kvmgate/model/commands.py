@@ -172,6 +172,8 @@ VERBS: tuple[Verb, ...] = (
             Flag("--accel", "set the policy's accelerator", "auto|kvm|tcg", ("auto", "kvm", "tcg")),
             Flag("--pam", "install the PAM session hook in the sshd and login stacks (docs/logon.md)"),
             Flag("--no-pam", "remove the PAM session hook"),
+            Flag("--cron", "without systemd: install cron lines for what its units run (reap, boot, gated)"),
+            Flag("--no-cron", "remove those cron lines"),
         ),
         target=None,
     ),

@@ -325,6 +325,15 @@ def init(req: Request, paths: Paths) -> int:
         _say(pam.install_pam(paths))
     elif req.has("--no-pam"):
         _say(pam.uninstall_pam(paths))
+    from kvmgate.host import schedule
+
+    if req.has("--cron"):
+        _say(schedule.install_cron(paths))
+    elif req.has("--no-cron"):
+        _say(schedule.remove_cron(paths))
+    missing = schedule.without_systemd(paths)
+    if missing:
+        _say(missing)
     if not _proc_hides_pids():
         _say(
             "note: /proc is mounted without hidepid: users see each other's processes (not VMs' kernel command "

@@ -33,15 +33,23 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
 
 
 def autostart(who: Caller, paths: Paths) -> int:
-    """Start every service VM marked autostart. One VM's failure, whatever it is,
+    """Start every service VM marked autostart. Where systemd runs, each is handed
+    to its watcher unit (kvmgate-vm@OWNER:NAME), which starts it and restarts it
+    if it dies; elsewhere it is started here. One VM's failure, whatever it is,
     is reported and never stops the loop for the VMs after it."""
+    from kvmgate.host import schedule
+
+    supervised = schedule.systemd_runs()
     failed = 0
     for vm in every.each_vm(paths):
         critical.checkpoint()  # a deferred SIGTERM stops the loop between VMs
         try:
             settings = registry.read_settings(vm)
             if settings.service and settings.autostart and not runtime.is_running(vm):
-                lifecycle.start(paths, who, vm, [])
+                if supervised:
+                    schedule.start_watcher(vm.identity.owner, vm.identity.name)
+                else:
+                    lifecycle.start(paths, who, vm, [])
         except Busy as err:  # another operation held it too long: that is a failure here
             failed += 1
             sys.stderr.write(f"kvmgate: autostart {vm.identity.owner}/{vm.identity.name}: {err}\n")
