@@ -27,7 +27,7 @@ from kvmgate.model.commands import Request, parse
 from kvmgate.paths import Paths, installed
 from kvmgate.store import critical
 
-LIFECYCLE = ("start", "stop", "freeze", "thaw", "hibernate")
+POWER = ("stop", "freeze", "thaw", "hibernate")
 INFO = ("status", "list", "ports", "vnc")
 
 
@@ -51,10 +51,14 @@ def dispatch(req: Request, who: caller.Caller, paths: Paths) -> int:
         from kvmgate.verbs import admin
 
         return admin.run(req, who, paths)
-    if req.verb in LIFECYCLE:
+    if req.verb == "start":
         from kvmgate.verbs import lifecycle
 
         return lifecycle.run(req, who, paths)
+    if req.verb in POWER:
+        from kvmgate.verbs import power
+
+        return power.run(req, who, paths)
     if req.verb in INFO:
         from kvmgate.verbs import info
 

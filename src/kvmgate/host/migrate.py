@@ -170,7 +170,13 @@ def restore(vm: registry.VM, saved: Saved, timeout: float = 3600) -> None:
     finally:
         os.close(src)
         _tell("\n")
-    # Only now, with the VM back, is the state expendable.
+    discard(vm)  # only now, with the VM back, is the state expendable
+
+
+def discard(vm: registry.VM) -> None:
+    """Remove the saved state: its record first, so that a crash half-way leaves a
+    state without a record, which no start takes for a hibernated VM."""
     for name in (META, STATE):
-        os.unlink(vm.sub("saved", name))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(vm.sub("saved", name))
     fsync_dir(vm.sub("saved"))

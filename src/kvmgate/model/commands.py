@@ -115,7 +115,12 @@ VERBS: tuple[Verb, ...] = (
     Verb(
         "stop",
         "stop a VM: ACPI power-down, then kill after the timeout (exit 6 if it had to kill)",
-        (OWNER, Flag("--force", "quit at once instead of powering down"), TIMEOUT),
+        (
+            OWNER,
+            Flag("--force", "quit at once instead of powering down"),
+            TIMEOUT,
+            Flag("--discard", "a hibernated VM: throw its saved state away (its next start boots afresh)"),
+        ),
     ),
     Verb("freeze", "pause a VM's virtual CPUs; its memory stays in place", (OWNER,)),
     Verb("thaw", "resume a frozen VM, or restore a hibernated one", (OWNER,)),
@@ -197,8 +202,12 @@ VERBS: tuple[Verb, ...] = (
     ),
     Verb(
         "admin-delete",
-        "delete a VM (it must be stopped); frees its ports, MACs and addresses",
-        (OWNER_REQUIRED, Flag("--keep-disks", "keep the disks directory under STATE/kept/")),
+        "delete a VM; frees its ports, MACs and addresses",
+        (
+            OWNER_REQUIRED,
+            Flag("--keep-disks", "keep the disks directory under STATE/kept/"),
+            Flag("--force", "also a running VM (ended at once) or a hibernated one (its saved state is lost)"),
+        ),
     ),
     Verb(
         "admin-set",

@@ -159,10 +159,11 @@ def check_on_logoff(mode: str) -> str:
     return mode
 
 
-def parse_seconds(raw: str, flag: str, zero: str) -> int:
-    """Seconds for `flag`, ASCII digits only (str.isdigit accepts other scripts' digits)."""
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 7 or int(raw) > MAX_IDLE:
-        raise UsageError(f"{flag} takes seconds between 0 and {MAX_IDLE} (0: {zero})")
+def parse_seconds(raw: str, flag: str, zero: str = "", limit: int = MAX_IDLE) -> int:
+    """Whole seconds for `flag`, ASCII digits only (str.isdigit accepts other
+    scripts' digits and superscripts)."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 7 or int(raw) > limit:
+        raise UsageError(f"{flag} takes seconds between 0 and {limit}" + (f" (0: {zero})" if zero else ""))
     return int(raw)
 
 

@@ -48,3 +48,13 @@ def _write_admin_pidfile(path: str, pid: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     os.write(fd, f"{pid}\n".encode())
     os.close(fd)
+
+
+def make_socket_dir(d: str, uid: int) -> None:
+    """A fresh owner directory for this run's VNC socket, which QEMU (running as
+    the owner) creates in it: made by root, then given to the owner."""
+    parent = os.path.dirname(d)
+    os.makedirs(parent, 0o711, exist_ok=True)
+    os.chmod(parent, 0o711)
+    os.mkdir(d, 0o700)
+    os.chown(d, uid, -1)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from kvmgate.errors import KvmgateError, NoSuchVM, QemuRefused, QMPError, WrongState
+from kvmgate.errors import FileRefused, KvmgateError, NoSuchVM, QemuRefused, QMPError, WrongState
 from kvmgate.host import audit, cgroup, launch
 from kvmgate.host.caller import Caller
 from kvmgate.host.qmp import QMP, wait_ready
@@ -72,7 +72,13 @@ def start_locked(paths: Paths, who: Caller, vm: registry.VM, options: list[str],
     saved = registry.read_saved(vm)
     if saved is not None and options:
         raise WrongState(f"{vm.identity.name} is hibernated: it resumes with the options it was started with")
-    pid, accel = _launch(paths, who, vm, saved.options if saved else options, paused, saved is not None)
+    try:
+        pid, accel = _launch(paths, who, vm, saved.options if saved else options, paused, saved is not None)
+    except FileRefused as err:
+        if saved is None:
+            raise
+        raise FileRefused(f"{err}; the VM was hibernated with it: put it back, or throw the saved state away "
+                          f"with `kvmgate stop {vm.identity.name} --discard`") from None  # fmt: skip
     if saved is None:
         return Started(pid, accel, False)
 
@@ -196,20 +202,16 @@ def _launch(
 
 
 def _prepare_owner_dir(vm: registry.VM, plan: Plan, uid: int) -> None:
-    """A fresh owner directory for this run's VNC socket, which QEMU
-    (running as the owner) creates in it. Made by root, then given to the owner."""
+    """The owner directory of this run: emptied, and made again for a VNC socket."""
     d = owner_dir(vm)
     if os.path.lexists(d):  # whatever the owner left there, however deep; never following a link
         from kvmgate.store.trees import remove_tree
 
         remove_tree(d)
-    if not (plan.vnc and plan.vnc.mode == "unix"):
-        return
-    parent = os.path.dirname(d)
-    os.makedirs(parent, 0o711, exist_ok=True)
-    os.chmod(parent, 0o711)
-    os.mkdir(d, 0o700)
-    os.chown(d, uid, -1)
+    if plan.vnc and plan.vnc.mode == "unix":
+        from kvmgate.ops import display
+
+        display.make_socket_dir(d, uid)
 
 
 def _file_size_limit(plan: Plan, limits: Limits) -> int:

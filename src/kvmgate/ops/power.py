@@ -33,6 +33,12 @@ def stop(paths: Paths, who: Caller, vm: registry.VM, force: bool = False, timeou
     other actor; then, under the lock again, kill what is still the same QEMU."""
     with lock(paths, who, vm):
         if not runtime.is_running(vm):
+            if registry.read_saved(vm) is not None:
+                name = vm.identity.name
+                raise WrongState(
+                    f"{name} is hibernated, not running: `kvmgate start {name}` restores it, "
+                    f"`kvmgate stop {name} --discard` throws its saved state away"
+                )
             raise WrongState(f"{vm.identity.name} is not running")
         pid = runtime.read_pid(vm)
         grace = float(config.load(paths).stop_timeout) if timeout is None else timeout
@@ -56,18 +62,54 @@ def stop(paths: Paths, who: Caller, vm: registry.VM, force: bool = False, timeou
     with lock(paths, who, vm):
         forced = False
         if not stopped and runtime.is_running(vm) and runtime.read_pid(vm) == pid:
-            if pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            _kill_locked(vm, pid)
             how, forced = "killed after timeout", True
-            if not runtime.wait_stopped(vm, 10):
-                raise KvmgateError(f"{vm.identity.name} did not stop")
         if runtime.read_pid(vm) in (pid, None) and not runtime.is_running(vm):
-            runtime.cleanup(vm)  # not a new run's files, if someone started it again meanwhile
-            remove_tree(owner_dir(vm))
-            cgroup.remove(vm.key)
+            _clean_up_run(vm)  # not a new run's files, if someone started it again meanwhile
         audit.done(paths.audit_log, who, "stop", vm.identity.owner, vm.identity.name, how=how)
         return Stopped(how, forced)
+
+
+def _kill_locked(vm: registry.VM, pid: int | None) -> None:
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if not runtime.wait_stopped(vm, 10):
+        raise KvmgateError(f"{vm.identity.name} did not stop")
+
+
+def _clean_up_run(vm: registry.VM) -> None:
+    runtime.cleanup(vm)
+    remove_tree(owner_dir(vm))
+    cgroup.remove(vm.key)
+
+
+def end_locked(paths: Paths, who: Caller, vm: registry.VM) -> None:
+    """End a running VM at once (QMP quit, then SIGKILL), for a caller that already
+    holds the VM's lock (`admin delete --force`)."""
+    pid = runtime.read_pid(vm)
+    runtime.mark_intended_exit(vm)
+    with contextlib.suppress(OSError, QMPError), qmp(vm, timeout=5) as q:
+        q.execute("quit")
+    if not runtime.wait_stopped(vm, 5):
+        _kill_locked(vm, pid)
+    _clean_up_run(vm)
+    audit.done(paths.audit_log, who, "stop", vm.identity.owner, vm.identity.name, how="quit (delete --force)")
+
+
+def discard(paths: Paths, who: Caller, vm: registry.VM) -> int:
+    """`stop --discard`: throw a hibernated VM's saved state away, so that its next
+    start is a fresh boot (its disks are as the guest left them when it was saved).
+    Returns the bytes freed."""
+    with lock(paths, who, vm):
+        if runtime.is_running(vm):
+            raise WrongState(f"{vm.identity.name} is running: stop it (it has no saved state while it runs)")
+        saved = registry.read_saved(vm)
+        if saved is None:
+            raise WrongState(f"{vm.identity.name} is not hibernated: there is no saved state to discard")
+        migrate.discard(vm)
+        audit.done(paths.audit_log, who, "discard", vm.identity.owner, vm.identity.name, size=saved.size)
+        return saved.size
 
 
 # ------------------------------------------------------------- freeze, thaw, hibernate

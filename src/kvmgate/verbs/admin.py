@@ -87,10 +87,19 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
 
 def delete(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     from kvmgate.host import network
+    from kvmgate.ops import power
 
     owner, name = vm.identity.owner, vm.identity.name
+    force = req.has("--force")
     if runtime.is_running(vm):
-        raise WrongState(f"{name} is running; stop it first")
+        if not force:
+            raise WrongState(f"{name} is running: stop it first, or delete it with --force")
+        power.end_locked(paths, who, vm)
+    elif registry.read_saved(vm) is not None and not force:
+        raise WrongState(
+            f"{name} is hibernated: deleting it loses its saved state; "
+            "`kvmgate stop --discard` it first, or delete it with --force"
+        )
     with locks.alloc_lock(paths):
         kept, trash = define.delete(paths, vm, req.has("--keep-disks"))
     done = all([remove_tree(trash), remove_tree(vm.rundir), remove_tree(owner_dir(vm))])
