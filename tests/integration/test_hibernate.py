@@ -202,3 +202,50 @@ def test_a_vm_whose_admin_options_say_snapshot_refuses_to_hibernate(
     assert r.returncode == 5 and "-snapshot" in r.stderr, r.stderr
     assert state(kg, alice, vm_name)["state"] == "running"
     assert "kept" in guest_run(kg, alice, vm_name, "cat /m; echo do''ne", "done")
+
+
+def test_a_hibernated_vm_is_not_a_trap(kg: Kvmgate, alice: str, bob: str, vm: str) -> None:
+    """Its owner could not discard the saved state, and `admin delete` silently
+    threw it away. `stop --discard` discards it (the owner's or root's), plain
+    `stop` says so, and `admin delete` needs --force."""
+    kg.ok("hibernate", vm, user=alice)
+    r = kg("stop", vm, user=alice)
+    assert r.returncode == 5 and f"kvmgate stop {vm} --discard" in r.stderr, r.stderr
+    r = kg("admin", "delete", vm, "--owner", alice)
+    assert r.returncode == 5 and "hibernated" in r.stderr and "--force" in r.stderr, r.stderr
+    r = kg("stop", vm, "--discard", user=bob)
+    assert r.returncode == 4, "not bob's: it does not exist for him"
+    assert state(kg, alice, vm)["state"] == "hibernated"
+    out = kg.ok("stop", vm, "--discard", user=alice).stdout
+    assert f"discarded the saved state of {vm}" in out
+    assert state(kg, alice, vm)["state"] == "stopped"
+    r = kg("stop", vm, "--discard", user=alice)
+    assert r.returncode == 5 and "not hibernated" in r.stderr
+    assert "started" in kg.ok("start", vm, user=alice).stdout, "a fresh boot, not a restore"
+    kg.ok("console", vm, "--expect", BOOT_LINE, "--timeout", "90", user=alice)
+
+
+def test_a_restore_whose_file_is_gone_names_it_and_the_way_out(kg: Kvmgate, alice: str, vm: str) -> None:
+    extra = Path(f"~{alice}").expanduser() / f"extra-{vm}.img"
+    subprocess.run(["runuser", "-u", alice, "--", "truncate", "-s", "8M", str(extra)], check=True)
+    kg.ok("stop", vm, "--force", user=alice)
+    kg.ok("start", vm, "--", "-hdb", str(extra), user=alice)
+    kg.ok("console", vm, "--expect", BOOT_LINE, "--timeout", "90", user=alice)
+    kg.ok("hibernate", vm, user=alice)
+    extra.unlink()
+    r = kg("start", vm, user=alice)
+    assert r.returncode == 3, r.stderr
+    assert str(extra) in r.stderr and f"kvmgate stop {vm} --discard" in r.stderr, r.stderr
+    assert state(kg, alice, vm)["state"] == "hibernated", "nothing was lost"
+    kg.ok("stop", vm, "--discard", user=alice)
+    assert "started" in kg.ok("start", vm, user=alice).stdout
+
+
+def test_deleting_a_running_vm_needs_force(kg: Kvmgate, alice: str, vm: str, cleanup_vms: list) -> None:
+    pid = state(kg, alice, vm)["pid"]
+    r = kg("admin", "delete", vm, "--owner", alice)
+    assert r.returncode == 5 and "--force" in r.stderr
+    kg.ok("admin", "delete", vm, "--owner", alice, "--force")
+    cleanup_vms.remove((alice, vm))
+    assert gone(pid), "QEMU was ended"
+    assert kg("status", vm, user=alice).returncode == 4
