@@ -249,3 +249,33 @@ def test_deleting_a_running_vm_needs_force(kg: Kvmgate, alice: str, vm: str, cle
     cleanup_vms.remove((alice, vm))
     assert gone(pid), "QEMU was ended"
     assert kg("status", vm, user=alice).returncode == 4
+
+
+def test_a_hibernated_vms_disks_stay_its_own(
+    kg: Kvmgate, alice: str, vm: str, vm_name: str, guest: Path, cleanup_vms: list
+) -> None:
+    """Another VM could open a hibernated VM's image read-write, and the restore
+    went ahead on the changed disk. The image is held, by identity (a hard link
+    or another path to it is the same image), until the VM is restored or its
+    saved state discarded."""
+    home = Path(f"~{alice}").expanduser()
+    image, alias = home / f"shared-{vm}.img", home / f"alias-{vm}.img"
+    subprocess.run(["runuser", "-u", alice, "--", "truncate", "-s", "8M", str(image)], check=True)
+    subprocess.run(["runuser", "-u", alice, "--", "ln", str(image), str(alias)], check=True)
+    other = f"{vm_name}b"
+    kg.ok("admin", "create", other, "--owner", alice, "--", *boot_options(guest))
+    cleanup_vms.append((alice, other))
+    kg.ok("stop", vm, "--force", user=alice)
+    kg.ok("start", vm, "--", "-hdb", str(image), user=alice)
+    kg.ok("hibernate", vm, user=alice)
+    for path in (image, alias):
+        r = kg("start", other, "--", "-hdb", str(path), user=alice)
+        assert r.returncode == 3, r.stderr
+        assert f"-hdb {path}: held by your hibernated VM {vm} until it is restored" in r.stderr, r.stderr
+    assert "started" in kg.ok("start", other, "--", "-hdb", str(image), "-snapshot", user=alice).stdout, (
+        "read-only (a -snapshot base) is fine"
+    )
+    kg.ok("stop", other, "--force", user=alice)
+    assert "restored" in kg.ok("start", vm, user=alice).stdout
+    kg.ok("stop", vm, "--force", user=alice)
+    assert "started" in kg.ok("start", other, "--", "-hdb", str(image), user=alice).stdout, "released"

@@ -90,6 +90,9 @@ def start_locked(paths: Paths, who: Caller, vm: registry.VM, options: list[str],
         _kill(pid)
         runtime.cleanup(vm)
         raise
+    from kvmgate.host import holds
+
+    holds.release(paths, vm)  # its disks are its running QEMU's again
     audit.done(paths.audit_log, who, "restore", vm.identity.owner, vm.identity.name, size=saved.size)
     return Started(pid, accel, True)
 
@@ -120,6 +123,10 @@ def _launch(
         userdirs.check_dirs(plan, pw, qemu_gid)
     fds = launch.open_user_resources(plan, pw, qemu_gid, where.tmpdir, policy.limits)  # the last refusals
     try:
+        if os.path.isdir(os.path.join(paths.state, "holds")):  # images a hibernated VM holds (host.holds)
+            from kvmgate.host import holds
+
+            holds.refuse_held(paths, vm, plan, fds)
         # Bridged NICs and guarded ports need the host's networks and rules: after a
         # reboot, the first such start brings them back (cheap when they are up).
         if plan.host_ports or any(r.bridge for r in plan.resources):

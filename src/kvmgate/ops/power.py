@@ -108,6 +108,9 @@ def discard(paths: Paths, who: Caller, vm: registry.VM) -> int:
         if saved is None:
             raise WrongState(f"{vm.identity.name} is not hibernated: there is no saved state to discard")
         migrate.discard(vm)
+        from kvmgate.host import holds
+
+        holds.release(paths, vm)
         audit.done(paths.audit_log, who, "discard", vm.identity.owner, vm.identity.name, size=saved.size)
         return saved.size
 
@@ -178,8 +181,16 @@ def hibernate_locked(paths: Paths, who: Caller, vm: registry.VM) -> registry.Sav
     options = runtime.read_options(vm)
     if runs_with_snapshot(config.load(paths), vm, options):
         raise WrongState(f"{name} runs with -snapshot: its overlay ends with QEMU, so it cannot hibernate")
+    from kvmgate.host import holds
+
+    holds.hold(paths, vm, runtime.read_pid(vm) or 0)
     runtime.mark_intended_exit(vm)
-    saved = migrate.save(vm, options)
+    try:
+        saved = migrate.save(vm, options)
+    except BaseException:
+        holds.release(paths, vm)  # still running (or paused): nothing is held
+        runtime.take_intended_exit(vm)
+        raise
     if not runtime.wait_stopped(vm, 30):
         raise KvmgateError(f"{name} was saved but QEMU did not exit")
     runtime.cleanup(vm)

@@ -102,6 +102,9 @@ def delete(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
         )
     with locks.alloc_lock(paths):
         kept, trash = define.delete(paths, vm, req.has("--keep-disks"))
+    from kvmgate.host import holds
+
+    holds.release(paths, vm)  # its saved state went with its directory
     done = all([remove_tree(trash), remove_tree(vm.rundir), remove_tree(owner_dir(vm))])
     audit.done(paths.audit_log, who, "admin delete", owner, name, kept=kept, files_removed=done)
     network.sync(paths, config.load(paths))  # its ports, MACs and addresses are free again
