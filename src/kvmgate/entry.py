@@ -27,7 +27,7 @@ from kvmgate.model.commands import Request, parse
 from kvmgate.paths import Paths, installed
 from kvmgate.store import critical
 
-POWER = ("stop", "freeze", "thaw", "hibernate")
+POWER = ("stop", "reset", "freeze", "thaw", "hibernate")
 INFO = ("status", "list", "ports", "vnc")
 
 

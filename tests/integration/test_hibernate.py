@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import time
@@ -279,3 +280,21 @@ def test_a_hibernated_vms_disks_stay_its_own(
     assert "restored" in kg.ok("start", vm, user=alice).stdout
     kg.ok("stop", vm, "--force", user=alice)
     assert "started" in kg.ok("start", other, "--", "-hdb", str(image), user=alice).stdout, "released"
+
+
+def test_reset_reboots_the_guest_at_once(kg: Kvmgate, alice: str, bob: str, vm: str) -> None:
+    time.sleep(2)
+    before = uptime(kg, alice, vm)
+    assert kg("reset", vm, user=bob).returncode == 4, "not bob's"
+    assert kg.ok("reset", vm, user=alice).stdout == f"reset {vm}\n"
+    deadline = time.monotonic() + 120
+    while True:  # the marker is computed by the guest's shell: old console output never matches it
+        marker = f"after{secrets.token_hex(3)}"
+        command = f"echo {marker}-$((6*7)) $(cut -d' ' -f1 /proc/uptime)"
+        r = kg("console", vm, "--expect", f"{marker}-42 [0-9.]+", "--timeout", "5", user=alice, input=command + "\n")
+        if r.returncode == 0:
+            break
+        assert time.monotonic() < deadline, "the guest came back"
+    after = float(re.findall(rf"{marker}-42 ([0-9.]+)", r.stdout)[-1])
+    assert after < before, f"the guest booted again ({before} -> {after})"
+    assert state(kg, alice, vm)["state"] == "running"

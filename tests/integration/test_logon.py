@@ -289,3 +289,25 @@ def test_the_logoff_delay_is_a_policy_default_and_a_vm_setting(
     assert '"logoff_delay": 90' in shown
     r = kg("admin", "set", vm_name, "--owner", user, "--logoff-delay", "1h")
     assert r.returncode == 2 and "--logoff-delay takes seconds" in r.stderr
+
+
+def test_a_snapshot_vm_is_paused_at_logoff_and_status_says_why(
+    kg: Kvmgate, users, sshd: Sshd, guest: Path, vm_name: str, cleanup_vms: list
+) -> None:
+    """With the hibernate policy, a VM started with -snapshot once stayed running at
+    logoff (its overlay cannot be saved), with the reason only in the audit log."""
+    user = users.make("kgn")
+    sshd.authorize(user)
+    kg.ok(
+        "admin", "create", vm_name, "--owner", user, "--on-logoff", "hibernate", "--logoff-delay", "0",
+        "--", *boot_options(guest),
+    )  # fmt: skip
+    cleanup_vms.append((user, vm_name))
+    r = sshd.run(user, f"{KVMGATE} start {vm_name} -- -snapshot")
+    assert r.returncode == 0, r.stderr
+    st = wait_state(kg, user, vm_name, "paused")
+    assert st["state"] == "paused", st
+    assert st["note"] == "paused at logoff, not hibernated: it runs with -snapshot"
+    assert "note: paused at logoff" in kg.ok("status", vm_name, "--owner", user).stdout
+    kg.ok("thaw", vm_name, "--owner", user)
+    assert "note" not in kg.json("status", vm_name, "--owner", user)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import BOOT_LINE, Kvmgate, boot_options
+from ..conftest import BOOT_LINE, KVMGATE, Kvmgate, boot_options
 
 
 @pytest.fixture
@@ -168,3 +168,26 @@ def test_console_log_of_an_old_release_is_kept_bounded(kg: Kvmgate, alice: str, 
         "console", booted, "--owner", alice, "--expect", "after-42", "--timeout", "30", input="echo after-$((6*7))\n"
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_list_says_when_there_are_no_vms_and_has_a_header_on_a_terminal(
+    kg: Kvmgate, users, vm_name: str, cleanup_vms: list
+) -> None:
+    """`list` printed nothing at all when empty, and no header."""
+    carol = users.make("kgl")
+    assert kg.ok("list", user=carol).stdout == f"{carol} has no VMs\n"
+    assert kg.json("list", user=carol) == []
+    kg.ok("admin", "create", vm_name, "--owner", carol, "--", "-m", "64")
+    cleanup_vms.append((carol, vm_name))
+    assert kg.ok("list", user=carol).stdout.split() == [carol, vm_name, "stopped"], "no header in a pipe"
+    out = subprocess.run(
+        ["script", "-qec", f"runuser -u {carol} -- {KVMGATE} list", "/dev/null"], capture_output=True, text=True
+    ).stdout
+    assert out.splitlines()[0].split() == ["OWNER", "NAME", "STATE"], out
+
+
+def test_console_detaches_at_the_end_of_piped_input(kg: Kvmgate, alice: str, booted: str) -> None:
+    """`echo cmd | kvmgate console vm` never returned: it now detaches once the
+    input has ended and the guest has been quiet for a second, showing the answer."""
+    r = kg("console", booted, "--owner", alice, input="echo piped-$((6*7))\n", timeout=60)
+    assert r.returncode == 0 and "piped-42" in r.stdout, r.stdout[-500:]

@@ -97,3 +97,11 @@ def test_refusals(argv: list[str], message: str) -> None:
 def test_options_after_the_separator_are_never_flags() -> None:
     assert parse(["start", "web", "--", "--owner", "bob", "--"]).options == ("--owner", "bob", "--")
     assert parse(["start", "web", "--", "--owner", "bob"]).flags == {}
+
+
+def test_a_qemu_option_without_the_separator_gets_a_hint() -> None:
+    with pytest.raises(UsageError, match=r"unknown flag '-m' \(QEMU options go after `--`: kvmgate start NAME -- -m"):
+        parse(["start", "web", "-m", "512"])
+    with pytest.raises(UsageError) as err:
+        parse(["status", "web", "-m"])
+    assert "--`" not in str(err.value), "no hint where no VM options are taken"

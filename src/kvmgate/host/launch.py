@@ -75,11 +75,14 @@ def _disk(pw: pwd.struct_passwd, r: Resource, limits: Limits) -> tuple[int, int]
     assert r.path is not None
     fd = _open_as(pw, r.path, r.writable, f"-{r.of}")
     try:
+        head = os.pread(fd, qcow2.HEADER_READ, 0)
         if r.fmt == "qcow2":
             try:
-                size = qcow2.inspect(os.pread(fd, qcow2.HEADER_READ, 0)).virtual_size
+                size = qcow2.inspect(head).virtual_size
             except Qcow2Refused as err:
-                raise FileRefused(f"{r.path}: {err}") from None
+                raise FileRefused(f"{r.path}: {err}{qcow2.hint(err)}") from None
+        elif head.startswith(qcow2.MAGIC):  # the name says raw: never guessed, never passed as raw
+            raise FileRefused(f"{r.path}: a qcow2 image whose name says raw: rename it to end in .qcow2")
         else:
             size = max(512, -(-os.fstat(fd).st_size // 512) * 512)
         if size > limits.image_max_gib << 30:

@@ -122,6 +122,7 @@ VERBS: tuple[Verb, ...] = (
             Flag("--discard", "a hibernated VM: throw its saved state away (its next start boots afresh)"),
         ),
     ),
+    Verb("reset", "hard-reset a running VM, like its reset button (the guest does not shut down)", (OWNER,)),
     Verb("freeze", "pause a VM's virtual CPUs; its memory stays in place", (OWNER,)),
     Verb("thaw", "resume a frozen VM, or restore a hibernated one", (OWNER,)),
     Verb("hibernate", "save the whole VM to its directory and end QEMU; start or thaw restores it", (OWNER,)),
@@ -321,7 +322,8 @@ def parse(argv: list[str]) -> Request:
             i += 2
             continue
         if tok.startswith("-"):
-            raise UsageError(f"{verb.name}: unknown flag {tok[:40]!r}")
+            hint = f" (QEMU options go after `--`: kvmgate {' '.join(verb.words)} NAME -- {tok[:40]} ...)"
+            raise UsageError(f"{verb.name}: unknown flag {tok[:40]!r}" + (hint if verb.options else ""))
         if verb.target is None or name is not None:
             raise UsageError(f"{verb.name}: unexpected argument {tok[:40]!r}")
         name = tok

@@ -32,6 +32,16 @@ def is_qcow2(head: bytes) -> bool:
     return head[:4] == MAGIC
 
 
+def hint(err: Qcow2Refused) -> str:
+    """What to do about a refusal the user can fix with the field's own tools."""
+    text = str(err)
+    if text == "not a qcow2 image":
+        return " (its name says qcow2: a raw image must not end in .qcow2)"
+    if "backing file" in text:
+        return " (make a standalone copy: qemu-img convert -O qcow2 IMAGE NEW.qcow2)"
+    return ""
+
+
 def inspect(head: bytes) -> Qcow2Info:
     """Check a qcow2 header (the file's first HEADER_READ bytes)."""
     if len(head) < 72 or not is_qcow2(head):

@@ -45,6 +45,9 @@ def describe(vm: registry.VM) -> dict[str, Any]:
         info["qemu_status"] = vcpu_state(vm)
         if info["qemu_status"] in PAUSED:
             info["state"] = "paused"
+        note = runtime.read_note(vm)
+        if note:
+            info["note"] = note
     return info
 
 

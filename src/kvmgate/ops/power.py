@@ -148,6 +148,19 @@ def wake(paths: Paths, who: Caller, vm: registry.VM) -> None:
             start_locked(paths, who, vm, [])
 
 
+def reset(paths: Paths, who: Caller, vm: registry.VM) -> None:
+    """A hard reset (QMP system_reset): the guest reboots without shutting down."""
+    with lock(paths, who, vm):
+        if not runtime.is_running(vm):
+            raise WrongState(f"{vm.identity.name} is not running")
+        try:
+            with qmp(vm) as q:
+                q.execute("system_reset")
+        except (OSError, QMPError) as err:
+            raise KvmgateError(f"{vm.identity.name}: the monitor refused: {err}") from None
+        audit.done(paths.audit_log, who, "reset", vm.identity.owner, vm.identity.name)
+
+
 def _vcpus(paths: Paths, who: Caller, vm: registry.VM, run: bool) -> bool:
     if not runtime.is_running(vm):
         raise WrongState(f"{vm.identity.name} is not running")
@@ -157,6 +170,8 @@ def _vcpus(paths: Paths, who: Caller, vm: registry.VM, run: bool) -> bool:
             if (status == "running") == run:
                 return False
             q.execute("cont" if run else "stop")
+        if run:
+            runtime.write_note(vm, None)
     except (OSError, QMPError) as err:
         raise KvmgateError(f"{vm.identity.name}: the monitor refused: {err}") from None
     audit.done(paths.audit_log, who, "thaw" if run else "freeze", vm.identity.owner, vm.identity.name)
@@ -209,6 +224,10 @@ def sleep(
     with lock(paths, who, vm):
         if mode == "none" or not runtime.is_running(vm) or (wanted is not None and not wanted()):
             return None
+        if mode == "hibernate" and runs_with_snapshot(config.load(paths), vm, runtime.read_options(vm)):
+            # Its overlay ends with QEMU: it cannot hibernate, so it is paused, and status says why.
+            runtime.write_note(vm, "paused at logoff, not hibernated: it runs with -snapshot")
+            mode = "pause"
         if mode == "pause":
             return "froze" if _vcpus(paths, who, vm, run=False) else None
         hibernate_locked(paths, who, vm)

@@ -39,6 +39,7 @@ DETACH = b"\x1d"  # Ctrl-]
 LOG_READ_MAX = 1100 << 20  # above the largest ring the policy allows (1 GiB): never unbounded
 SCROLLBACK = 16384
 POLL = 0.02
+QUIET = 1.0  # after the end of piped input, detach once the guest has been quiet this long
 
 
 LINES_MAX = 1_000_000
@@ -106,6 +107,8 @@ def relay(
         sys.stderr.write("[kvmgate: attached; detach with Ctrl-]]\r\n")
     seen = b""
     watch: list[socket.socket | int] = [sock, 0]
+    ended_input: float | None = None  # when stdin reached its end (a pipe or a file)
+    last_output = time.monotonic()
     try:
         while True:
             data = log.read(65536)
@@ -116,6 +119,7 @@ def relay(
                 log.seek(resume if resume < size else 0)
                 continue
             if data:
+                last_output = time.monotonic()
                 out.write(data if shown is None else shown.feed(data))
                 out.flush()
                 if pattern is not None:
@@ -123,6 +127,13 @@ def relay(
                     if pattern.search(seen):
                         return 0
                 continue
+            if (
+                ended_input is not None
+                and pattern is None
+                and deadline is None
+                and time.monotonic() - last_output > QUIET
+            ):
+                return 0  # input ended and the guest has answered (quiet since): detach
             wait = POLL if deadline is None else min(POLL, deadline - time.monotonic())
             if wait <= 0:
                 if pattern is not None:
@@ -135,6 +146,7 @@ def relay(
                 keys = os.read(0, 4096)
                 if not keys:
                     watch.remove(0)
+                    ended_input = last_output = time.monotonic()
                     continue
                 if interactive and DETACH in keys:
                     sock.sendall(keys.split(DETACH, 1)[0])

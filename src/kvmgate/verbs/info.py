@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pwd
 import socket
 from typing import Any
@@ -46,6 +47,10 @@ def vms(req: Request, who: Caller, paths: Paths) -> int:
         for vm in every.each_vm(paths, owner)
     ]
     text = "".join(f"{r['owner']:<16} {r['name']:<32} {r['state']}\n" for r in rows)
+    if not rows:
+        text = "no VMs\n" if owner is None else f"{owner} has no VMs\n"
+    elif os.isatty(1):  # a header for people; scripts read --json
+        text = f"{'OWNER':<16} {'NAME':<32} STATE\n" + text
     emit(rows, text, req.as_json)
     return 0
 

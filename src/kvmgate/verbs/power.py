@@ -1,4 +1,4 @@
-"""stop, freeze, thaw, hibernate: the owner's (or root's) verbs that change a
+"""stop, reset, freeze, thaw, hibernate: the owner's (or root's) verbs that change a
 running or hibernated VM. Each is a thin shell over `ops.power`."""
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         stopped = power.stop(paths, who, vm, force=req.has("--force"), timeout=timeout)
         print(f"stopped {name} ({stopped.how})")
         return EXIT_FORCED if stopped.forced else 0
+    if req.verb == "reset":
+        power.reset(paths, who, vm)
+        print(f"reset {name}")
+        return 0
     if req.verb == "freeze":
         print(f"froze {name}" if power.freeze(paths, who, vm) else f"{name} is already frozen")
         return 0
