@@ -17,8 +17,10 @@ costs start-up time (docs/architecture.md, "Start-up budget").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pwd
 import sys
 
 from kvmgate.errors import EXIT_INTERNAL, KvmgateError, PermissionRefused, UsageError, one_line
@@ -82,31 +84,30 @@ def main(argv: list[str] | None = None, paths: Paths | None = None) -> int:
     environ = dict(os.environ)  # read what sudo vouches for, then drop everything
     who: caller.Caller | None = None
     req: Request | None = None
-    output.install()  # never blocks on the caller, never while a lock is held (host.output)
+    output.install()  # root never writes to its caller itself (host.output)
     try:
         paths = paths or installed()  # fixed at install time: known before anything can be refused
         caller.scrub()
         who = caller.identify(environ)
-        if who.is_root:
-            output.trust_caller()
+        output.set_caller(who.uid, pwd.getpwuid(who.uid).pw_gid)
         req = parse(args)
-        return dispatch(req, who, paths)
+        code = dispatch(req, who, paths)
+        output.finish()
+        return code
     except KvmgateError as err:
         code, message = err.exit_code, str(err)
     except KeyboardInterrupt:
         code, message = 130, "interrupted"
     except Exception as err:  # noqa: BLE001 - one line, never a traceback to the user
         code, message = EXIT_INTERNAL, f"internal error: {type(err).__name__}: {err}"
-    finally:
-        output.flush()
     line = one_line(message)
-    with critical.section():  # the caller's own signal cannot keep its refusal out of the log
+    with critical.section(), contextlib.suppress(Exception):  # the caller's signal cannot keep it out of the log
         _audit(paths, who, req, args, code, line)
     if _wants_json(req, args):
         sys.stdout.write(json.dumps({"error": line, "exit": code}) + "\n")
     hint = " (see kvmgate --help)" if code == UsageError.exit_code else ""
     sys.stderr.write(f"kvmgate: {line}{hint}\n")
-    output.flush()
+    output.finish()
     return code
 
 

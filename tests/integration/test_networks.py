@@ -643,7 +643,10 @@ conn, _ = s.accept()
 print("got a connection", flush=True)
 """
 
-SQUAT6 = SQUAT.replace("socket.socket()", "socket.socket(socket.AF_INET6)").replace('"127.0.0.1"', '"::1"')
+# On [::], v6-only: the kernel lets it sit beside QEMU's 127.0.0.1 socket, and /proc cannot tell it from dual-stack.
+SQUAT6 = SQUAT.replace(
+    "socket.socket()", "socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)"
+).replace('"127.0.0.1"', '"::"')
 
 
 def test_a_squatted_port_is_never_handed_to_the_squatter(
@@ -668,7 +671,7 @@ def test_a_squatted_port_is_never_handed_to_the_squatter(
         row = net.json("ports", vm["name"], user=alice)[0]
         assert row["port"] != port and row["held"] is True
         assert squat.poll() is None, "the squatter got nothing"
-        # Bob on [::1] at the new port takes no connection to 127.0.0.1: the port stays alice's.
+        # Bob on [::] (v6-only) at the new port takes no connection to 127.0.0.1: the port stays alice's.
         v6 = subprocess.Popen(
             net.cmd([sys.executable, "-c", SQUAT6, str(row["port"])], user=bob),
             stdout=subprocess.PIPE,

@@ -191,3 +191,12 @@ def test_console_detaches_at_the_end_of_piped_input(kg: Kvmgate, alice: str, boo
     input has ended and the guest has been quiet for a second, showing the answer."""
     r = kg("console", booted, "--owner", alice, input="echo piped-$((6*7))\n", timeout=60)
     assert r.returncode == 0 and "piped-42" in r.stdout, r.stdout[-500:]
+
+
+def test_an_error_after_the_console_drops_to_the_user_is_one_line(kg: Kvmgate, alice: str, booted: str) -> None:
+    """After the drop to the caller, the refusal's audit once ran as the user: a
+    traceback, exit 1, and the real line never shown."""
+    r = kg("console", booted, "--expect", "NEVER-MATCHES-[0-9]{40}", "--timeout", "2", user=alice)
+    assert r.returncode == 5, r.stderr
+    assert r.stderr.endswith("kvmgate: console: timed out waiting for the expected output\n"), r.stderr
+    assert "Traceback" not in r.stderr

@@ -103,6 +103,12 @@ def test_no_audit_record_passes_4_kib() -> None:
     line = audit.line_for(event)
     assert len(line) <= audit.MAX_RECORD and json.loads(line)["vm"] == "v"
     assert json.loads(line)["options"][-1] == "...[80 items]"
+    # A refusal carries names no grammar has checked yet: still valid JSON, with its whole fields.
+    huge = {"time": "t", "uid": 1000, "verb": "status", "owner": "b" * 50000, "vm": "a" * 50000, "reason": "r"}
+    line = audit.line_for({**huge, "options": ["x" * 4000] * 64})
+    record = json.loads(line)
+    assert len(line) <= audit.MAX_RECORD and record["uid"] == 1000 and record["verb"] == "status"
+    assert record["vm"].startswith("a" * 256) and "50000 characters" in record["vm"]
 
 
 def test_guest_output_cannot_drive_an_administrators_terminal(kg: Kvmgate, alice: str, alice_vm: str) -> None:

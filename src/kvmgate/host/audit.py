@@ -56,31 +56,38 @@ def bounded(value: Any, strings: int = MAX_STRING, items: int = MAX_ITEMS) -> An
     return value
 
 
-# Always whole: they say who did what to which VM (each bounded by its own grammar).
+# Kept whole (up to WHOLE_MAX characters, which their grammars stay under once
+# checked): they say who did what to which VM. A refusal may carry them unchecked.
 WHOLE = ("time", "caller", "uid", "verb", "vm", "owner", "outcome", "exit")
+WHOLE_MAX = 256
 
 
 def line_for(event: dict[str, Any]) -> str:
-    """The record as one JSON line of at most MAX_RECORD bytes."""
-    line = ""
+    """The record as one JSON line of at most MAX_RECORD bytes, always valid JSON
+    and always with its whole fields."""
+    whole = {k: bounded(v, WHOLE_MAX, MAX_ITEMS) for k, v in event.items() if k in WHOLE}
+    rest = {k: v for k, v in event.items() if k not in WHOLE}
     for strings, items in PASSES:
-        fields = {k: (v if k in WHOLE else bounded(v, strings, items)) for k, v in event.items()}
-        line = json.dumps(fields, sort_keys=True)
+        line = json.dumps({**whole, **{k: bounded(v, strings, items) for k, v in rest.items()}}, sort_keys=True)
         if len(line) <= MAX_RECORD:
             return line
-    return line[:MAX_RECORD]  # whole fields past the bound: only a caller root trusts gets here
+    return json.dumps({**whole, "dropped": sorted(rest)}, sort_keys=True)
 
 
 MAX_LOG = 64 << 20
 GENERATIONS = 8
 
 
-def record(path: str, **event: Any) -> None:
+def record(path: str | None, **event: Any) -> None:
+    """To syslog (authpriv), and to the file at `path` (None: syslog only, for a
+    helper that has dropped to its caller)."""
     event = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **event}
     line = line_for(event)
     with contextlib.suppress(OSError):
         syslog.openlog("kvmgate", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
         syslog.syslog(syslog.LOG_NOTICE if event.get("outcome") == "ok" else syslog.LOG_WARNING, line)
+    if path is None:
+        return
     try:
         os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

@@ -26,7 +26,11 @@ REFILL_SECONDS = 5
 
 def refusal(path: str, uid: int, rate: tuple[int, int] = (BURST, REFILL_SECONDS), **event: Any) -> None:
     """The record of a refusal (or a failure) for `uid`: rate-limited unless root.
-    rate: (burst, refill seconds)."""
+    rate: (burst, refill seconds). A helper that has dropped to its caller
+    (console, log) reaches syslog only."""
+    if os.geteuid() != 0:
+        record(None, uid=uid, **event)
+        return
     if uid == 0:
         record(path, uid=uid, **event)
         return

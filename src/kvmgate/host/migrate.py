@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 
 from kvmgate.errors import KvmgateError
@@ -32,16 +33,10 @@ CHUNK = 1 << 20
 
 
 def _tell(text: str) -> None:
-    """Progress on the caller's terminal, never blocking: this runs under the VM's
-    lock, and a terminal stopped with Ctrl-S must not hold it. A line that does not
-    fit now is dropped."""
-    if not os.isatty(2):
-        return
-    import select
-
-    with contextlib.suppress(OSError):
-        if select.select([], [2], [], 0)[1]:
-            os.write(2, text.encode())
+    """Progress on the caller's terminal. This runs under the VM's lock: it goes
+    through host.output, whose writes never wait on the caller."""
+    if os.isatty(2):
+        sys.stderr.write(text)
 
 
 def _progress(done: int, what: str) -> None:

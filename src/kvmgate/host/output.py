@@ -1,44 +1,43 @@
-"""Root's output to its caller never waits on the caller.
+"""Root never writes to its caller itself.
 
 The helper's stdout and stderr are the caller's own descriptors (sudoers:
-!use_pty): a pipe they never read, a terminal they stopped with Ctrl-S, a
-socket. A plain write blocks once it is full, and a helper blocked while it
-holds a VM's lock would hold it for ever: every later operation on that VM,
-each logon worker included, would wait behind it.
+!use_pty): a pipe they never read, a terminal they stopped with Ctrl-S, a file
+on a mount that never answers, or a pipe whose lock they hold from another
+process with splice(2), where a write sleeps uninterruptibly (even SIGKILL waits)
+with no poll(2) able to see it coming. Any write by root to such a descriptor
+can hold a root process for as long as the caller likes, and a helper that
+holds a VM's lock would hold it with it.
 
-So, for as long as the helper is root:
-- Nothing is written while it holds anything (`critical.held()`): the text is
-  kept, up to PENDING_MAX bytes, and written once the lock is let go.
-- No write waits longer than DEADLINE seconds in all. A pipe or socket gets
-  at most PIPE_BUF bytes at a time, and only once poll says there is room (a
-  pipe then has a free buffer, a socket's send buffer is at most a quarter
-  full: such a write does not block). A terminal is written through a
-  non-blocking open file description of its own (the caller's keeps its
-  flags). Past the deadline, or once the reader has left, the rest is dropped:
-  what the helper did is done either way, and its exit code still says how it
-  went.
-- A regular file or a device other than a terminal is written plainly: no
-  reader can hold it up.
+So, unless the caller is root, each stream gets a writer: a child forked at the
+first write, which closes every other descriptor, drops to the caller's uid and
+gid (no groups, nothing else) and copies a private pipe to the caller's
+descriptor, waiting as long as the caller makes it wait: it is the caller's own
+process then, theirs to kill, counted in their limits. Root writes only into the
+private pipe (1 MiB, non-blocking), which nobody else can reach: it never
+waits, holding a lock or not (hibernate's progress too). What does not fit is
+dropped, with a marker. At exit the helper closes the pipes and waits at most
+EXIT_WAIT seconds for its writers, so that output comes before the shell prompt;
+then it exits, whatever they do.
 
-Once the helper has dropped to the caller's uid (console, log), its writes are
-the caller's own and may wait as long as the caller likes.
+Once the helper itself has dropped to the caller (console, log), it writes
+directly: those writes are the caller's own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
-import select
-import stat
+import signal
 import sys
 import time
 
-from kvmgate.store import critical
-
-DEADLINE = 30.0  # seconds, for all of one helper's output to a caller that is not root
-PENDING_MAX = 4 << 20  # bytes kept while a lock is held
+EXIT_WAIT = 5.0  # seconds the helper waits at exit for its writers
+PIPE_SIZE = 1 << 20
 TRUNCATED = b"\n[kvmgate: output truncated]\n"
-_left = [DEADLINE]  # shared by stdout and stderr
+NOBODY = 65534
+_caller = [NOBODY, NOBODY, False]  # uid, gid, trusted (root: write directly)
+_writers: list[int] = []  # pids
 
 
 class Sink:
@@ -48,62 +47,62 @@ class Sink:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.buffer = self
-        self.pending = bytearray()
-        self.gone = False
-        self.own: int | None = None
+        self.pipe: int | None = None
+        self.full = False
 
     def write(self, data: str | bytes) -> int:
         raw = data.encode("utf-8", "backslashreplace") if isinstance(data, str) else bytes(data)
-        room = PENDING_MAX - len(self.pending)
-        if not self.gone and room >= 0 and raw:
-            self.pending += raw if len(raw) <= room else raw[: max(room - len(TRUNCATED), 0)] + TRUNCATED
-        if not critical.held():
-            self.flush()
+        if os.geteuid() != 0 or _caller[2]:
+            _write_all(self.fd, raw)  # the caller's own process now, or root's own caller
+        elif raw and not self.full:
+            if self.pipe is None:
+                self.pipe = _writer(self.fd)
+            try:
+                view = memoryview(raw)
+                while view:
+                    view = view[os.write(self.pipe, view) :]
+            except BlockingIOError:
+                self.full = True
+                with contextlib.suppress(OSError):
+                    os.write(self.pipe, TRUNCATED)
+            except OSError:
+                self.full = True  # the writer is gone (the reader left)
         return len(data)
 
     def flush(self) -> None:
-        if critical.held() or self.gone or not self.pending:
-            return
-        data = bytes(self.pending)
-        self.pending.clear()
-        if os.geteuid() != 0 or _left[0] == float("inf"):
-            _write_all(self.fd, data)  # the caller's own process now, or root's: it may wait
-            return
+        pass  # nothing is kept: every write went to the caller or into the pipe
+
+    def close_pipe(self) -> None:
+        if self.pipe is not None:
+            os.close(self.pipe)
+            self.pipe = None
+
+
+def _writer(fd: int) -> int:
+    """Fork the writer for `fd`; returns the write end of its private pipe."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    pid = os.fork()
+    if pid == 0:  # the writer: nothing of root's survives into it
         try:
-            self._timed(data)
-        except OSError:
-            self.gone = True  # the reader left, does not read, or the file is full: the rest is dropped
-
-    def _timed(self, data: bytes) -> None:
-        mode, fd = os.fstat(self.fd).st_mode, self.fd
-        if stat.S_ISCHR(mode) and os.isatty(fd):
-            fd = self._own_description()
-        elif not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
-            _write_all(fd, data)  # a file, or a device that is not a terminal: no reader holds it up
-            return
-        view = memoryview(data)
-        while view:
-            p = select.poll()
-            p.register(fd, select.POLLOUT)
-            began = time.monotonic()
-            ready = p.poll(max(_left[0], 0) * 1000)
-            _left[0] -= time.monotonic() - began
-            if not ready or any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in ready):
-                raise TimeoutError("the caller does not read, or left")
-            with contextlib.suppress(BlockingIOError):
-                view = view[os.write(fd, view[: select.PIPE_BUF]) :]
-
-    def _own_description(self) -> int:
-        """The caller's terminal opened anew, non-blocking, and only if the caller's
-        descriptor is open for writing (never a write through one opened for reading)."""
-        if self.own is None:
-            import fcntl
-
-            if fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_ACCMODE not in (os.O_WRONLY, os.O_RDWR):
-                raise PermissionError("not open for writing")
-            flags = os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-            self.own = os.open(f"/proc/self/fd/{self.fd}", flags)
-        return self.own
+            for sig in range(1, signal.NSIG):
+                with contextlib.suppress(OSError, ValueError):
+                    signal.signal(sig, signal.SIG_DFL)
+            os.dup2(fd, 1)
+            os.dup2(r, 0)
+            os.closerange(2, 1 << 20)
+            os.setgroups([])
+            os.setresgid(_caller[1], _caller[1], _caller[1])
+            os.setresuid(_caller[0], _caller[0], _caller[0])
+            while chunk := os.read(0, 1 << 16):
+                _write_all(1, chunk)
+        finally:
+            os._exit(0)
+    os.close(r)
+    os.set_blocking(w, False)
+    _writers.append(pid)
+    return w
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -112,6 +111,8 @@ def _write_all(fd: int, data: bytes) -> None:
         try:
             view = view[os.write(fd, view) :]
         except BlockingIOError:  # a description the caller made non-blocking
+            import select
+
             select.select([], [fd], [])
 
 
@@ -129,15 +130,23 @@ def install() -> None:
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     sys.stdout, sys.stderr = Sink(1), Sink(2)
-    critical.on_release(flush)
 
 
-def trust_caller() -> None:
-    """Root called: root's own output may wait on root."""
-    _left[0] = float("inf")
+def set_caller(uid: int, gid: int) -> None:
+    """Whose process the writers become; root's own output is written directly."""
+    _caller[:] = [uid, gid, uid == 0]
 
 
-def flush() -> None:
+def finish() -> None:
+    """Close the writers' pipes and give them EXIT_WAIT seconds to be done."""
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
+        if isinstance(stream, Sink):
+            stream.close_pipe()
+    deadline = time.monotonic() + EXIT_WAIT
+    for pid in _writers:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                    time.sleep(0.005)
+                    continue
+            break

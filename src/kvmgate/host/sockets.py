@@ -13,10 +13,12 @@ import socket
 import sys
 
 LISTEN = "0A"
-# /proc/net/tcp{,6} local addresses (32-bit words in host order) that take a
-# connection to 127.0.0.1: the address itself, the IPv4 wildcard, the IPv6
-# wildcard (dual-stack) and ::ffff:127.0.0.1. A listener on [::1] or another
-# address never receives one.
+# /proc/net/tcp local addresses (32-bit words in host order) that take a connection
+# to 127.0.0.1: the address itself and the IPv4 wildcard. IPv6 listeners are not
+# looked at: /proc cannot say whether one on [::] is v6-only (another user may
+# bind one beside QEMU's 127.0.0.1 socket), and one that is dual-stack could not
+# have been bound while QEMU listens there (the kernel refuses the overlapping
+# bind to another uid, as it refuses 0.0.0.0 and a second 127.0.0.1).
 
 
 def _proc_hex(family: int, address: str) -> str:
@@ -26,7 +28,6 @@ def _proc_hex(family: int, address: str) -> str:
 
 TAKES_LOOPBACK = {
     "/proc/net/tcp": {_proc_hex(socket.AF_INET, a) for a in ("127.0.0.1", "0.0.0.0")},  # noqa: S104
-    "/proc/net/tcp6": {_proc_hex(socket.AF_INET6, a) for a in ("::", "::ffff:127.0.0.1")},
 }
 
 

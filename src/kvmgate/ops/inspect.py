@@ -14,7 +14,7 @@ from kvmgate.host.qmp import QMP
 from kvmgate.model.hostnet import redirs
 from kvmgate.model.policy.policy import Policy
 from kvmgate.paths import GATED_USER
-from kvmgate.store import registry, runtime
+from kvmgate.store import note, registry, runtime
 
 PAUSED = ("paused", "prelaunch", "suspended", "postmigrate")
 
@@ -45,9 +45,9 @@ def describe(vm: registry.VM) -> dict[str, Any]:
         info["qemu_status"] = vcpu_state(vm)
         if info["qemu_status"] in PAUSED:
             info["state"] = "paused"
-        note = runtime.read_note(vm)
-        if note:
-            info["note"] = note
+        why = note.read(vm)
+        if why:
+            info["note"] = why
     return info
 
 

@@ -16,7 +16,7 @@ from kvmgate.model.policy.policy import Policy
 from kvmgate.ops.lifecycle import Started, lock, qmp, start_locked
 from kvmgate.ops.plan import owner_dir, plan_for
 from kvmgate.paths import Paths
-from kvmgate.store import config, registry, runtime
+from kvmgate.store import config, note, registry, runtime
 from kvmgate.store.trees import remove_tree
 
 # ------------------------------------------------------------------------------ stop
@@ -171,7 +171,7 @@ def _vcpus(paths: Paths, who: Caller, vm: registry.VM, run: bool) -> bool:
                 return False
             q.execute("cont" if run else "stop")
         if run:
-            runtime.write_note(vm, None)
+            note.write(vm, None)
     except (OSError, QMPError) as err:
         raise KvmgateError(f"{vm.identity.name}: the monitor refused: {err}") from None
     audit.done(paths.audit_log, who, "thaw" if run else "freeze", vm.identity.owner, vm.identity.name)
@@ -226,7 +226,7 @@ def sleep(
             return None
         if mode == "hibernate" and runs_with_snapshot(config.load(paths), vm, runtime.read_options(vm)):
             # Its overlay ends with QEMU: it cannot hibernate, so it is paused, and status says why.
-            runtime.write_note(vm, "paused at logoff, not hibernated: it runs with -snapshot")
+            note.write(vm, "paused at logoff, not hibernated: it runs with -snapshot")
             mode = "pause"
         if mode == "pause":
             return "froze" if _vcpus(paths, who, vm, run=False) else None

@@ -44,7 +44,6 @@ RELAYED = (
 _depth = 0
 _pending: list[int] = []
 _actions: dict[int, Callable[[], None]] = {}
-_on_release: list[Callable[[], None]] = []
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -77,21 +76,6 @@ def section() -> Iterator[None]:
         yield
     finally:
         _depth -= 1
-        if not _depth:
-            for then in _on_release:
-                then()
-
-
-def on_release(then: Callable[[], None]) -> None:
-    """Run `then` each time root lets go of the last thing it held (output
-    kept back while a lock was held: host.output). Registering twice is once."""
-    if then not in _on_release:
-        _on_release.append(then)
-
-
-def held() -> bool:
-    """Is root inside a section (holding a lock, writing a record)?"""
-    return _depth > 0
 
 
 def deferred() -> list[int]:

@@ -99,6 +99,6 @@ def flock(path: str, timeout: float | None = None, what: str = "") -> Iterator[i
                 critical.pause("lock:" + os.path.basename(path))  # tests: a caller must not stop root here
                 yield fd
             finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)  # let go inside the section: what it kept back comes after
+                fcntl.flock(fd, fcntl.LOCK_UN)  # let go before the section ends, not when the fd is closed
     finally:
         os.close(fd)

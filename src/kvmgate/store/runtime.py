@@ -10,7 +10,6 @@ kvmgate's own actors.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
@@ -114,22 +113,6 @@ def read_options(vm: VM) -> list[str]:
     if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
         raise KvmgateError(f"{vm.identity.name}: corrupt options record")
     return data
-
-
-def write_note(vm: VM, note: str | None) -> None:
-    """Why the VM is as it is, when kvmgate chose for it (`status` shows it); None clears it."""
-    if note is None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(vm.rundir, "note"))
-    else:
-        write_atomic(os.path.join(vm.rundir, "note"), note)
-
-
-def read_note(vm: VM) -> str | None:
-    try:
-        return read_small(os.path.join(vm.rundir, "note"), 1024).decode(errors="replace")
-    except FileNotFoundError:
-        return None
 
 
 def mark_intended_exit(vm: VM) -> None:

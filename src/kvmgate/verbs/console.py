@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from kvmgate.errors import KvmgateError, UsageError, WrongState
+from kvmgate.errors import UsageError, WrongState
 from kvmgate.host.caller import Caller, drop_to
 from kvmgate.model.commands import Request
 from kvmgate.model.consolelog import Ring
@@ -137,7 +137,7 @@ def relay(
             wait = POLL if deadline is None else min(POLL, deadline - time.monotonic())
             if wait <= 0:
                 if pattern is not None:
-                    raise KvmgateError("console: timed out waiting for the expected output")
+                    raise WrongState("console: timed out waiting for the expected output")
                 return 0
             ready, _, _ = select.select(watch, [], [], wait)
             if sock in ready and not sock.recv(65536):
