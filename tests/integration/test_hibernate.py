@@ -298,3 +298,26 @@ def test_reset_reboots_the_guest_at_once(kg: Kvmgate, alice: str, bob: str, vm: 
     after = float(re.findall(rf"{marker}-42 ([0-9.]+)", r.stdout)[-1])
     assert after < before, f"the guest booted again ({before} -> {after})"
     assert state(kg, alice, vm)["state"] == "running"
+
+
+def test_status_says_what_its_owner_asks_next(kg: Kvmgate, alice: str, vm: str) -> None:
+    """status showed no memory, vCPUs, uptime, logoff policy or how the last run ended."""
+    st = state(kg, alice, vm)
+    assert (st["memory_mib"], st["vcpus"], st["on_logoff"], st["logoff_delay"], st["forwards"]) == (
+        256, 1, "none", 60, [],
+    )  # fmt: skip
+    assert st["started_at"].endswith("Z") and 0 <= st["uptime_seconds"] < 3600
+    assert "uptime_seconds: " in kg.ok("status", vm, user=alice).stdout
+    kg.ok("stop", vm, "--force", user=alice)
+    assert state(kg, alice, vm)["last_run"]["how"] == "quit"
+    kg.ok("start", vm, user=alice)
+    os.kill(state(kg, alice, vm)["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while state(kg, alice, vm)["state"] != "stopped":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert state(kg, alice, vm)["last_run"]["how"].startswith("QEMU exited by itself")
+    run = Path(state(kg, alice, vm)["directory"], "log", "run.json")
+    record = json.loads(run.read_text())
+    run.write_text(json.dumps({**record, "boot_id": "an-earlier-boot"}))  # as after a host crash
+    assert state(kg, alice, vm)["last_run"]["how"].startswith("killed at host crash")

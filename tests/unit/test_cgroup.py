@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmgate.host import cgroup
+from kvmgate.host import cgroup, scope
 
 
 def test_the_scope_request_is_well_formed() -> None:
-    argv = cgroup.scope_argv("abc123", 4242, 512 << 20)
+    argv = scope.scope_argv("abc123", 4242, 512 << 20)
     assert argv[:8] == [
         "/usr/bin/busctl", "call", "--system", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
         "org.freedesktop.systemd1.Manager", "StartTransientUnit", "ssa(sv)a(sa(sv))",
@@ -46,7 +46,7 @@ def test_on_systemd_hosts_kvmgate_writes_nothing_into_systemds_tree(
     monkeypatch.setattr(cgroup, "systemd_booted", lambda: True)
     monkeypatch.setattr(cgroup, "BUSCTL", "/bin/true")
     asked: list[tuple[str, int, int]] = []
-    monkeypatch.setattr(cgroup, "_start_scope", lambda key, pid, limit: asked.append((key, pid, limit)))
+    monkeypatch.setattr(scope, "start", lambda key, pid, limit: asked.append((key, pid, limit)))
     cgroup.Placement("k1", 1 << 30).place(77)
     assert asked == [("k1", 77, 1 << 30)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cgroup.controllers"]

@@ -3,18 +3,20 @@ Read-only; no lock (a reader sees one consistent state or the next)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
+import re
 import time
 from typing import Any
 
-from kvmgate.errors import QMPError
+from kvmgate.errors import KvmgateError, QMPError
 from kvmgate.host import sockets
 from kvmgate.host.qmp import QMP
 from kvmgate.model.hostnet import redirs
 from kvmgate.model.policy.policy import Policy
 from kvmgate.paths import GATED_USER
-from kvmgate.store import note, registry, runtime
+from kvmgate.store import note, registry, runs, runtime
 
 PAUSED = ("paused", "prelaunch", "suspended", "postmigrate")
 
@@ -28,6 +30,7 @@ def vcpu_state(vm: registry.VM) -> str:
 
 
 def describe(vm: registry.VM) -> dict[str, Any]:
+    """State only: what `list` shows for every VM (cheap)."""
     running = runtime.is_running(vm)
     saved = None if running else registry.read_saved(vm)
     info: dict[str, Any] = {
@@ -38,7 +41,7 @@ def describe(vm: registry.VM) -> dict[str, Any]:
         "key": vm.key,
     }
     if saved:
-        info["saved_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(saved.saved_at))
+        info["saved_at"] = _when(saved.saved_at)
         info["saved_bytes"] = saved.size
     if running:
         info["pid"] = runtime.read_pid(vm)
@@ -49,6 +52,56 @@ def describe(vm: registry.VM) -> dict[str, Any]:
         if why:
             info["note"] = why
     return info
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def details(policy: Policy, vm: registry.VM) -> dict[str, Any]:
+    """`status`: the state and what its owner would ask next: memory and vCPUs,
+    since when it runs, its logoff policy, its ports, how its last run ended."""
+    from kvmgate.ops.plan import plan_for
+
+    info = describe(vm)
+    running = info["state"] in ("running", "paused")
+    options: list[str] = []
+    if running:
+        with contextlib.suppress(KvmgateError):
+            options = runtime.read_options(vm)
+    plan = plan_for(vm, policy, options, "tcg")
+    argv = list(plan.argv)
+    smp = argv[argv.index("-smp") + 1] if "-smp" in argv else "1"
+    info["memory_mib"] = plan.memory_mib
+    count = re.match(r"(?:cpus=)?([0-9]+)", smp)
+    info["vcpus"] = int(count.group(1)) if count else 1
+    settings = registry.read_settings(vm)
+    info["on_logoff"] = settings.on_logoff
+    info["logoff_delay"] = policy.logoff_delay_seconds if settings.logoff_delay is None else settings.logoff_delay
+    info["forwards"] = [f"{r['service']} {r['host']}:{r['port']}" for r in forwarded(policy, vm)]
+    run = runs.read(vm)
+    started = run.get("started_at")
+    if running and isinstance(started, (int, float)):
+        info["started_at"] = _when(started)
+        info["uptime_seconds"] = int(time.time() - started)
+    elif not running and isinstance(started, (int, float)):
+        info["last_run"] = _ending(vm, run)
+    return info
+
+
+def _ending(vm: registry.VM, run: dict[str, Any]) -> dict[str, Any]:
+    ended = run.get("ended")
+    if isinstance(ended, dict) and isinstance(ended.get("at"), (int, float)):
+        return {"ended": _when(ended["at"]), "how": str(ended.get("how"))}
+    if run.get("boot_id") != runs.boot_id():
+        return {"how": "killed at host crash (the host went down while it ran)"}
+    last = {"how": "QEMU exited by itself (a crash, or the guest powered off)"}
+    with contextlib.suppress(OSError), open(vm.sub("log", "qemu.log"), "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - 2048))
+        lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+        if lines:
+            last["qemu_said"] = lines[-1][-300:]
+    return last
 
 
 def addresses(vm: registry.VM) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from kvmgate.model.policy.grammar import Limits
 from kvmgate.model.translate import Accel, Plan
 from kvmgate.ops.plan import owner_dir, plan_for
 from kvmgate.paths import Paths
-from kvmgate.store import config, critical, locks, registry, runtime
+from kvmgate.store import config, critical, locks, registry, runs, runtime
 
 START_TIMEOUT = 30.0
 
@@ -196,6 +196,7 @@ def _launch(
             _kill(pid)
             raise KvmgateError(f"cannot set up the display: {err}") from None
     runtime.write_pid(vm, pid)
+    runs.begin(vm, pid)
     runtime.write_options(vm, options)
     runtime.take_intended_exit(vm)  # a stale mark from an earlier run must not hide a crash
     # Only now: a start QEMU refused is a refusal (rate-limited, by the entry), never an "ok".

@@ -16,7 +16,7 @@ from kvmgate.model.policy.policy import Policy
 from kvmgate.ops.lifecycle import Started, lock, qmp, start_locked
 from kvmgate.ops.plan import owner_dir, plan_for
 from kvmgate.paths import Paths
-from kvmgate.store import config, note, registry, runtime
+from kvmgate.store import config, note, registry, runs, runtime
 from kvmgate.store.trees import remove_tree
 
 # ------------------------------------------------------------------------------ stop
@@ -66,6 +66,7 @@ def stop(paths: Paths, who: Caller, vm: registry.VM, force: bool = False, timeou
             how, forced = "killed after timeout", True
         if runtime.read_pid(vm) in (pid, None) and not runtime.is_running(vm):
             _clean_up_run(vm)  # not a new run's files, if someone started it again meanwhile
+            runs.end(vm, how)
         audit.done(paths.audit_log, who, "stop", vm.identity.owner, vm.identity.name, how=how)
         return Stopped(how, forced)
 
@@ -211,6 +212,7 @@ def hibernate_locked(paths: Paths, who: Caller, vm: registry.VM) -> registry.Sav
     runtime.cleanup(vm)
     remove_tree(owner_dir(vm))
     cgroup.remove(vm.key)
+    runs.end(vm, "hibernated")
     audit.done(paths.audit_log, who, "hibernate", vm.identity.owner, name, size=saved.size, sha256=saved.sha256)
     return saved
 

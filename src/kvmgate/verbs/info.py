@@ -11,7 +11,7 @@ from kvmgate.errors import UsageError, WrongState
 from kvmgate.host import sockets
 from kvmgate.host.caller import Caller
 from kvmgate.model.commands import Request
-from kvmgate.ops.inspect import addresses, describe, forwarded
+from kvmgate.ops.inspect import addresses, describe, details, forwarded
 from kvmgate.paths import Paths
 from kvmgate.store import config, display, every, registry, runtime
 from kvmgate.verbs.common import emit, owner_of, target
@@ -22,9 +22,9 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         return services(req, paths) if req.has("--services") else vms(req, who, paths)
     vm = target(req, who, paths)
     if req.verb == "status":
-        info = describe(vm)
+        info = details(config.load(paths), vm)
         info["networks"] = addresses(vm)
-        text = "".join(f"{k}: {v}\n" for k, v in info.items() if k != "networks")
+        text = "".join(f"{k}: {_shown(v)}\n" for k, v in info.items() if k != "networks")
         text += "".join(f"network: {a['network']} mac {a['mac']} ip {a['ip'] or '-'}\n" for a in info["networks"])
         emit(info, text, req.as_json)
         return 0
@@ -38,6 +38,14 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
     if req.verb == "vnc":
         return vnc(req, vm)
     raise UsageError(f"unknown verb {req.verb}")
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "-"
+    if isinstance(value, dict):
+        return "; ".join(f"{k} {v}" for k, v in value.items())
+    return str(value)
 
 
 def vms(req: Request, who: Caller, paths: Paths) -> int:
