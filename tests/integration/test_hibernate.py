@@ -321,3 +321,16 @@ def test_status_says_what_its_owner_asks_next(kg: Kvmgate, alice: str, vm: str) 
     record = json.loads(run.read_text())
     run.write_text(json.dumps({**record, "boot_id": "an-earlier-boot"}))  # as after a host crash
     assert state(kg, alice, vm)["last_run"]["how"].startswith("killed at host crash")
+
+
+def test_log_follow_shows_new_output_until_the_vm_stops(kg: Kvmgate, alice: str, vm: str) -> None:
+    follow = subprocess.Popen(
+        ["runuser", "-u", alice, "--", KVMGATE, "log", vm, "--follow"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        guest_run(kg, alice, vm, "echo follow-$((6*7))", "follow-42")
+        kg.ok("stop", vm, "--force", user=alice)
+        out, _ = follow.communicate(timeout=30)
+    finally:
+        follow.kill()
+    assert follow.returncode == 0 and "follow-42" in out

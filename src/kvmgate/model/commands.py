@@ -146,6 +146,7 @@ VERBS: tuple[Verb, ...] = (
             Flag("--previous", "the run before the last start (why a VM died, after a restart)"),
             Flag("--lines", "only the last N lines", "N"),
             Flag("--raw", "the guest's bytes as they are, escape sequences included"),
+            Flag("--follow", "then keep showing new output until the VM stops (Ctrl-C ends it)"),
             JSON,
         ),
         epilog="The log is bounded as it is written (the policy's console_log_mib): past it, kvmgate keeps\n"

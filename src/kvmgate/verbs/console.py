@@ -15,6 +15,7 @@ shell).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pwd
@@ -39,6 +40,7 @@ DETACH = b"\x1d"  # Ctrl-]
 LOG_READ_MAX = 1100 << 20  # above the largest ring the policy allows (1 GiB): never unbounded
 SCROLLBACK = 16384
 POLL = 0.02
+FOLLOW_POLL = 0.2
 QUIET = 1.0  # after the end of piped input, detach once the guest has been quiet this long
 
 
@@ -174,12 +176,20 @@ def history(req: Request, who: Caller, paths: Paths) -> int:
     n = req.flag("--lines")
     if n is not None and not (n.isascii() and n.isdigit() and len(n) <= 7 and int(n) <= LINES_MAX):
         raise UsageError(f"--lines must be a whole number up to {LINES_MAX}")
+    follow = req.has("--follow")
+    if follow and (req.as_json or req.has("--previous")):
+        raise UsageError("--follow takes neither --json nor --previous")
     vm = target(req, who, paths)
     name = "console.prev.log" if req.has("--previous") else "console.log"
     try:
         fd = os.open(vm.sub("log", name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    alive = None  # QEMU's liveness lock, opened as root: while QEMU holds it, there is more to follow
+    if follow:
+        with contextlib.suppress(FileNotFoundError):
+            alive = os.open(os.path.join(vm.rundir, "lock"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        resume = Ring(config.load(paths).console_log_mib << 20).head
     if not who.is_root:
         pw = pwd.getpwuid(who.uid)
         drop_to(pw.pw_uid, pw.pw_gid)
@@ -196,10 +206,30 @@ def history(req: Request, who: Caller, paths: Paths) -> int:
         try:
             for chunk in _chunks(f, end - begin, shown):
                 sys.stdout.buffer.write(chunk)
+            if alive is not None:
+                _follow(f, alive, shown, resume)
             sys.stdout.flush()
         except BrokenPipeError:
             pass  # the reader went away (`kvmgate log vm | head`): nothing more to say to it
     return 0
+
+
+def _follow(f: BinaryIO, alive: int, shown: Visible | None, resume: int) -> None:
+    """Like `tail -f`, until QEMU lets go of its liveness lock (the VM stopped)."""
+    while True:
+        data = f.read(CHUNK)
+        if data:
+            sys.stdout.buffer.write(data if shown is None else shown.feed(data))
+            continue
+        size = os.fstat(f.fileno()).st_size
+        if size < f.tell():  # the pump compacted the log: go on at its marker
+            f.seek(resume if resume < size else 0)
+            continue
+        try:
+            fcntl.flock(alive, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return  # QEMU is gone: what it wrote has been shown
+        except BlockingIOError:
+            time.sleep(FOLLOW_POLL)
 
 
 CHUNK = 1 << 16
