@@ -370,6 +370,20 @@ def test_vnc_unix_socket_is_the_owners_and_has_no_monitor(
     assert shots[0].read_bytes() == shots[1].read_bytes()
 
 
+def test_a_graphics_card_always_gets_its_owners_socket(net: Net, vms: list, alice: str) -> None:
+    """A VGA VM started without -vnc had a screen nobody could ever see; -vnc on a
+    -nographic VM showed nothing."""
+    vm = create(net, vms, alice, name(), "--network", "user", "--", "-m", "128")
+    net.ok("start", vm["name"], "--paused", user=alice)
+    info = net.json("vnc", vm["name"], user=alice)
+    assert info["kind"] == "unix"
+    assert _rfb(net, info["socket"], alice).strip() == "types [1]"
+    headless = create(net, vms, alice, name(), "--network", "user", "--", "-m", "128", "-nographic")
+    r = net.kvmgate("start", headless["name"], "--", "-vnc", "1", user=alice)
+    assert r.returncode == 3 and "no graphics card" in r.stderr, r.stderr
+    assert net.kvmgate("vnc", headless["name"], user=alice).returncode == 5, "not running: no display"
+
+
 def test_vnc_tcp_is_loopback_with_a_fresh_password(net: Net, vms: list, alice: str, bob: str, guest: Path) -> None:
     Path(ETC, "policy.toml").write_text(DEFAULT_POLICY + '[vnc]\nmode = "tcp"\n')
     vm = create(net, vms, alice, name(), "--network", "user", "--", "-m", "128")

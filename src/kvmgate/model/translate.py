@@ -294,13 +294,17 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
         b.add("-L", bios.canonical)
     vnc_opt = one("-vnc")
     vnc = None
-    if vnc_opt:
+    if vnc_opt and "-nographic" in by:
+        raise PolicyError("-vnc", "this VM has no graphics card (-nographic): there is no screen to show")
+    # A graphics card always gets its owner-only socket, -vnc or not: a screen
+    # nobody can ever see is no use (`kvmgate vnc` shows how to reach it).
+    if vnc_opt or (ctx.vnc_socket and "-nographic" not in by):
         # Never a public listener: a unix socket in a directory only the owner can
         # enter, or loopback TCP with a password kvmgate sets at every start.
         if ctx.vnc_socket:
             vnc = Vnc("unix", socket=ctx.vnc_socket)
             b.add("-vnc", f"unix:{ctx.vnc_socket}")
-        else:
+        elif vnc_opt:
             vnc = Vnc("tcp", display=int(vnc_opt.canonical))
             b.add("-vnc", f"127.0.0.1:{vnc_opt.canonical},password=on")
 

@@ -94,7 +94,7 @@ def vnc(req: Request, vm: registry.VM) -> int:
     info: dict[str, Any]
     vnc = record.get("vnc")
     if not isinstance(vnc, dict):
-        raise WrongState(f"{vm.identity.name} was started without -vnc")
+        raise WrongState(f"{vm.identity.name} has no display (it runs with -nographic, or TCP VNC without -vnc)")
     if vnc.get("kind") == "unix":
         path = vnc.get("socket")
         info = {
