@@ -147,7 +147,7 @@ fi
 if [ "$systemd" = yes ]; then
     systemctl daemon-reload
     systemctl enable --now kvmgate-runtime.service kvmgate-network.service kvmgate-reap.timer \
-        kvmgate-autostart.service kvmgate-gated.service
+        kvmgate-autostart.service kvmgate-gated.service kvmgate-guests.service
     echo "enabled and started the kvmgate units in $unitdir"
 else
     echo "systemd is not running here: the units in $unitdir will not run; see: $prefix/bin/kvmgate admin init"

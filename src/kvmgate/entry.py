@@ -50,6 +50,10 @@ def dispatch(req: Request, who: caller.Caller, paths: Paths) -> int:
             from kvmgate.verbs import services
 
             return services.run(req, who, paths)
+        if req.verb in ("admin-shutdown", "admin-boot"):
+            from kvmgate.verbs import hostpower
+
+            return hostpower.run(req, who, paths)
         from kvmgate.verbs import admin
 
         return admin.run(req, who, paths)

@@ -334,3 +334,34 @@ def test_log_follow_shows_new_output_until_the_vm_stops(kg: Kvmgate, alice: str,
     finally:
         follow.kill()
     assert follow.returncode == 0 and "follow-42" in out
+
+
+def test_host_shutdown_hibernates_and_boot_restores_each_as_it_was(
+    kg: Kvmgate, users, guest: Path, vm_name: str, cleanup_vms: list
+) -> None:
+    """Like libvirt-guests with ON_SHUTDOWN=suspend: at shutdown, running and paused
+    VMs are hibernated in parallel; a -snapshot VM is powered down and the record
+    says why; at boot, each is restored into the state it was in."""
+    owner = users.make("kgh")
+    names = [f"{vm_name}{i}" for i in range(3)]
+    for n in names:
+        kg.ok("admin", "create", n, "--owner", owner, "--", *boot_options(guest))
+        cleanup_vms.append((owner, n))
+    running, paused, throwaway = names
+    for n in names:
+        kg.ok("start", n, "--owner", owner, *(["--", "-snapshot"] if n == throwaway else []))
+    for n in names:
+        kg.ok("console", n, "--owner", owner, "--expect", BOOT_LINE, "--timeout", "120")
+    kg.ok("freeze", paused, "--owner", owner)
+    out = kg.ok("admin", "shutdown", "--owner", owner, "--timeout", "120").stdout
+    assert f"{owner}/{running}: hibernated" in out and f"{owner}/{paused}: hibernated" in out, out
+    assert f"{owner}/{throwaway}: powered down at host shutdown" in out and "-snapshot" in out, out
+    states = {n: kg.json("status", n, "--owner", owner) for n in names}
+    assert [states[n]["state"] for n in names] == ["hibernated", "hibernated", "stopped"]
+    assert states[throwaway]["last_run"]["how"] in ("powered down", "killed after timeout")
+    out = kg.ok("admin", "boot", "--owner", owner, "--timeout", "120").stdout
+    assert out.count("restored (pid") == 2, out
+    assert kg.json("status", running, "--owner", owner)["state"] == "running"
+    assert kg.json("status", paused, "--owner", owner)["state"] == "paused", "restored as it was"
+    assert kg.json("status", throwaway, "--owner", owner)["state"] == "stopped"
+    assert "restored" not in kg.ok("admin", "boot", "--owner", owner).stdout, "the list is emptied"

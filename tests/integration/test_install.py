@@ -79,6 +79,7 @@ UNITS = {
     "kvmgate-gated.service",
     "kvmgate-network.service",
     "kvmgate.slice",
+    "kvmgate-guests.service",
 }
 
 
@@ -119,7 +120,7 @@ def test_install_enables_and_starts_the_units_where_systemd_runs(kg: Kvmgate, tm
     assert log.read_text().splitlines() == [
         "daemon-reload",
         "enable --now kvmgate-runtime.service kvmgate-network.service kvmgate-reap.timer "
-        "kvmgate-autostart.service kvmgate-gated.service",
+        "kvmgate-autostart.service kvmgate-gated.service kvmgate-guests.service",
     ]
     assert {u.name for u in units.iterdir()} == UNITS
 

@@ -80,6 +80,9 @@ LOGOFF_DELAY = Flag(
     "logoff_delay_seconds, 60); a logon within it cancels it",
     "SECONDS",
 )
+TIMEOUT_TOTAL = Flag(
+    "--timeout", "the bound on the whole of it (default 300); what is not done by then is killed", "SECONDS"
+)
 NETWORK = Flag(
     "--network", "one NIC on each named network from the policy (user, private, services, ...)", "NET[,NET...]"
 )
@@ -237,6 +240,19 @@ VERBS: tuple[Verb, ...] = (
     ),
     Verb("admin-reap", "apply the logoff policy for sessions that ended without closing (run by a timer)", target=None),
     Verb("admin-autostart", "start every service VM marked autostart (run at boot)", target=None),
+    Verb(
+        "admin-shutdown",
+        "host going down: hibernate every running user VM (paused ones too) in parallel; a -snapshot VM is "
+        "powered down (kvmgate-guests.service)",
+        (TIMEOUT_TOTAL, Flag("--owner", "only this user's VMs", "USER")),
+        target=None,
+    ),
+    Verb(
+        "admin-boot",
+        "host back: restore the VMs admin shutdown hibernated, each as it was (kvmgate-guests.service)",
+        (TIMEOUT_TOTAL, Flag("--owner", "only this user's VMs", "USER")),
+        target=None,
+    ),
     Verb(
         "admin-watch",
         "start a service VM and wait for it; exit 7 if QEMU dies (kvmgate-vm@.service)",
