@@ -105,3 +105,11 @@ def test_a_qemu_option_without_the_separator_gets_a_hint() -> None:
     with pytest.raises(UsageError) as err:
         parse(["status", "web", "-m"])
     assert "--`" not in str(err.value), "no hint where no VM options are taken"
+
+
+def test_top_level_help_lists_the_whole_vocabulary() -> None:
+    """The README said `kvmgate --help` lists the option vocabulary; it did not."""
+    from kvmgate.model.policy.table import OPTIONS
+
+    text = build_parser().format_help()
+    assert all(f"    {name} " in text for name in OPTIONS), [n for n in OPTIONS if f"    {n} " not in text]

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run your own KVM virtual machines, defined for you by the administrator, "
         "through a small secure wrapper. Each VM runs as its owner, with the options the "
         "administrator fixed; users may add only the options their list allows.",
-        epilog=EPILOG,
+        epilog="VM options (the design note's vocabulary), in their default lists; the host's policy may\n"
+        "move them (kvmgate start NAME -- OPTION...):\n" + options_help() + "\n\n" + EPILOG,
     )
     p.add_argument("--version", action="version", version=f"kvmgate {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="COMMAND", required=True)
