@@ -189,6 +189,7 @@ def test_list_says_when_there_are_no_vms_and_has_a_header_on_a_terminal(
 def test_console_detaches_at_the_end_of_piped_input(kg: Kvmgate, alice: str, booted: str) -> None:
     """`echo cmd | kvmgate console vm` never returned: it now detaches once the
     input has ended and the guest has been quiet for a second, showing the answer."""
+    kg.ok("console", booted, "--owner", alice, "--expect", BOOT_LINE, "--timeout", "90")
     r = kg("console", booted, "--owner", alice, input="echo piped-$((6*7))\n", timeout=60)
     assert r.returncode == 0 and "piped-42" in r.stdout, r.stdout[-500:]
 
