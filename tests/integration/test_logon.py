@@ -247,6 +247,19 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _stopped_vm(
+    kg: Kvmgate, user: str, sshd: Sshd, guest: Path, vm_name: str, cleanup_vms: list, mode: str, delay: str
+) -> str:
+    """A stopped VM for `user`, who may ssh in, with a logoff policy and delay."""
+    sshd.authorize(user)
+    kg.ok(
+        "admin", "create", vm_name, "--owner", user, "--on-logoff", mode, "--logoff-delay", delay,
+        "--", *boot_options(guest),
+    )  # fmt: skip
+    cleanup_vms.append((user, vm_name))
+    return user
+
+
 def _state(sshd: Sshd, user: str, name: str) -> str:
     r = sshd.run(user, f"{KVMGATE} status {name} --json")
     assert r.returncode == 0, r.stderr
@@ -260,13 +273,7 @@ def test_one_shot_logins_never_put_the_vm_to_sleep_before_the_delay(
     one-shot ssh is a whole logon and logoff. The policy now acts only after the
     owner has had no session for the logoff delay (here 6 s; 60 s by default),
     and any logon within it cancels it."""
-    user = users.make("kgd")
-    sshd.authorize(user)
-    kg.ok(
-        "admin", "create", vm_name, "--owner", user, "--on-logoff", "pause", "--logoff-delay", "6",
-        "--", *boot_options(guest),
-    )  # fmt: skip
-    cleanup_vms.append((user, vm_name))
+    user = _stopped_vm(kg, users.make("kgd"), sshd, guest, vm_name, cleanup_vms, "pause", "6")
     r = sshd.run(user, f"{KVMGATE} start {vm_name}")  # one-shot: logon, start, logoff
     assert r.returncode == 0, r.stderr
     time.sleep(3)
@@ -296,13 +303,7 @@ def test_a_snapshot_vm_is_paused_at_logoff_and_status_says_why(
 ) -> None:
     """With the hibernate policy, a VM started with -snapshot once stayed running at
     logoff (its overlay cannot be saved), with the reason only in the audit log."""
-    user = users.make("kgn")
-    sshd.authorize(user)
-    kg.ok(
-        "admin", "create", vm_name, "--owner", user, "--on-logoff", "hibernate", "--logoff-delay", "0",
-        "--", *boot_options(guest),
-    )  # fmt: skip
-    cleanup_vms.append((user, vm_name))
+    user = _stopped_vm(kg, users.make("kgn"), sshd, guest, vm_name, cleanup_vms, "hibernate", "0")
     r = sshd.run(user, f"{KVMGATE} start {vm_name} -- -snapshot")
     assert r.returncode == 0, r.stderr
     st = wait_state(kg, user, vm_name, "paused")

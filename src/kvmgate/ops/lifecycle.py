@@ -87,7 +87,7 @@ def start_locked(paths: Paths, who: Caller, vm: registry.VM, options: list[str],
     try:
         migrate.restore(vm, saved)
     except BaseException:
-        _kill(pid)
+        kill_and_reap(pid)
         runtime.cleanup(vm)
         raise
     from kvmgate.host import holds
@@ -181,7 +181,7 @@ def _launch(
     except QMPError as err:
         tail = _log_tail(vm.sub("log", "qemu.log"))
         exited = not alive()
-        _kill(pid)
+        kill_and_reap(pid)
         if not tail or not exited:  # no refusal from QEMU: it did not answer in time
             raise KvmgateError(f"QEMU failed to start: {err}") from None
         from kvmgate.model.qemu_errors import explain
@@ -193,7 +193,7 @@ def _launch(
         try:
             display.record(paths, policy, vm, plan)
         except (OSError, QMPError) as err:
-            _kill(pid)
+            kill_and_reap(pid)
             raise KvmgateError(f"cannot set up the display: {err}") from None
     runtime.write_pid(vm, pid)
     runs.begin(vm, pid)
@@ -241,7 +241,7 @@ def _log_tail(path: str) -> list[str]:
     return [ln[:600] for ln in lines[-3:]]
 
 
-def _kill(pid: int) -> None:
+def kill_and_reap(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

@@ -76,6 +76,22 @@ def touch(path: str) -> None:
     os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
 
 
+def taken(path: str, shared: bool = False) -> bool:
+    """Does another open file holding a flock on `path` keep this one from taking
+    it (exclusively, or shared)? A file that does not exist is not taken."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def flock(path: str, timeout: float | None = None, what: str = "") -> Iterator[int]:
     """An exclusive lock on `path` (created root-only). With a timeout, give up

@@ -17,7 +17,7 @@ import os
 import time
 
 from kvmgate.errors import KvmgateError, WrongState
-from kvmgate.store.files import read_small, touch, write_atomic
+from kvmgate.store.files import read_small, taken, touch, write_atomic
 from kvmgate.store.registry import VM, mkdir_root
 
 # Every file a start creates in RUN/<key>/; a stop, hibernate or crash clean-up removes them.
@@ -34,17 +34,8 @@ RUNTIME_FILES = (
 
 
 def is_running(vm: VM) -> bool:
-    try:
-        fd = os.open(os.path.join(vm.rundir, "lock"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    """QEMU holds its liveness lock for its whole life (exclusively)."""
+    return taken(os.path.join(vm.rundir, "lock"), shared=True)
 
 
 def wait_stopped(vm: VM, seconds: float) -> bool:

@@ -148,7 +148,7 @@ def _in_parallel(
             os.close(r)
         elif time.monotonic() > deadline:
             for pid, (i, r) in running.items():
-                with_kill(pid)
+                lifecycle.kill_and_reap(pid)
                 results[i] = "error: not done before the deadline"
                 os.close(r)
             running.clear()
@@ -158,13 +158,3 @@ def _in_parallel(
         else:
             time.sleep(0.05)
     return [(vms[i], results[i]) for i in range(len(vms))]
-
-
-def with_kill(pid: int) -> None:
-    import signal
-
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
-        pass

@@ -32,6 +32,7 @@ from kvmgate.model.commands import Request
 from kvmgate.ops import power
 from kvmgate.paths import Paths, installed
 from kvmgate.store import config, critical, every, registry, runtime
+from kvmgate.store.files import taken
 from kvmgate.store.sessions import Sessions
 
 HOOK_SECONDS = 5  # the hook's own bound; VM work happens after it returned
@@ -300,14 +301,7 @@ def _restart_lost_workers(paths: Paths) -> None:
 
 
 def _at_work(paths: Paths, user: str) -> bool:
-    fd = os.open(_work_file(paths, user), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return taken(_work_file(paths, user))
 
 
 def run(req: Request, who: Caller, paths: Paths) -> int:
