@@ -151,7 +151,8 @@ ADMIN_OPTIONS = [
 def test_user_option(
     option: str, kg: Kvmgate, alice: str, vm_name: str, cleanup_vms: list, files: dict, guest: Path
 ) -> None:
-    start_paused(kg, alice, vm_name, BASE, user_cases(files, guest)[option], cleanup_vms)
+    admin = ["-m", "128"] if option == "-vnc" else BASE  # a display needs a graphics card
+    start_paused(kg, alice, vm_name, admin, user_cases(files, guest)[option], cleanup_vms)
 
 
 @pytest.mark.parametrize("option", ADMIN_OPTIONS)

@@ -184,6 +184,6 @@ def test_one_owners_flood_never_shuts_out_another(kg: Kvmgate, users, gated, gue
         flood.kill()
         flood.wait()
     p.terminate()
-    _, err = p.communicate(timeout=10)
+    _, err = p.communicate(timeout=30)  # its last helper calls, under the suite's load
     assert "Traceback" not in err and len(err.splitlines()) <= 20, err[-2000:]
     assert "too many open" in err

@@ -144,9 +144,11 @@ def finish() -> None:
             stream.close_pipe()
     deadline = time.monotonic() + EXIT_WAIT
     for pid in _writers:
+        pause = 0.0002  # a writer is usually done at once: look again soon, then less often
         while time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):
                 if os.waitpid(pid, os.WNOHANG) == (0, 0):
-                    time.sleep(0.005)
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.05)
                     continue
             break

@@ -58,13 +58,21 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def details(policy: Policy, vm: registry.VM) -> dict[str, Any]:
+def details(policy: Policy | None, vm: registry.VM) -> dict[str, Any]:
     """`status`: the state and what its owner would ask next: memory and vCPUs,
-    since when it runs, its logoff policy, its ports, how its last run ended."""
-    from kvmgate.ops.plan import plan_for
-
+    since when it runs, its logoff policy, its ports, how its last run ended.
+    Without a policy (one kvmgate refuses), what needs it is left out."""
     info = describe(vm)
     running = info["state"] in ("running", "paused")
+    if policy is not None:
+        _sizes(policy, vm, info, running)
+    _runs(vm, info, running)
+    return info
+
+
+def _sizes(policy: Policy, vm: registry.VM, info: dict[str, Any], running: bool) -> None:
+    from kvmgate.ops.plan import plan_for
+
     options: list[str] = []
     if running:
         with contextlib.suppress(KvmgateError):
@@ -79,6 +87,9 @@ def details(policy: Policy, vm: registry.VM) -> dict[str, Any]:
     info["on_logoff"] = settings.on_logoff
     info["logoff_delay"] = policy.logoff_delay_seconds if settings.logoff_delay is None else settings.logoff_delay
     info["forwards"] = [f"{r['service']} {r['host']}:{r['port']}" for r in forwarded(policy, vm)]
+
+
+def _runs(vm: registry.VM, info: dict[str, Any], running: bool) -> None:
     run = runs.read(vm)
     started = run.get("started_at")
     if running and isinstance(started, (int, float)):
@@ -86,7 +97,6 @@ def details(policy: Policy, vm: registry.VM) -> dict[str, Any]:
         info["uptime_seconds"] = int(time.time() - started)
     elif not running and isinstance(started, (int, float)):
         info["last_run"] = _ending(vm, run)
-    return info
 
 
 def _ending(vm: registry.VM, run: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import pwd
 import socket
 from typing import Any
 
-from kvmgate.errors import UsageError, WrongState
+from kvmgate.errors import KvmgateError, UsageError, WrongState
 from kvmgate.host import sockets
 from kvmgate.host.caller import Caller
 from kvmgate.model.commands import Request
@@ -22,7 +22,11 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         return services(req, paths) if req.has("--services") else vms(req, who, paths)
     vm = target(req, who, paths)
     if req.verb == "status":
-        info = details(config.load(paths), vm)
+        try:
+            policy = config.load(paths)
+        except KvmgateError:  # a policy kvmgate refuses: the state can still be shown
+            policy = None
+        info = details(policy, vm)
         info["networks"] = addresses(vm)
         text = "".join(f"{k}: {_shown(v)}\n" for k, v in info.items() if k != "networks")
         text += "".join(f"network: {a['network']} mac {a['mac']} ip {a['ip'] or '-'}\n" for a in info["networks"])
