@@ -29,7 +29,7 @@ from kvmgate.model.commands import Request, parse
 from kvmgate.paths import Paths, installed
 from kvmgate.store import critical
 
-POWER = ("stop", "reset", "freeze", "thaw", "hibernate")
+POWER = ("stop", "reset", "freeze", "thaw", "hibernate", "snapshot")
 INFO = ("status", "list", "ports", "vnc")
 
 

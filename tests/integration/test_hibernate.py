@@ -365,3 +365,38 @@ def test_host_shutdown_hibernates_and_boot_restores_each_as_it_was(
     assert kg.json("status", paused, "--owner", owner)["state"] == "paused", "restored as it was"
     assert kg.json("status", throwaway, "--owner", owner)["state"] == "stopped"
     assert "restored" not in kg.ok("admin", "boot", "--owner", owner).stdout, "the list is emptied"
+
+
+def test_a_snapshot_is_what_loadvm_starts_from(
+    kg: Kvmgate, alice: str, vm_name: str, guest: Path, cleanup_vms: list
+) -> None:
+    """The owner had no way to make a VM-state snapshot, so every -loadvm failed."""
+    name = f"{vm_name}s"
+    kg.ok("admin", "create", name, "--owner", alice, "--disk-size", "64M", "--", *boot_options(guest))
+    cleanup_vms.append((alice, name))
+    kg.ok("start", name, user=alice)
+    kg.ok("console", name, "--expect", BOOT_LINE, "--timeout", "90", user=alice)
+    guest_run(kg, alice, name, "echo snap-$((6*7)) > /m; echo wr''ote", "wrote")
+    out = kg.ok("snapshot", name, "before-change", user=alice).stdout
+    assert f"kvmgate start {name} -- -loadvm before-change" in out
+    assert [r["tag"] for r in kg.json("snapshot", name, "--list", user=alice)] == ["before-change"]
+    r = kg("snapshot", name, "before-change", user=alice)
+    assert r.returncode == 5 and "already has a snapshot" in r.stderr
+    guest_run(kg, alice, name, "rm /m; echo rem''oved", "removed")
+    kg.ok("stop", name, "--force", user=alice)
+    assert [r["tag"] for r in kg.json("snapshot", name, "--list", user=alice)] == ["before-change"], "stopped too"
+    kg.ok("start", name, "--", "-loadvm", "before-change", user=alice)
+    guest_run(kg, alice, name, "cat /m", "snap-42")
+    assert kg("snapshot", name, "--delete", "nosuch", user=alice).returncode == 3
+    kg.ok("snapshot", name, "--delete", "before-change", user=alice)
+    assert kg.json("snapshot", name, "--list", user=alice) == []
+    assert kg("snapshot", name, "Bad Tag", user=alice).returncode == 2
+
+
+def test_a_snapshot_of_a_raw_disk_is_refused(kg: Kvmgate, alice: str, vm: str) -> None:
+    disk = Path(f"~{alice}").expanduser() / f"raw-{vm}.img"
+    subprocess.run(["runuser", "-u", alice, "--", "truncate", "-s", "8M", str(disk)], check=True)
+    kg.ok("stop", vm, "--force", user=alice)
+    kg.ok("start", vm, "--", "-hdb", str(disk), user=alice)
+    r = kg("snapshot", vm, "x", user=alice)
+    assert r.returncode == 3 and f"-hdb {disk} is raw: snapshots need qcow2 disks" in r.stderr, r.stderr

@@ -39,7 +39,7 @@ class Flag:
 
 
 class Verb:
-    __slots__ = ("epilog", "flags", "frontend", "help", "internal", "name", "options", "target", "usage")
+    __slots__ = ("arg", "epilog", "flags", "frontend", "help", "internal", "name", "options", "target", "usage")
 
     def __init__(
         self,
@@ -52,9 +52,10 @@ class Verb:
         epilog: str = "",  # extra help text; "{options}" is replaced by the option lists
         internal: bool = False,  # called by kvmgate's own programs (pam_exec, gated), not shown in help
         frontend: bool = False,  # handled by the front end itself (ssh), never sent to the helper
+        arg: str | None = None,  # an optional second positional's metavar (`snapshot NAME TAG`), kept as a flag
     ) -> None:
         self.name, self.help, self.flags, self.target, self.options = name, help, flags, target, options
-        self.usage, self.epilog, self.internal, self.frontend = usage, epilog, internal, frontend
+        self.usage, self.epilog, self.internal, self.frontend, self.arg = usage, epilog, internal, frontend, arg
 
     @property
     def words(self) -> tuple[str, ...]:
@@ -124,6 +125,19 @@ VERBS: tuple[Verb, ...] = (
             TIMEOUT,
             Flag("--discard", "a hibernated VM: throw its saved state away (its next start boots afresh)"),
         ),
+    ),
+    Verb(
+        "snapshot",
+        "save a running or paused VM's whole state (memory and qcow2 disks) as TAG; "
+        "`kvmgate start NAME -- -loadvm TAG` starts from it",
+        (
+            OWNER,
+            Flag("--list", "list the VM's snapshots"),
+            Flag("--delete", "delete the snapshot TAG", "TAG"),
+            JSON,
+        ),
+        arg="TAG",
+        usage="kvmgate snapshot NAME TAG | NAME --list [--json] | NAME --delete TAG",
     ),
     Verb("reset", "hard-reset a running VM, like its reset button (the guest does not shut down)", (OWNER,)),
     Verb("freeze", "pause a VM's virtual CPUs; its memory stays in place", (OWNER,)),
@@ -341,6 +355,10 @@ def parse(argv: list[str]) -> Request:
         if tok.startswith("-"):
             hint = f" (QEMU options go after `--`: kvmgate {' '.join(verb.words)} NAME -- {tok[:40]} ...)"
             raise UsageError(f"{verb.name}: unknown flag {tok[:40]!r}" + (hint if verb.options else ""))
+        if name is not None and verb.arg is not None and verb.arg not in flags:
+            flags[verb.arg] = tok
+            i += 1
+            continue
         if verb.target is None or name is not None:
             raise UsageError(f"{verb.name}: unexpected argument {tok[:40]!r}")
         name = tok

@@ -9,7 +9,8 @@ from kvmgate.model.commands import Request
 from kvmgate.model.settings import parse_seconds
 from kvmgate.ops import power
 from kvmgate.paths import Paths
-from kvmgate.verbs.common import target
+from kvmgate.store import registry
+from kvmgate.verbs.common import emit, target
 
 
 def run(req: Request, who: Caller, paths: Paths) -> int:
@@ -27,6 +28,8 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         stopped = power.stop(paths, who, vm, force=req.has("--force"), timeout=timeout)
         print(f"stopped {name} ({stopped.how})")
         return EXIT_FORCED if stopped.forced else 0
+    if req.verb == "snapshot":
+        return _snapshot(req, who, paths, vm)
     if req.verb == "reset":
         power.reset(paths, who, vm)
         print(f"reset {name}")
@@ -46,3 +49,32 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         print(f"hibernated {name} ({saved.size >> 20} MiB saved)")
         return 0
     raise UsageError(f"unknown verb {req.verb}")
+
+
+def _tag(raw: str) -> str:
+    from kvmgate.model.identity import check_name
+
+    try:
+        return check_name(raw)
+    except UsageError:
+        raise UsageError(f"invalid snapshot tag {raw[:40]!r}: a-z and 0-9, with single '-' or '_' between") from None
+
+
+def _snapshot(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
+    from kvmgate.ops import snapshots
+
+    tag, gone = req.flag("TAG"), req.flag("--delete")
+    if sum(x is not None for x in (tag, gone)) + req.has("--list") != 1:
+        raise UsageError("snapshot takes a TAG, --list or --delete TAG")
+    if req.has("--list"):
+        rows = snapshots.listed(paths, vm)
+        text = "".join(f"{r['tag']:<32} {r['date']} {r['vm_state_bytes'] >> 20} MiB of VM state\n" for r in rows)
+        emit(rows, text or f"{vm.identity.name} has no snapshots\n", req.as_json)
+        return 0
+    if gone is not None:
+        snapshots.delete(paths, who, vm, _tag(gone))
+        print(f"deleted the snapshot {gone} of {vm.identity.name}")
+        return 0
+    snapshots.take(paths, who, vm, _tag(tag or ""))
+    print(f"saved the snapshot {tag} of {vm.identity.name}: kvmgate start {vm.identity.name} -- -loadvm {tag}")
+    return 0

@@ -195,12 +195,12 @@ def parse_vnc(option: str, raw: str, limits: Limits) -> IntValue:
     return IntValue(str(n), n)
 
 
-_TAG = Regex(r"[A-Za-z0-9][A-Za-z0-9_.]{0,63}", re.ASCII)
+_TAG = Regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)  # kvmgate snapshot's tags: VM-name grammar
 
 
 def parse_tag(option: str, raw: str, limits: Limits) -> Word:
     if not _TAG.fullmatch(raw):
-        raise _fail(option, "must be a snapshot tag of letters, digits, '_' and '.' (at most 64)")
+        raise _fail(option, "must be a snapshot tag of letters, digits, '_', '-' and '.' (at most 64)")
     return Word(raw, raw)
 
 
