@@ -201,3 +201,21 @@ def test_an_error_after_the_console_drops_to_the_user_is_one_line(kg: Kvmgate, a
     assert r.returncode == 5, r.stderr
     assert r.stderr.endswith("kvmgate: console: timed out waiting for the expected output\n"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_admin_resize_grows_a_stopped_vms_disk_only(kg: Kvmgate, alice: str, vm_name: str, cleanup_vms: list) -> None:
+    kg.ok("admin", "create", vm_name, "--owner", alice, "--disk-size", "16M", "--", "-m", "64")
+    cleanup_vms.append((alice, vm_name))
+    disk = Path(kg.json("status", vm_name, "--owner", alice)["directory"], "disks", "disk0.qcow2")
+    out = kg.ok("admin", "resize", vm_name, "disk0.qcow2", "32M", "--owner", alice).stdout
+    assert out.endswith("disk0.qcow2 is now 32 MiB\n")
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(disk)], capture_output=True,
+                                     text=True, check=True).stdout)  # fmt: skip
+    assert info["virtual-size"] == 32 << 20 and os.stat(disk).st_uid == pwd.getpwnam(alice).pw_uid
+    r = kg("admin", "resize", vm_name, "disk0.qcow2", "16M", "--owner", alice)
+    assert r.returncode == 3 and "a disk only grows" in r.stderr
+    r = kg("admin", "resize", vm_name, "../settings.json", "64M", "--owner", alice)
+    assert r.returncode == 2
+    kg.ok("start", vm_name, "--owner", alice, "--paused")
+    r = kg("admin", "resize", vm_name, "disk0.qcow2", "64M", "--owner", alice)
+    assert r.returncode == 5 and "stop it" in r.stderr

@@ -62,8 +62,8 @@ def _add(sub: argparse._SubParsersAction[argparse.ArgumentParser], word: str, ve
             )
     if verb.target is not None:
         sp.add_argument("name", metavar=verb.target)
-    if verb.arg is not None:
-        sp.add_argument("arg", metavar=verb.arg, nargs="?")
+    for i, metavar in enumerate(verb.args):
+        sp.add_argument(f"arg{i}", metavar=metavar, nargs="?")
 
 
 def build_parser() -> argparse.ArgumentParser:

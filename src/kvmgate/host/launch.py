@@ -39,7 +39,7 @@ class Where(NamedTuple):
     tmpdir: str
 
 
-def _open_as(pw: pwd.struct_passwd, path: str, writable: bool, what: str) -> int:
+def open_as(pw: pwd.struct_passwd, path: str, writable: bool, what: str) -> int:
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
     try:
         with caller.as_user(pw):
@@ -73,7 +73,7 @@ def _disk(pw: pwd.struct_passwd, r: Resource, limits: Limits) -> tuple[int, int]
     overlay, the guest's disk): it is checked against the policy before anything
     is built for it."""
     assert r.path is not None
-    fd = _open_as(pw, r.path, r.writable, f"-{r.of}")
+    fd = open_as(pw, r.path, r.writable, f"-{r.of}")
     try:
         head = os.pread(fd, qcow2.HEADER_READ, 0)
         if r.fmt == "qcow2":
@@ -127,7 +127,7 @@ def open_user_resources(
             elif r.kind == "blob":
                 from kvmgate.host import blobs  # kernels, initrds, ROMs
 
-                src = _open_as(pw, r.path or "", False, f"-{r.of}")
+                src = open_as(pw, r.path or "", False, f"-{r.of}")
                 opened[r.fd] = blobs.for_qemu(src, r.path or "", pw.pw_uid, qemu_gid, budget)
             elif r.kind == "tap":
                 from kvmgate.host import network  # bridged NICs

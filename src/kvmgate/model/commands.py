@@ -39,7 +39,7 @@ class Flag:
 
 
 class Verb:
-    __slots__ = ("arg", "epilog", "flags", "frontend", "help", "internal", "name", "options", "target", "usage")
+    __slots__ = ("args", "epilog", "flags", "frontend", "help", "internal", "name", "options", "target", "usage")
 
     def __init__(
         self,
@@ -52,10 +52,10 @@ class Verb:
         epilog: str = "",  # extra help text; "{options}" is replaced by the option lists
         internal: bool = False,  # called by kvmgate's own programs (pam_exec, gated), not shown in help
         frontend: bool = False,  # handled by the front end itself (ssh), never sent to the helper
-        arg: str | None = None,  # an optional second positional's metavar (`snapshot NAME TAG`), kept as a flag
+        args: tuple[str, ...] = (),  # positionals after NAME (`snapshot NAME TAG`), kept as flags by metavar
     ) -> None:
         self.name, self.help, self.flags, self.target, self.options = name, help, flags, target, options
-        self.usage, self.epilog, self.internal, self.frontend, self.arg = usage, epilog, internal, frontend, arg
+        self.usage, self.epilog, self.internal, self.frontend, self.args = usage, epilog, internal, frontend, args
 
     @property
     def words(self) -> tuple[str, ...]:
@@ -136,7 +136,7 @@ VERBS: tuple[Verb, ...] = (
             Flag("--delete", "delete the snapshot TAG", "TAG"),
             JSON,
         ),
-        arg="TAG",
+        args=("TAG",),
         usage="kvmgate snapshot NAME TAG | NAME --list [--json] | NAME --delete TAG",
     ),
     Verb("reset", "hard-reset a running VM, like its reset button (the guest does not shut down)", (OWNER,)),
@@ -272,6 +272,13 @@ VERBS: tuple[Verb, ...] = (
         "start a service VM and wait for it; exit 7 if QEMU dies (kvmgate-vm@.service)",
         target="OWNER:NAME",
     ),
+    Verb(
+        "admin-resize",
+        "grow a stopped VM's disk (a file in its disks/ directory, e.g. disk0.qcow2) to SIZE",
+        (OWNER_REQUIRED,),
+        args=("DISK", "SIZE"),
+        usage="kvmgate admin resize NAME DISK SIZE --owner USER",
+    ),
     Verb("admin-list", "list every VM", (JSON,), target=None),
     Verb("admin-show", "show a VM's identity, options, settings and QEMU command line", (OWNER_REQUIRED, JSON)),
     Verb("gated-config", "kvmgate-gated's listener table", target=None, internal=True),
@@ -355,8 +362,9 @@ def parse(argv: list[str]) -> Request:
         if tok.startswith("-"):
             hint = f" (QEMU options go after `--`: kvmgate {' '.join(verb.words)} NAME -- {tok[:40]} ...)"
             raise UsageError(f"{verb.name}: unknown flag {tok[:40]!r}" + (hint if verb.options else ""))
-        if name is not None and verb.arg is not None and verb.arg not in flags:
-            flags[verb.arg] = tok
+        more = [a for a in verb.args if a not in flags]
+        if name is not None and more:
+            flags[more[0]] = tok
             i += 1
             continue
         if verb.target is None or name is not None:
