@@ -219,3 +219,24 @@ def test_admin_resize_grows_a_stopped_vms_disk_only(kg: Kvmgate, alice: str, vm_
     kg.ok("start", vm_name, "--owner", alice, "--paused")
     r = kg("admin", "resize", vm_name, "disk0.qcow2", "64M", "--owner", alice)
     assert r.returncode == 5 and "stop it" in r.stderr
+
+
+def test_admin_set_options_gives_a_new_identity_and_keeps_the_rest(
+    kg: Kvmgate, alice: str, vm_name: str, cleanup_vms: list
+) -> None:
+    kg.ok("admin", "create", vm_name, "--owner", alice, "--disk-size", "16M", "--on-logoff", "pause", "--", "-m", "64")
+    cleanup_vms.append((alice, vm_name))
+    before = kg.json("status", vm_name, "--owner", alice)
+    Path(before["directory"], "log", "console.prev.log").write_text("history\n")
+    out = kg.ok("admin", "set", vm_name, "--owner", alice, "--", "-m", "96", "-nographic").stdout
+    assert "new options" in out
+    after = kg.json("status", vm_name, "--owner", alice)
+    assert after["directory"] != before["directory"] and not Path(before["directory"]).exists()
+    assert after["memory_mib"] == 96 and after["on_logoff"] == "pause", "settings kept"
+    assert Path(after["directory"], "disks", "disk0.qcow2").exists(), "disks kept"
+    assert kg.ok("log", vm_name, "--owner", alice, "--previous").stdout == "history\n", "history kept"
+    shown = kg.json("admin", "show", vm_name, "--owner", alice)
+    assert "96" in json.dumps(shown)
+    kg.ok("start", vm_name, "--owner", alice, "--paused")
+    r = kg("admin", "set", vm_name, "--owner", alice, "--", "-m", "128")
+    assert r.returncode == 5 and "stop it" in r.stderr

@@ -230,7 +230,8 @@ VERBS: tuple[Verb, ...] = (
     ),
     Verb(
         "admin-set",
-        "change a VM's settings (they apply from its next start)",
+        "change a VM's settings (they apply from its next start); with `-- OPTION...`, replace its QEMU "
+        "options (a stopped VM: a new identity, its disks, settings and history kept)",
         (
             OWNER_REQUIRED,
             ON_LOGOFF,
@@ -240,6 +241,9 @@ VERBS: tuple[Verb, ...] = (
             FORWARD,
             WAKE,
         ),
+        options=True,
+        usage="kvmgate admin set NAME --owner USER [SETTING...] [-- OPTION...]",
+        epilog="VM options:\n{options}",
     ),
     Verb(
         "admin-net-up",

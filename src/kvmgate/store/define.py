@@ -14,7 +14,7 @@ from kvmgate.model.qcow2 import EmptyImage
 from kvmgate.model.settings import Settings
 from kvmgate.paths import Paths
 from kvmgate.store import locks
-from kvmgate.store.files import touch, write_atomic, write_image
+from kvmgate.store.files import fsync_dir, touch, write_atomic, write_image
 from kvmgate.store.registry import DEFAULT_DISK, VM, mkdir_root, vm_for
 from kvmgate.store.trees import remove_tree
 
@@ -75,6 +75,31 @@ def create(
         shutil.rmtree(vm.vmdir, ignore_errors=True)
         raise
     return vm
+
+
+def reidentify(paths: Paths, vm: VM, identity: ident.Identity) -> VM:
+    """Give a stopped VM new QEMU options: its directory is renamed to the new
+    identity (disks, settings, logs and saved snapshots go with it), its chain of
+    name directories rebuilt, and its name link replaced in one rename. Under the
+    VM's lock; the runtime directory of the old identity is the caller's to remove."""
+    new = vm_for(paths, identity)
+    if os.path.lexists(new.vmdir):
+        raise WrongState(f"{identity.name} already has exactly these options")
+    os.rename(vm.vmdir, new.vmdir)
+    shutil.rmtree(os.path.join(new.vmdir, ident.CHAIN_DIR), ignore_errors=True)  # root's directories only
+    comps = identity.components()
+    if len(comps) > 1:
+        cur = os.path.join(new.vmdir, ident.CHAIN_DIR)
+        mkdir_root(cur, 0o700)
+        for c in comps[1:]:
+            cur = os.path.join(cur, c)
+            mkdir_root(cur, 0o700)
+    link = os.path.join(paths.names, identity.owner, identity.name)
+    staged = f"{link}.new-{os.getpid()}"
+    os.symlink("../../vms/" + comps[0], staged)
+    os.rename(staged, link)
+    fsync_dir(os.path.dirname(link))
+    return new
 
 
 TRASH = ".del-"  # vms/.del-*: deleted VMs whose files are still being removed

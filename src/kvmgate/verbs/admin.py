@@ -162,14 +162,33 @@ def delete(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     return 0
 
 
+def _new_options(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> registry.VM:
+    """`admin set NAME -- OPTION...`: the options are the identity, so the VM gets a new one."""
+    if runtime.is_running(vm) or registry.read_saved(vm) is not None:
+        raise WrongState(f"{vm.identity.name} is running or hibernated: stop it (or discard its state) first")
+    opts = config.load(paths).parse(list(req.options), "admin")
+    if registry.read_settings(vm).nics and any(o.name == "-net" for o in opts):
+        raise PolicyError("-net", "this VM has the admin's named networks: use those, not -net options")
+    identity = ident.Identity(vm.identity.owner, vm.identity.name, tuple(t for o in opts for t in o.tokens()))
+    new = define.reidentify(paths, vm, identity)
+    remove_tree(vm.rundir)  # the old identity's runtime directory (nothing runs)
+    audit.done(paths.audit_log, who, "admin set options", vm.identity.owner, vm.identity.name,
+               options=list(identity.tokens), directory=new.vmdir)  # fmt: skip
+    print(f"{vm.identity.owner}/{vm.identity.name}: new options; {new.vmdir}")
+    return new
+
+
 SETTINGS_FLAGS = ("--on-logoff", "--logoff-delay", "--idle", "--wake", "--forward", "--network")
 
 
 def set_settings(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     settings = registry.read_settings(vm)
     mode, idle, delay = req.flag("--on-logoff"), req.flag("--idle"), req.flag("--logoff-delay")
-    if all(req.flag(f) is None for f in SETTINGS_FLAGS):
-        raise UsageError("admin set needs one of " + ", ".join(SETTINGS_FLAGS))
+    if all(req.flag(f) is None for f in SETTINGS_FLAGS) and not req.options:
+        raise UsageError("admin set needs one of " + ", ".join(SETTINGS_FLAGS) + ", or -- OPTION...")
+    if req.options:
+        vm = _new_options(req, who, paths, vm)
+        settings = registry.read_settings(vm)
     if runtime.is_running(vm) and any(req.flag(f) is not None for f in ("--network", "--forward", "--wake")):
         # Its taps, guarded ports and addresses are in use: changing them under it would
         # drop its anti-spoofing rules and hand its address to another VM.
