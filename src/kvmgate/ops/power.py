@@ -209,9 +209,7 @@ def hibernate_locked(paths: Paths, who: Caller, vm: registry.VM) -> registry.Sav
         raise
     if not runtime.wait_stopped(vm, 30):
         raise KvmgateError(f"{name} was saved but QEMU did not exit")
-    runtime.cleanup(vm)
-    remove_tree(owner_dir(vm))
-    cgroup.remove(vm.key)
+    _clean_up_run(vm)
     runs.end(vm, "hibernated")
     audit.done(paths.audit_log, who, "hibernate", vm.identity.owner, name, size=saved.size, sha256=saved.sha256)
     return saved

@@ -115,6 +115,8 @@ def flock(path: str, timeout: float | None = None, what: str = "") -> Iterator[i
                 critical.pause("lock:" + os.path.basename(path))  # tests: a caller must not stop root here
                 yield fd
             finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)  # let go before the section ends, not when the fd is closed
+                fcntl.flock(
+                    fd, fcntl.LOCK_UN
+                )  # explicitly: a child forked meanwhile (a writer, QEMU before exec) shares fd
     finally:
         os.close(fd)

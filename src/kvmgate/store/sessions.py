@@ -39,7 +39,7 @@ class Sessions:
                 try:
                     yield
                 finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)  # before the section ends (store.files.flock)
+                    fcntl.flock(fd, fcntl.LOCK_UN)  # explicitly, as store.files.flock does
         finally:
             os.close(fd)
 

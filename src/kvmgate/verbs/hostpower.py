@@ -76,7 +76,9 @@ def shutdown(paths: Paths, who: Caller, deadline: float, owner: str | None = Non
                 how += f"; could not be stopped: {one_line(err)}"
             failed += 1
         print(f"{vm.identity.owner}/{vm.identity.name}: {how}")
-        audit.done(paths.audit_log, who, "admin shutdown", vm.identity.owner, vm.identity.name, how=how)
+        outcome = "error" if how.startswith("error") else "ok"
+        audit.record(paths.audit_log, caller=who.name, uid=who.uid, verb="admin shutdown", vm=vm.identity.name,
+                     owner=vm.identity.owner, outcome=outcome, how=how)  # fmt: skip
     return 1 if failed else 0
 
 
