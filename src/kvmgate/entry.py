@@ -22,6 +22,7 @@ import json
 import os
 import pwd
 import sys
+from typing import Any
 
 from kvmgate.errors import EXIT_INTERNAL, KvmgateError, PermissionRefused, UsageError, one_line
 from kvmgate.host import caller, output
@@ -29,51 +30,32 @@ from kvmgate.model.commands import Request, parse
 from kvmgate.paths import Paths, installed
 from kvmgate.store import critical
 
-POWER = ("stop", "reset", "freeze", "thaw", "hibernate", "snapshot")
-INFO = ("status", "list", "ports", "vnc")
+# Which module carries each verb; each is imported only when its verb is called.
+ROUTES: dict[str, str] = {
+    "start": "lifecycle",
+    **dict.fromkeys(("stop", "reset", "freeze", "thaw", "hibernate", "snapshot"), "power"),
+    **dict.fromkeys(("status", "list", "ports", "vnc"), "info"),
+    **dict.fromkeys(("console", "log"), "console"),
+    **dict.fromkeys(
+        ("images", "keys", "admin-import", "admin-image-add", "admin-image-list", "admin-image-remove"), "images"
+    ),
+    **dict.fromkeys(("gated-config", "gated-wake", "gated-hold", "gated-idle"), "wake"),
+    "admin-reap": "logon",  # root-only code stays off the users' path
+    **dict.fromkeys(("admin-autostart", "admin-watch"), "services"),
+    **dict.fromkeys(("admin-shutdown", "admin-boot"), "hostpower"),
+}
 
 
 def dispatch(req: Request, who: caller.Caller, paths: Paths) -> int:
-    if req.verb.startswith("gated-"):
-        from kvmgate.verbs import wake
+    if req.verb.startswith("admin-") and not who.is_root:
+        raise PermissionRefused("admin commands are for root only")
+    module = ROUTES.get(req.verb) or ("admin" if req.verb.startswith("admin-") else "")
+    if not module:
+        raise UsageError(f"unknown verb {req.verb}")
+    import importlib
 
-        return wake.run(req, who, paths)
-    if req.verb.startswith("admin-"):
-        if not who.is_root:
-            raise PermissionRefused("admin commands are for root only")
-        # Root-only code stays off the users' path.
-        if req.verb == "admin-reap":
-            from kvmgate.verbs import logon
-
-            return logon.run(req, who, paths)
-        if req.verb in ("admin-autostart", "admin-watch"):
-            from kvmgate.verbs import services
-
-            return services.run(req, who, paths)
-        if req.verb in ("admin-shutdown", "admin-boot"):
-            from kvmgate.verbs import hostpower
-
-            return hostpower.run(req, who, paths)
-        from kvmgate.verbs import admin
-
-        return admin.run(req, who, paths)
-    if req.verb == "start":
-        from kvmgate.verbs import lifecycle
-
-        return lifecycle.run(req, who, paths)
-    if req.verb in POWER:
-        from kvmgate.verbs import power
-
-        return power.run(req, who, paths)
-    if req.verb in INFO:
-        from kvmgate.verbs import info
-
-        return info.run(req, who, paths)
-    if req.verb in ("console", "log"):
-        from kvmgate.verbs import console
-
-        return console.run(req, who, paths)
-    raise UsageError(f"unknown verb {req.verb}")
+    verb: Any = importlib.import_module(f"kvmgate.verbs.{module}")
+    return int(verb.run(req, who, paths))
 
 
 def _wants_json(req: Request | None, args: list[str]) -> bool:

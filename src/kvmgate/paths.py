@@ -73,3 +73,4 @@ def pause_control() -> str | None:
 QEMU_GROUP = "kvmgate-qemu"  # QEMU's primary group; no user is ever a member
 GATED_USER = "kvmgate-gated"  # the unprivileged wake-on-connect daemon
 SERVICE_USER = "kvmgate-svc"  # the default owner of service VMs
+IMAGE_USER = "kvmgate-image"  # qemu-img runs as this account on the admin's image files

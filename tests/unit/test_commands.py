@@ -33,7 +33,8 @@ PUBLIC = [v for v in VERBS if not v.internal]
 def test_help_lists_exactly_the_public_verbs() -> None:
     top = subparsers(build_parser())
     admin = subparsers(top.pop("admin"))
-    listed = set(top) | {f"admin-{n}" for n in admin}
+    group = subparsers(admin.pop("image"))
+    listed = set(top) | {f"admin-{n}" for n in admin} | {f"admin-image-{n}" for n in group}
     assert listed == {v.name for v in PUBLIC}
 
 
@@ -113,3 +114,14 @@ def test_top_level_help_lists_the_whole_vocabulary() -> None:
 
     text = build_parser().format_help()
     assert all(f"    {name} " in text for name in OPTIONS), [n for n in OPTIONS if f"    {n} " not in text]
+
+
+@pytest.mark.parametrize("verb", [v for v in VERBS if not v.frontend], ids=lambda v: v.name)
+def test_every_verb_is_routed_to_a_module_that_runs_it(verb: Verb) -> None:
+    import importlib
+
+    from kvmgate import entry
+
+    module = entry.ROUTES.get(verb.name) or ("admin" if verb.name.startswith("admin-") else "")
+    assert module, f"{verb.name} has no route"
+    assert callable(importlib.import_module(f"kvmgate.verbs.{module}").run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -72,3 +73,41 @@ def test_data_file_is_refused(tmp_path: Path) -> None:
 def test_inspect_never_crashes(data: bytes) -> None:
     with contextlib.suppress(qcow2.Qcow2Refused):
         qcow2.inspect(qcow2.MAGIC + data)
+
+
+BACKING = "kvmgate-image:" + "0" * 32
+
+
+def test_an_overlay_names_its_backing_image_and_qemu_img_reads_it(tmp_path: Path) -> None:
+    p = tmp_path / "o.qcow2"
+    image = qcow2.empty_image(64 << 20, backing=BACKING)
+    p.write_bytes(image.head)
+    os.truncate(p, image.length)
+    info = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(p)], capture_output=True, text=True, check=True
+    ).stdout
+    assert f'"backing-filename": "{BACKING}"' in info and '"backing-filename-format": "qcow2"' in info
+    spec = json.dumps({"driver": "qcow2", "backing": None, "file": {"driver": "file", "filename": str(p)}})
+    qemu_img("check", f"json:{spec}")
+    head = p.read_bytes()[: qcow2.HEADER_READ]
+    assert qcow2.inspect(head, BACKING).backing == BACKING
+    with pytest.raises(qcow2.Qcow2Refused, match="backing file"):
+        qcow2.inspect(head)  # a disk of a user's own: no backing file at all
+    with pytest.raises(qcow2.Qcow2Refused, match="not this VM's library image"):
+        qcow2.inspect(head, "kvmgate-image:" + "1" * 32)
+
+
+def test_an_overlay_rebased_by_its_owner_is_refused(tmp_path: Path) -> None:
+    """The owner may rewrite their overlay's header (qemu-img rebase -u): the name
+    is compared, never followed, so any other name is a refusal."""
+    p = tmp_path / "o.qcow2"
+    image = qcow2.empty_image(64 << 20, backing=BACKING)
+    p.write_bytes(image.head)
+    os.truncate(p, image.length)
+    qemu_img("rebase", "-u", "-F", "raw", "-b", "/etc/shadow", str(p))
+    with pytest.raises(qcow2.Qcow2Refused, match="not this VM's library image"):
+        qcow2.inspect(p.read_bytes()[: qcow2.HEADER_READ], BACKING)
+    standalone = tmp_path / "s.qcow2"
+    qemu_img("create", "-f", "qcow2", str(standalone), "64M")
+    with pytest.raises(qcow2.Qcow2Refused, match="not an overlay"):
+        qcow2.inspect(standalone.read_bytes()[: qcow2.HEADER_READ], BACKING)

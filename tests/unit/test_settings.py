@@ -36,6 +36,18 @@ every = st.builds(
     forwards=st.lists(forwards, max_size=4).map(tuple),
     nics=st.lists(nics, max_size=4).map(tuple),
     logoff_delay=st.none() | st.integers(0, s.MAX_IDLE),
+    cloud_init=st.booleans(),
+    image=st.none(),
+    image_id=st.none(),
+).flatmap(
+    lambda base: st.one_of(
+        st.just(base),
+        st.builds(
+            lambda name, image_id: base.with_(image=name, image_id=image_id),
+            st.from_regex(r"[a-z][a-z0-9_-]{0,31}", fullmatch=True),
+            st.from_regex(r"[0-9a-f]{32}", fullmatch=True),
+        ),
+    )
 )
 
 
@@ -67,8 +79,12 @@ def test_a_version_0_file_reads_as_the_same_settings() -> None:
 @pytest.mark.parametrize(
     "change",
     [
-        {"version": 2},
+        {"version": 3},
         {"version": "1"},
+        {"image": "deb", "image_id": None},
+        {"image": "deb", "image_id": "../../x"},
+        {"image": "../x", "image_id": "0" * 32},
+        {"cloud_init": 1},
         {"on_logoff": "sleep"},
         {"service": 1},
         {"idle": -1},

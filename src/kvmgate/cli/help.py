@@ -78,12 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"kvmgate {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="COMMAND", required=True)
-    admin = None
+    admin = group = None
     for verb in VERBS:
         if verb.internal:
             continue
         if len(verb.words) == 1:
             _add(sub, verb.name, verb)
+            continue
+        if len(verb.words) == 3:
+            if group is None:
+                assert admin is not None
+                gp = admin.add_parser(
+                    verb.words[1],
+                    help=f"the {verb.words[1]} library (root only)",
+                    description=f"the {verb.words[1]} library (root only)",
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog=EPILOG,
+                )
+                group = gp.add_subparsers(dest="group_verb", metavar="COMMAND", required=True)
+            _add(group, verb.words[2], verb)
             continue
         if admin is None:
             ap = sub.add_parser(

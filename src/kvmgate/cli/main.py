@@ -39,6 +39,34 @@ def absolutize(tokens: list[str]) -> list[str]:
     return out
 
 
+def absolutize_file(args: list[str]) -> list[str]:
+    """A verb's FILE (`admin image add NAME FILE`, `admin import`) is the
+    caller's path: resolve it in the caller's cwd, as `absolutize` does options."""
+    from kvmgate.errors import UsageError
+    from kvmgate.model.commands import verb_of
+
+    try:
+        verb, rest = verb_of(args)
+    except UsageError:
+        return list(args)  # the helper says what is wrong
+    if "FILE" not in verb.args:
+        return list(args)
+    out = list(args)
+    start = len(args) - len(rest)
+    positional = 0
+    i = 0
+    while i < len(rest):
+        spec = verb.flag(rest[i])
+        if spec is not None:
+            i += 1 if spec.metavar is None else 2
+            continue
+        if positional == 1 and not rest[i].startswith("/"):
+            out[start + i] = os.path.abspath(os.path.expanduser(rest[i]))
+        positional += 1
+        i += 1
+    return out
+
+
 def _refuse(msg: str) -> int:
     sys.stderr.write(f"kvmgate: {msg}\n")
     return EXIT_REFUSED
@@ -62,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args[0] == "ssh":
         return ssh(args[1:], vm_options)
-    helper_argv = list(args)
+    helper_argv = absolutize_file(args)
     if vm_options:
         helper_argv += ["--", *absolutize(vm_options)]
     return exec_helper(helper_argv)

@@ -27,7 +27,7 @@ from kvmgate.host.caller import Caller
 from kvmgate.model.digest import hexdigest
 
 
-def done(path: str, caller: Caller, verb: str, owner: str, vm: str, **extra: Any) -> None:
+def done(path: str, caller: Caller, verb: str, owner: str | None, vm: str, **extra: Any) -> None:
     """The record of an action that succeeded."""
     record(path, caller=caller.name, uid=caller.uid, verb=verb, vm=vm, owner=owner, outcome="ok", **extra)
 

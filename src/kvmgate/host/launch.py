@@ -78,7 +78,7 @@ def _disk(pw: pwd.struct_passwd, r: Resource, limits: Limits) -> tuple[int, int]
         head = os.pread(fd, qcow2.HEADER_READ, 0)
         if r.fmt == "qcow2":
             try:
-                size = qcow2.inspect(head).virtual_size
+                size = qcow2.inspect(head, r.backing).virtual_size
             except Qcow2Refused as err:
                 raise FileRefused(f"{r.path}: {err}{qcow2.hint(err)}") from None
         elif head.startswith(qcow2.MAGIC):  # the name says raw: never guessed, never passed as raw
@@ -106,7 +106,7 @@ def _listener(path: str) -> int:
 
 
 def open_user_resources(
-    plan: Plan, pw: pwd.struct_passwd, qemu_gid: int, tmpdir: str, limits: Limits
+    plan: Plan, pw: pwd.struct_passwd, qemu_gid: int, where: Where, limits: Limits
 ) -> dict[int, int]:
     """Everything a start can be refused over, opened before anything is changed:
     disks, overlays and blobs with the owner's rights, taps. Maps QEMU fd -> fd.
@@ -119,11 +119,15 @@ def open_user_resources(
             if r.kind == "disk":
                 opened[r.fd], size = _disk(pw, r, limits)
                 disks[r.of or ""] = (r, size)
+            elif r.kind in ("base", "seed"):
+                from kvmgate.host import library  # library images and cloud-init seeds
+
+                opened[r.fd] = library.open_base(r) if r.kind == "base" else library.seed(r, pw, limits, where.logdir)
             elif r.kind == "overlay":
                 from kvmgate.host import overlay  # -snapshot only
 
                 disk, size = disks[r.of or ""]
-                opened[r.fd] = overlay.create(pw, tmpdir, size, disk)
+                opened[r.fd] = overlay.create(pw, where.tmpdir, size, disk)
             elif r.kind == "blob":
                 from kvmgate.host import blobs  # kernels, initrds, ROMs
 

@@ -59,14 +59,25 @@ class Verb:
 
     @property
     def words(self) -> tuple[str, ...]:
-        """What a user types: ("admin", "create") for "admin-create"."""
+        """What a user types: ("admin", "create") for "admin-create", ("admin",
+        "image", "add") for "admin-image-add"."""
+        if self.name.startswith(f"admin-{GROUP}-"):
+            return ("admin", GROUP, self.name.removeprefix(f"admin-{GROUP}-"))
         return tuple(self.name.split("-", 1)) if self.name.startswith("admin-") else (self.name,)
 
     def flag(self, name: str) -> Flag | None:
         return next((f for f in self.flags if f.name == name), None)
 
 
+GROUP = "image"  # the one admin verb group of three words: `kvmgate admin image add`
+
 OWNER = Flag("--owner", "act on USER's VM (root only)", "USER")
+FORMAT = Flag(
+    "--format",
+    "the file's format; needed when its name does not say (.img, .bin, no suffix); its header must agree",
+    "FORMAT",
+    ("qcow2", "raw"),
+)
 JSON = Flag("--json", "machine-readable output (errors too: one JSON object on stdout)")
 OWNER_REQUIRED = Flag("--owner", "the VM's owner", "USER", required=True)
 ON_LOGOFF = Flag(
@@ -208,7 +219,17 @@ VERBS: tuple[Verb, ...] = (
             Flag("--owner", "the VM's owner (for --service: default kvmgate-svc)", "USER"),
             Flag("--service", "a service VM: listed for all users, started at boot"),
             Flag("--no-autostart", "with --service: do not start it at boot"),
-            Flag("--disk-size", "create the VM's default disk (qcow2), e.g. 10G", "SIZE"),
+            Flag(
+                "--disk-size", "create the VM's default disk (qcow2), e.g. 10G; with --image, at least its size", "SIZE"
+            ),
+            Flag("--image", "the default disk is a copy-on-write overlay of this library image", "IMAGE"),
+            Flag(
+                "--cloud-init",
+                "attach a cloud-init seed at each start (hostname, the owner's ssh keys, DHCP); "
+                "default: as the image is marked",
+                "on|off",
+                ("on", "off"),
+            ),
             ON_LOGOFF,
             LOGOFF_DELAY,
             NETWORK,
@@ -216,7 +237,7 @@ VERBS: tuple[Verb, ...] = (
             WAKE,
         ),
         options=True,
-        usage="kvmgate admin create NAME (--owner USER | --service) [--disk-size SIZE] -- OPTION...",
+        usage="kvmgate admin create NAME (--owner USER | --service) [--image IMAGE] [--disk-size SIZE] -- OPTION...",
         epilog="VM options:\n{options}",
     ),
     Verb(
@@ -283,6 +304,29 @@ VERBS: tuple[Verb, ...] = (
         args=("DISK", "SIZE"),
         usage="kvmgate admin resize NAME DISK SIZE --owner USER",
     ),
+    Verb(
+        "admin-import",
+        "make FILE (an existing image) the stopped VM's disk: checked, converted to qcow2 as the owner "
+        "(disks/disk0.qcow2)",
+        (OWNER_REQUIRED, FORMAT, Flag("--replace", "replace the VM's existing default disk (it is deleted)")),
+        args=("FILE",),
+        usage="kvmgate admin import NAME FILE --owner USER [--format qcow2|raw] [--replace]",
+    ),
+    Verb(
+        "admin-image-add",
+        "add FILE to the image library as NAME: checked, converted to qcow2 (root-owned, read-only)",
+        (
+            FORMAT,
+            Flag("--move", "take a root-owned qcow2 file on the same filesystem without copying it"),
+            Flag("--cloud-init", "VMs made from it get a cloud-init seed at each start"),
+        ),
+        args=("FILE",),
+        usage="kvmgate admin image add NAME FILE [--format qcow2|raw] [--move] [--cloud-init]",
+    ),
+    Verb("admin-image-list", "list the image library (path, sizes, the VMs using each)", (JSON,), target=None),
+    Verb("admin-image-remove", "remove a library image no VM uses"),
+    Verb("images", "list the images the administrator offers (name, size, cloud-init)", (JSON,), target=None),
+    Verb("keys", "show which of your ssh keys a VM's cloud-init seed holds", (OWNER, JSON)),
     Verb("admin-list", "list every VM", (JSON,), target=None),
     Verb("admin-show", "show a VM's identity, options, settings and QEMU command line", (OWNER_REQUIRED, JSON)),
     Verb("gated-config", "kvmgate-gated's listener table", target=None, internal=True),
@@ -325,7 +369,10 @@ def verb_of(argv: list[str]) -> tuple[Verb, list[str]]:
         raise UsageError("missing verb")
     name, rest = argv[0], argv[1:]
     if name == "admin" and rest:
-        name, rest = f"admin-{rest[0]}", rest[1:]
+        if rest[0] == GROUP and len(rest) > 1:
+            name, rest = f"admin-{GROUP}-{rest[1]}", rest[2:]
+        else:
+            name, rest = f"admin-{rest[0]}", rest[1:]
     verb = BY_NAME.get(name)
     if verb is None or verb.frontend:
         raise UsageError(f"unknown verb {name[:40]!r}")

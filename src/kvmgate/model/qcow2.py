@@ -26,6 +26,7 @@ class Qcow2Info(NamedTuple):
     version: int
     virtual_size: int
     cluster_bits: int
+    backing: str | None = None  # the backing file name in the header (only ever an expected one)
 
 
 def is_qcow2(head: bytes) -> bool:
@@ -42,15 +43,28 @@ def hint(err: Qcow2Refused) -> str:
     return ""
 
 
-def inspect(head: bytes) -> Qcow2Info:
-    """Check a qcow2 header (the file's first HEADER_READ bytes)."""
+def inspect(head: bytes, backing: str | None = None) -> Qcow2Info:
+    """Check a qcow2 header (the file's first HEADER_READ bytes).
+
+    `backing`: the one backing file name this image may carry (a VM's overlay of
+    its library image, `model.images.backing_name`). The name is only compared,
+    never followed: kvmgate hands QEMU the backing image itself."""
     if len(head) < 72 or not is_qcow2(head):
         raise Qcow2Refused("not a qcow2 image")
     (version, backing_off, backing_len, cluster_bits, size, crypt) = struct.unpack_from(">IQIIQI", head, 4)
     if version not in (2, 3):
         raise Qcow2Refused(f"unsupported qcow2 version {version}")
+    named = None
     if backing_off or backing_len:
-        raise Qcow2Refused("image has a backing file")
+        if backing is None:
+            raise Qcow2Refused("image has a backing file")
+        if not 0 < backing_len <= 1023 or backing_off + backing_len > len(head):
+            raise Qcow2Refused("bad backing file name")
+        named = head[backing_off : backing_off + backing_len].decode("ascii", "replace")
+    if named != backing:
+        raise Qcow2Refused(
+            "its backing file is not this VM's library image" if named else "not an overlay of this VM's library image"
+        )
     if crypt:
         raise Qcow2Refused("encrypted images are not supported")
     if not 9 <= cluster_bits <= 21:
@@ -78,7 +92,7 @@ def inspect(head: bytes) -> Qcow2Info:
         if etype == _EXT_DATA_FILE:
             raise Qcow2Refused("image names an external data file")
         off += 8 + ((elen + 7) & ~7)
-    return Qcow2Info(version, size, cluster_bits)
+    return Qcow2Info(version, size, cluster_bits, named)
 
 
 class EmptyImage(NamedTuple):
@@ -90,11 +104,16 @@ class EmptyImage(NamedTuple):
     length: int
 
 
-def empty_image(virtual_size: int, cluster_bits: int = 16) -> EmptyImage:
-    """A valid, empty qcow2 v3 image of `virtual_size` bytes with no backing file.
+_EXT_BACKING_FORMAT = 0xE2792ACA
+
+
+def empty_image(virtual_size: int, cluster_bits: int = 16, backing: str | None = None) -> EmptyImage:
+    """A valid, empty qcow2 v3 image of `virtual_size` bytes.
 
     Layout, one cluster each: header, refcount table, refcount block, then the
-    L1 table (zeros). QEMU grows everything else on demand.
+    L1 table (zeros). QEMU grows everything else on demand. `backing`: the name
+    an overlay carries for its backing image (format qcow2), written after the
+    header extensions; kvmgate never lets anything follow it.
     """
     if virtual_size <= 0 or virtual_size % 512:
         raise ValueError("virtual size must be a positive multiple of 512")
@@ -128,6 +147,16 @@ def empty_image(virtual_size: int, cluster_bits: int = 16) -> EmptyImage:
         4,
         104,
     )
+    if backing is not None:
+        name = backing.encode("ascii")
+        if not 0 < len(name) <= 255:
+            raise ValueError("backing name must be 1 to 255 ASCII bytes")
+        fmt = b"qcow2"
+        struct.pack_into(">II", img, 104, _EXT_BACKING_FORMAT, len(fmt))
+        img[112 : 112 + len(fmt)] = fmt
+        name_off = 112 + 8 + 8  # the extension padded to 8 bytes, then the end-of-extensions marker
+        img[name_off : name_off + len(name)] = name
+        struct.pack_into(">QI", img, 8, name_off, len(name))
     struct.pack_into(">Q", img, cs, 2 * cs)
     for i in range(clusters):
         struct.pack_into(">H", img, 2 * cs + 2 * i, 1)

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from kvmgate.errors import KvmgateError, UsageError
 from kvmgate.model.regex import Regex
 
-VERSION = 1
+VERSION = 2  # 2: image, image_id, cloud_init (absent in 1: no image, no seed)
 ON_LOGOFF = ("none", "pause", "hibernate")
 MAX_BYTES = 1 << 20
 
@@ -53,6 +53,9 @@ class Settings(NamedTuple):
     forwards: tuple[Forward, ...] = ()
     nics: tuple[Nic, ...] = ()
     logoff_delay: int | None = None  # seconds; None: the policy's logoff_delay_seconds
+    image: str | None = None  # the library image its default disk is an overlay of (admin create --image)
+    image_id: str | None = None  # that image's id: the overlay's header names exactly this one
+    cloud_init: bool = False  # each start attaches a NoCloud seed (hostname, the owner's keys, networks)
 
     def with_(self, **changes: Any) -> Settings:
         return self._replace(**changes)
@@ -86,6 +89,8 @@ def _optional(check: Callable[[object], bool]) -> Callable[[object], bool]:
     return lambda v: v is None or check(v)
 
 
+_IMAGE = _match(r"[a-z][a-z0-9_-]{0,31}")
+_IMAGE_ID = _match(r"[0-9a-f]{32}")
 IFNAME = _match(r"[a-z][a-z0-9]{0,14}")
 NIC_SHAPE: dict[str, Callable[[object], bool]] = {
     "network": _match(r"[a-z][a-z0-9]{0,15}"),
@@ -115,7 +120,7 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
     version = data.pop("version", 0)
     if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= VERSION:
         raise CorruptSettings(f"unknown settings version {version!r}")
-    return data  # version 0 had the same fields, without "version"
+    return data  # 0 and 1 had a subset of the fields (0 without "version"): their defaults apply
 
 
 def parse(text: bytes | str) -> Settings:
@@ -147,7 +152,18 @@ def parse(text: bytes | str) -> Settings:
     delay = data.get("logoff_delay")
     if delay is not None and (not isinstance(delay, int) or isinstance(delay, bool) or not 0 <= delay <= MAX_IDLE):
         raise CorruptSettings("bad logoff_delay")
-    return Settings(on_logoff, flags["service"], flags["autostart"], flags["wake"], idle, forwards, nics, delay)
+    image, image_id = data.get("image"), data.get("image_id")
+    if (image is None) != (image_id is None) or not (
+        image is None or (_IMAGE(image) and isinstance(image_id, str) and _IMAGE_ID(image_id))
+    ):
+        raise CorruptSettings("bad image")
+    cloud_init = data.get("cloud_init", False)
+    if not isinstance(cloud_init, bool):
+        raise CorruptSettings("bad cloud_init")
+    return Settings(
+        on_logoff, flags["service"], flags["autostart"], flags["wake"], idle, forwards, nics, delay,
+        image, image_id, cloud_init,
+    )  # fmt: skip
 
 
 MAX_IDLE = 7 * 86400

@@ -30,7 +30,9 @@ SANDBOX_SMB = "on,obsolete=deny,elevateprivileges=deny,spawn=allow,resourcecontr
 DEFAULT_MEM_MIB = 128  # the design note's default
 
 Accel = Literal["kvm", "tcg"]
-ResourceKind = Literal["qmp", "console", "console-log", "lock", "disk", "overlay", "blob", "tap", "config"]
+ResourceKind = Literal[
+    "qmp", "console", "console-log", "lock", "disk", "base", "overlay", "blob", "tap", "config", "seed"
+]
 
 
 class Resource(NamedTuple):
@@ -45,6 +47,7 @@ class Resource(NamedTuple):
     bridge: str | None = None  # taps: the bridge the helper attaches them to
     isolated: bool = False  # taps: an isolated bridge port (user VMs on a services network)
     text: str | None = None  # config: what QEMU reads through -readconfig /proc/self/fd/N
+    backing: str | None = None  # disks: the backing name the header must carry (a library overlay)
 
 
 class Port(NamedTuple):
@@ -70,6 +73,30 @@ class Vnc(NamedTuple):
         return 5900 + self.display
 
 
+class BaseImage(NamedTuple):
+    """The library image under the VM's default disk: opened read-only by root,
+    given to QEMU as the overlay's backing node. The overlay's header must name
+    `backing`, and QEMU never follows that name."""
+
+    path: str
+    backing: str
+
+
+def base_image(library: str, image_id: str) -> BaseImage:
+    """The library image `image_id` (its data file in the library directory)."""
+    from kvmgate.model.images import backing_name
+
+    return BaseImage(f"{library}/{image_id}.qcow2", backing_name(image_id))
+
+
+class Seed(NamedTuple):
+    """What the cloud-init seed says about the VM (`model.cloudinit` builds it)."""
+
+    hostname: str  # the VM's name
+    instance_id: str  # stable per VM identity
+    user: str  # the owner
+
+
 class Context(NamedTuple):
     """Facts from the host the translation needs, gathered by the caller."""
 
@@ -82,6 +109,8 @@ class Context(NamedTuple):
     forwards: tuple[Forward, ...] = ()  # --forward ports, on the first user-mode network
     forward_bind: str = "127.0.0.1"  # the policy's address for forwarded ports
     nics: tuple[Port, ...] = ()  # --network NICs; empty: the note's -net options (or its default)
+    base_image: BaseImage | None = None  # the default disk is an overlay of this library image
+    seed: Seed | None = None  # attach a cloud-init seed (a CD the launcher builds) at every start
 
 
 class Plan(NamedTuple):
@@ -152,6 +181,7 @@ class _Builder:
         self.argv: list[str] = []
         self.resources: list[Resource] = []
         self.next_fd = 3
+        self.macs: list[str] = []  # the guest's NICs, for the cloud-init seed's network-config
 
     def resource(self, kind: ResourceKind, **kw: object) -> Resource:
         r = Resource(kind, self.next_fd, **kw)  # type: ignore[arg-type]
@@ -226,7 +256,8 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
     if any(n in ("-fda", "-fdb") for n, _ in disks) and (machine and machine.canonical == "q35"):
         b.add("-device", _json({"driver": "isa-fdc", "id": "kgfdc"}))
     for opt, path in disks:
-        _disk(b, opt, path, snapshot, geometry if opt == "-hda" else None)
+        base = ctx.base_image if (opt, path) == ("-hda", ctx.default_disk) else None
+        _disk(b, opt, path, snapshot, geometry if opt == "-hda" else None, base)
 
     boot = one("-boot")
     if boot:
@@ -309,6 +340,8 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
             b.add("-vnc", f"127.0.0.1:{vnc_opt.canonical},password=on")
 
     host_ports = _network(b, by, ctx)
+    if ctx.seed:
+        _seed(b, by, machine.canonical if machine else "pc", ctx.seed)
     pidfiles = tuple(v.canonical for v in by.get("-pidfile", []))
     dirs = tuple((n, v.canonical) for n in ("-tftp", "-smb") for v in by.get(n, []))
     return Plan(tuple(b.argv), tuple(b.resources), memory, pidfiles, dirs, vnc, snapshot, host_ports, ctx.incoming)
@@ -332,27 +365,44 @@ def _append(b: _Builder, cmdline: str) -> None:
     b.add("-readconfig", f"/proc/self/fd/{r.fd}")
 
 
-def _disk(b: _Builder, opt: str, path: str, snapshot: bool, geometry: g.Value | None) -> None:
+def _file_node(b: _Builder, r: Resource, node: str, readonly: bool) -> None:
+    b.add("-add-fd", f"fd={r.fd},set={r.fd},opaque={node}")
+    b.add(
+        "-blockdev",
+        _json({"driver": "file", "node-name": f"{node}-file", "filename": f"/dev/fdset/{r.fd}", "read-only": readonly}),
+    )
+
+
+def _disk(
+    b: _Builder, opt: str, path: str, snapshot: bool, geometry: g.Value | None, base: BaseImage | None = None
+) -> None:
     driver, bus, unit = _DISK_SLOTS[opt]
     node = opt.lstrip("-")
-    fmt = disk_format(path)
+    fmt = "qcow2" if base else disk_format(path)
     readonly = opt == "-cdrom"
     # -snapshot: the image is opened read-only and a private overlay takes the writes,
     # so the user's image is provably never written.
     base_ro = readonly or snapshot
-    r = b.resource("disk", path=path, writable=not base_ro, fmt=fmt, of=node)
-    b.add("-add-fd", f"fd={r.fd},set={r.fd},opaque={node}")
-    b.add(
-        "-blockdev",
-        _json({"driver": "file", "node-name": f"{node}-file", "filename": f"/dev/fdset/{r.fd}", "read-only": base_ro}),
-    )
+    r = b.resource("disk", path=path, writable=not base_ro, fmt=fmt, of=node, backing=base.backing if base else None)
+    _file_node(b, r, node, base_ro)
     fmt_node: dict[str, object] = {
         "driver": fmt,
         "node-name": f"{node}-fmt",
         "file": f"{node}-file",
         "read-only": base_ro,
     }
-    if fmt == "qcow2":
+    if base:
+        # The library image, read-only below the VM's own overlay: the chain is
+        # built here from descriptors, never from the name in the overlay's header.
+        br = b.resource("base", path=base.path, fmt="qcow2", of=node)
+        _file_node(b, br, f"{node}-base", True)
+        b.add(
+            "-blockdev",
+            _json({"driver": "qcow2", "node-name": f"{node}-base", "file": f"{node}-base-file",
+                   "read-only": True, "backing": None}),
+        )  # fmt: skip
+        fmt_node["backing"] = f"{node}-base"
+    elif fmt == "qcow2":
         fmt_node["backing"] = None
     b.add("-blockdev", _json(fmt_node))
     top = f"{node}-fmt"
@@ -377,6 +427,22 @@ def _disk(b: _Builder, opt: str, path: str, snapshot: bool, geometry: g.Value | 
         if geometry.trans:
             dev["bios-chs-trans"] = geometry.trans
     b.add("-device", _json(dev))
+
+
+def _seed(b: _Builder, by: dict[str, list[g.Value]], machine: str, seed: Seed) -> None:
+    """The cloud-init NoCloud seed: a read-only CD (ISO 9660 labelled `cidata`)
+    the launcher builds in memory at each start. It takes the IDE slot of the
+    second channel's slave (pc) or the third AHCI port (q35)."""
+    if machine == "q35":
+        bus, unit = "ide.2", 0
+    else:
+        if "-hdd" in by:
+            raise PolicyError("-hdd", "this VM's cloud-init seed uses the slot of -hdd")
+        bus, unit = "ide.1", 1
+    r = b.resource("seed", of="seed", text=_json({**seed._asdict(), "macs": b.macs}))
+    _file_node(b, r, "seed", True)
+    b.add("-blockdev", _json({"driver": "raw", "node-name": "seed-fmt", "file": "seed-file", "read-only": True}))
+    b.add("-device", _json({"driver": "ide-cd", "drive": "seed-fmt", "id": "seed", "bus": bus, "unit": unit}))
 
 
 def _network(b: _Builder, by: dict[str, list[g.Value]], ctx: Context) -> bool:
@@ -423,6 +489,7 @@ def _network(b: _Builder, by: dict[str, list[g.Value]], ctx: Context) -> bool:
             else:
                 netdev = f"kghub{vlan}n{j}"
                 b.add("-netdev", f"hubport,id={netdev},hubid={vlan}")
+            b.macs.append(mac)
             b.add("-device", _json({"driver": model, "netdev": netdev, "mac": mac}))
     return bool(users) and bool(ctx.forwards or by.get("-redir"))
 
@@ -453,6 +520,7 @@ def _named_networks(b: _Builder, by: dict[str, list[g.Value]], ctx: Context) -> 
         else:
             r = b.resource("tap", path=port.nic.tap, writable=True, bridge=port.bridge, isolated=port.isolated)
             b.add("-netdev", f"tap,id={nid},fd={r.fd}")
+        b.macs.append(port.nic.mac)
         b.add("-device", _json({"driver": "virtio-net-pci", "netdev": nid, "mac": port.nic.mac}))
 
 

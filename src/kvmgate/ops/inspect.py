@@ -87,6 +87,8 @@ def _sizes(policy: Policy, vm: registry.VM, info: dict[str, Any], running: bool)
     info["on_logoff"] = settings.on_logoff
     info["logoff_delay"] = policy.logoff_delay_seconds if settings.logoff_delay is None else settings.logoff_delay
     info["forwards"] = [f"{r['service']} {r['host']}:{r['port']}" for r in forwarded(policy, vm)]
+    info["image"] = settings.image  # the library image under its disk (None: a disk of its own)
+    info["cloud_init"] = settings.cloud_init
 
 
 def _runs(vm: registry.VM, info: dict[str, Any], running: bool) -> None:

@@ -121,7 +121,7 @@ def _launch(
         from kvmgate.host import userdirs
 
         userdirs.check_dirs(plan, pw, qemu_gid)
-    fds = launch.open_user_resources(plan, pw, qemu_gid, where.tmpdir, policy.limits)  # the last refusals
+    fds = launch.open_user_resources(plan, pw, qemu_gid, where, policy.limits)  # the last refusals
     try:
         if os.path.isdir(os.path.join(paths.state, "holds")):  # images a hibernated VM holds (host.holds)
             from kvmgate.host import holds
@@ -197,6 +197,10 @@ def _launch(
             raise KvmgateError(f"cannot set up the display: {err}") from None
     runtime.write_pid(vm, pid)
     runs.begin(vm, pid)
+    if any(r.kind == "seed" for r in plan.resources):
+        from kvmgate.host import library
+
+        library.commit(where.logdir)
     runtime.write_options(vm, options)
     runtime.take_intended_exit(vm)  # a stale mark from an earlier run must not hide a crash
     # Only now: a start QEMU refused is a refusal (rate-limited, by the entry), never an "ok".

@@ -10,7 +10,7 @@ from kvmgate.errors import IdentityError, NoSuchVM, PolicyError
 from kvmgate.model.hostnet import attachments
 from kvmgate.model.policy.policy import Policy
 from kvmgate.model.settings import Settings
-from kvmgate.model.translate import Accel, Context, Plan, merge, translate
+from kvmgate.model.translate import Accel, Context, Plan, Seed, base_image, merge, translate
 from kvmgate.store import registry
 
 
@@ -49,6 +49,10 @@ def plan_for(
     if settings is None:
         settings = registry.read_settings(vm)
     d = owner_dir(vm)
+    base = None
+    if settings.image_id and default_disk:  # an overlay of a library image, in STATE/images
+        base = base_image(os.path.join(os.path.dirname(os.path.dirname(vm.vmdir)), "images"), settings.image_id)
+    seed = Seed(vm.identity.name, f"kvmgate-{vm.key}", vm.identity.owner) if settings.cloud_init else None
     ctx = Context(
         accel=accel,
         default_disk=default_disk,
@@ -59,5 +63,7 @@ def plan_for(
         forward_bind=policy.net.ports.bind,
         nics=attachments(policy.net, settings, owner_uid(vm)),
         vnc_socket=os.path.join(d, "vnc.sock") if policy.net.vnc == "unix" else None,
+        base_image=base,
+        seed=seed,
     )
     return translate(merge(admin_opts, user_opts), ctx)

@@ -135,3 +135,15 @@ def finish_deletes(paths: Paths) -> list[str]:
         if remove_tree(os.path.join(paths.vms, name)):
             finished.append(name)
     return finished
+
+
+def replace_disk(vm: VM, staged: str) -> None:
+    """Put a finished disk (on the same filesystem) in place of the VM's default
+    disk, under the VM's lock. A standalone disk ends any tie to a library image."""
+    from kvmgate.store.registry import read_settings, write_settings
+
+    os.rename(staged, vm.default_disk)
+    fsync_dir(vm.sub("disks"))
+    settings = read_settings(vm)
+    if settings.image_id is not None:
+        write_settings(vm, settings.with_(image=None, image_id=None))

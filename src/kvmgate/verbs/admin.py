@@ -145,6 +145,11 @@ def delete(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
             f"{name} is hibernated: deleting it loses its saved state; "
             "`kvmgate stop --discard` it first, or delete it with --force"
         )
+    settings = registry.read_settings(vm)
+    if req.has("--keep-disks") and settings.image_id and os.path.lexists(vm.default_disk):
+        from kvmgate.ops.images import flatten
+
+        flatten(paths, vm, settings.image_id)  # what is kept needs nothing from the library
     with locks.alloc_lock(paths):
         kept, trash = define.delete(paths, vm, req.has("--keep-disks"))
     from kvmgate.host import holds
@@ -251,16 +256,46 @@ def create(req: Request, who: Caller, paths: Paths, owner: str, name: str) -> in
         raise PolicyError("--network", "use either the admin's named networks or -net options, not both")
     on_logoff = check_on_logoff(req.flag("--on-logoff") or "none")
     size = req.flag("--disk-size")
-    image = qcow2.empty_image(parse_size(size)) if size else None
+    image_name = req.flag("--image")
+    rec = None
+    if image_name is not None:
+        from kvmgate.store import images
+
+        if any(o.name == "-hda" for o in opts):
+            raise PolicyError("--image", "the VM's first disk is the image's overlay: leave out -hda")
+        rec = images.read(paths, image_name)
     service = req.has("--service")
     settings = Settings(on_logoff=on_logoff, service=service, autostart=service and not req.has("--no-autostart"))
     if req.flag("--logoff-delay") is not None:
         settings = settings.with_(
             logoff_delay=parse_seconds(req.flag("--logoff-delay") or "", "--logoff-delay", "at once")
         )
+    seed = req.flag("--cloud-init")
+    settings = settings.with_(cloud_init=(rec is not None and rec.cloud_init) if seed is None else seed == "on")
+    image = None
+    if rec is not None:
+        from kvmgate.model.images import backing_name
+
+        want = parse_size(size) if size else rec.virtual_size
+        if want < rec.virtual_size:
+            raise UsageError(f"--disk-size {size} is smaller than image {rec.name} ({rec.virtual_size >> 20} MiB)")
+        image = qcow2.empty_image(want, backing=backing_name(rec.id))
+        settings = settings.with_(image=rec.name, image_id=rec.id)
+    elif size:
+        image = qcow2.empty_image(parse_size(size))
     registry.ensure_layout(paths)
-    _allocate(req, paths, vm, settings, lambda s: define.create(paths, identity, image, s))
-    audit.done(paths.audit_log, who, "admin create", owner, name, options=list(identity.tokens), directory=vm.vmdir)
+
+    def commit(s: Settings) -> None:
+        if rec is not None:  # under the allocation lock, as admin image remove: the image is still there
+            from kvmgate.store import images
+
+            if images.read(paths, rec.name).id != rec.id:
+                raise WrongState(f"image {rec.name} was replaced meanwhile: try again")
+        define.create(paths, identity, image, s)
+
+    _allocate(req, paths, vm, settings, commit)
+    audit.done(paths.audit_log, who, "admin create", owner, name, options=list(identity.tokens), directory=vm.vmdir,
+               image=image_name)  # fmt: skip
     print(f"created {owner}/{name}: {vm.vmdir}")
     return 0
 

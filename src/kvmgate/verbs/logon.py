@@ -266,6 +266,10 @@ def reap(paths: Paths) -> None:
     for name in define.finish_deletes(paths):  # what earlier deletes left behind
         audit.record(paths.audit_log, caller="reap", verb="admin delete: files removed", vm=name, outcome="ok")
         print(f"removed what a delete left in {name}")
+    from kvmgate.store import images
+
+    for name in images.clean_stages(paths):  # image adds, imports and flattenings that died half-way
+        audit.record(paths.audit_log, caller="reap", verb="image stage removed", vm=name, outcome="ok")
     trim_console_logs(paths)
     root = os.path.join(paths.run, "sessions")
     try:

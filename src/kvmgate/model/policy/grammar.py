@@ -32,6 +32,8 @@ class Limits(NamedTuple):
     snapshot_max_mib: int = 16384  # all -snapshot overlays of one VM together, while it runs
     blobs_max_mib: int = 1024  # kernels, initrds, ROMs copied into memory for one start
     repeat_max: int = 32  # uses of one repeatable option (-option-rom, -net, ...) in one list
+    import_max_minutes: int = 240  # one qemu-img run of an import, a library add or a flattening
+    keys_max_kib: int = 64  # the owner's ssh public keys read for a cloud-init seed, all files together
 
 
 # --------------------------------------------------------------------------- values

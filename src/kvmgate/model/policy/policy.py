@@ -133,6 +133,8 @@ class Policy(NamedTuple):
             "snapshot_max_mib": (16, 1 << 24),
             "blobs_max_mib": (1, 4096),
             "repeat_max": (1, 64),
+            "import_max_minutes": (1, 7 * 24 * 60),
+            "keys_max_kib": (1, 1024),
         }
         kw: dict[str, Any] = {}
         for key, value in data.items():
