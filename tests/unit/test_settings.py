@@ -37,6 +37,7 @@ every = st.builds(
     nics=st.lists(nics, max_size=4).map(tuple),
     logoff_delay=st.none() | st.integers(0, s.MAX_IDLE),
     cloud_init=st.booleans(),
+    guest_agent=st.booleans(),
     image=st.none(),
     image_id=st.none(),
 ).flatmap(

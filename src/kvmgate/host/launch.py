@@ -152,10 +152,8 @@ def open_runtime_resources(plan: Plan, where: Where, lock_fd: int) -> dict[int, 
     opened: dict[int, int] = {}
     try:
         for r in plan.resources:
-            if r.kind == "qmp":
-                opened[r.fd] = _listener(os.path.join(where.rundir, "qmp.sock"))
-            elif r.kind == "console":
-                opened[r.fd] = _listener(os.path.join(where.rundir, "console.sock"))
+            if r.kind in SOCKETS:
+                opened[r.fd] = _listener(os.path.join(where.rundir, SOCKETS[r.kind]))
             elif r.kind == "console-log":
                 # QEMU writes into a pipe; the pump (kvmgate.pump) keeps the file bounded.
                 opened[PUMP_READ], opened[r.fd] = os.pipe2(os.O_CLOEXEC)
@@ -168,6 +166,7 @@ def open_runtime_resources(plan: Plan, where: Where, lock_fd: int) -> dict[int, 
     return opened
 
 
+SOCKETS = {"qmp": "qmp.sock", "console": "console.sock", "agent": "qga.sock"}  # root-only, in RUN/<key>/
 PUMP_READ, PUMP_LOG = -2, -3  # keys of the pump's descriptors among a start's (QEMU's are >= 0)
 
 

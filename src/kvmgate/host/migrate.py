@@ -166,6 +166,10 @@ def restore(vm: registry.VM, saved: Saved, timeout: float = 3600) -> None:
         os.close(src)
         _tell("\n")
     discard(vm)  # only now, with the VM back, is the state expendable
+    if saved.was_running:  # its clock stood still while it slept: the guest agent, if any, sets it
+        from kvmgate.host import agent
+
+        agent.set_time(vm.rundir)
 
 
 def discard(vm: registry.VM) -> None:

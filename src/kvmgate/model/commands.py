@@ -110,6 +110,12 @@ WAKE = Flag(
     "on|off",
     ("on", "off"),
 )
+GUEST_AGENT = Flag(
+    "--guest-agent",
+    "a channel to the guest's qemu-guest-agent, for kvmgate alone: it sets the guest's clock after thaw and restore",
+    "on|off",
+    ("on", "off"),
+)
 TIMEOUT = Flag("--timeout", "power-down grace time in seconds (default from the policy)", "SECONDS")
 
 VERBS: tuple[Verb, ...] = (
@@ -235,6 +241,7 @@ VERBS: tuple[Verb, ...] = (
             NETWORK,
             FORWARD,
             WAKE,
+            GUEST_AGENT,
         ),
         options=True,
         usage="kvmgate admin create NAME (--owner USER | --service) [--image IMAGE] [--disk-size SIZE] -- OPTION...",
@@ -261,6 +268,7 @@ VERBS: tuple[Verb, ...] = (
             NETWORK,
             FORWARD,
             WAKE,
+            GUEST_AGENT,
         ),
         options=True,
         usage="kvmgate admin set NAME --owner USER [SETTING...] [-- OPTION...]",

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from kvmgate.errors import KvmgateError, UsageError
 from kvmgate.model.regex import Regex
 
-VERSION = 2  # 2: image, image_id, cloud_init (absent in 1: no image, no seed)
+VERSION = 2  # 2: image, image_id, cloud_init, guest_agent (absent in 1: no image, no seed, no agent)
 ON_LOGOFF = ("none", "pause", "hibernate")
 MAX_BYTES = 1 << 20
 
@@ -56,6 +56,7 @@ class Settings(NamedTuple):
     image: str | None = None  # the library image its default disk is an overlay of (admin create --image)
     image_id: str | None = None  # that image's id: the overlay's header names exactly this one
     cloud_init: bool = False  # each start attaches a NoCloud seed (hostname, the owner's keys, networks)
+    guest_agent: bool = False  # a guest agent channel: the helper sets the guest's clock after thaw and restore
 
     def with_(self, **changes: Any) -> Settings:
         return self._replace(**changes)
@@ -157,12 +158,12 @@ def parse(text: bytes | str) -> Settings:
         image is None or (_IMAGE(image) and isinstance(image_id, str) and _IMAGE_ID(image_id))
     ):
         raise CorruptSettings("bad image")
-    cloud_init = data.get("cloud_init", False)
-    if not isinstance(cloud_init, bool):
-        raise CorruptSettings("bad cloud_init")
+    cloud_init, agent = data.get("cloud_init", False), data.get("guest_agent", False)
+    if not isinstance(cloud_init, bool) or not isinstance(agent, bool):
+        raise CorruptSettings("bad cloud_init or guest_agent")
     return Settings(
         on_logoff, flags["service"], flags["autostart"], flags["wake"], idle, forwards, nics, delay,
-        image, image_id, cloud_init,
+        image, image_id, cloud_init, agent,
     )  # fmt: skip
 
 

@@ -31,7 +31,7 @@ DEFAULT_MEM_MIB = 128  # the design note's default
 
 Accel = Literal["kvm", "tcg"]
 ResourceKind = Literal[
-    "qmp", "console", "console-log", "lock", "disk", "base", "overlay", "blob", "tap", "config", "seed"
+    "qmp", "console", "console-log", "lock", "disk", "base", "overlay", "blob", "tap", "config", "seed", "agent"
 ]
 
 
@@ -111,6 +111,7 @@ class Context(NamedTuple):
     nics: tuple[Port, ...] = ()  # --network NICs; empty: the note's -net options (or its default)
     base_image: BaseImage | None = None  # the default disk is an overlay of this library image
     seed: Seed | None = None  # attach a cloud-init seed (a CD the launcher builds) at every start
+    agent: bool = False  # a guest agent channel the helper alone talks to (host.agent)
 
 
 class Plan(NamedTuple):
@@ -342,6 +343,12 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
     host_ports = _network(b, by, ctx)
     if ctx.seed:
         _seed(b, by, machine.canonical if machine else "pc", ctx.seed)
+    if ctx.agent:
+        ga = b.resource("agent")
+        b.add("-chardev", f"socket,id=kgqga,fd={ga.fd},server=on,wait=off")
+        b.add("-device", "virtio-serial-pci,id=kgqgaser")
+        b.add("-device", _json({"driver": "virtserialport", "bus": "kgqgaser.0", "chardev": "kgqga",
+                                "name": "org.qemu.guest_agent.0"}))  # fmt: skip
     pidfiles = tuple(v.canonical for v in by.get("-pidfile", []))
     dirs = tuple((n, v.canonical) for n in ("-tftp", "-smb") for v in by.get(n, []))
     return Plan(tuple(b.argv), tuple(b.resources), memory, pidfiles, dirs, vnc, snapshot, host_ports, ctx.incoming)

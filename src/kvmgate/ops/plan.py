@@ -65,5 +65,6 @@ def plan_for(
         vnc_socket=os.path.join(d, "vnc.sock") if policy.net.vnc == "unix" else None,
         base_image=base,
         seed=seed,
+        agent=settings.guest_agent,
     )
     return translate(merge(admin_opts, user_opts), ctx)

@@ -173,10 +173,20 @@ def _vcpus(paths: Paths, who: Caller, vm: registry.VM, run: bool) -> bool:
             q.execute("cont" if run else "stop")
         if run:
             note.write(vm, None)
+            _set_clock(vm)
     except (OSError, QMPError) as err:
         raise KvmgateError(f"{vm.identity.name}: the monitor refused: {err}") from None
     audit.done(paths.audit_log, who, "thaw" if run else "freeze", vm.identity.owner, vm.identity.name)
     return True
+
+
+def _set_clock(vm: registry.VM) -> None:
+    """After a thaw or a restore the guest's clock is behind by the time it stood
+    still: its guest agent, where the admin gave it one, sets it from the host's."""
+    if os.path.exists(os.path.join(vm.rundir, "qga.sock")):
+        from kvmgate.host import agent
+
+        agent.set_time(vm.rundir)
 
 
 def runs_with_snapshot(policy: Policy, vm: registry.VM, options: list[str]) -> bool:

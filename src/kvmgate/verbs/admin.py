@@ -183,7 +183,7 @@ def _new_options(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> re
     return new
 
 
-SETTINGS_FLAGS = ("--on-logoff", "--logoff-delay", "--idle", "--wake", "--forward", "--network")
+SETTINGS_FLAGS = ("--on-logoff", "--logoff-delay", "--idle", "--wake", "--forward", "--network", "--guest-agent")
 
 
 def set_settings(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
@@ -198,6 +198,11 @@ def set_settings(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> in
         # Its taps, guarded ports and addresses are in use: changing them under it would
         # drop its anti-spoofing rules and hand its address to another VM.
         raise WrongState(f"{vm.identity.name} is running: stop it to change its networks or ports")
+    agent = req.flag("--guest-agent")
+    if agent is not None:
+        if runtime.is_running(vm) or registry.read_saved(vm) is not None:  # a device: a saved state needs it as it was
+            raise WrongState(f"{vm.identity.name} is running or hibernated: stop it to change its guest agent channel")
+        settings = settings.with_(guest_agent=agent == "on")
     if mode is not None:
         settings = settings.with_(on_logoff=check_on_logoff(mode))
     if idle is not None:
@@ -270,6 +275,7 @@ def create(req: Request, who: Caller, paths: Paths, owner: str, name: str) -> in
         settings = settings.with_(
             logoff_delay=parse_seconds(req.flag("--logoff-delay") or "", "--logoff-delay", "at once")
         )
+    settings = settings.with_(guest_agent=req.flag("--guest-agent") == "on")
     seed = req.flag("--cloud-init")
     settings = settings.with_(cloud_init=(rec is not None and rec.cloud_init) if seed is None else seed == "on")
     image = None
