@@ -97,6 +97,12 @@ def test_a_vm_from_an_image_gets_its_own_overlay_and_never_writes_the_image(
     r = kg("admin", "image", "remove", "bbcow")
     assert r.returncode == 5 and f"{alice}/{vm_name}" in r.stderr and (data.exists() and sha(data) == before)
 
+    # The overlay grows like any disk; its header still names only its image.
+    kg.ok("admin", "resize", vm_name, "disk0.qcow2", "96M", "--owner", alice)
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(disk)], capture_output=True,
+                                     text=True, check=True).stdout)  # fmt: skip
+    assert info["virtual-size"] == 96 << 20 and info["backing-filename"].startswith("kvmgate-image:")
+
     kg.ok("start", vm_name, user=alice)
     kg.ok("console", vm_name, "--expect", "disk=test-disk", "--timeout", "90", user=alice)
     kg.ok("console", vm_name, "--expect", "WRITTEN-2", "--timeout", "30", user=alice,

@@ -107,10 +107,17 @@ def resize(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     pw = pwd.getpwnam(vm.identity.owner)
     path = vm.sub("disks", disk)
     fd = launch.open_as(pw, path, True, "DISK")
+    settings = registry.read_settings(vm)
+    # The overlay of a library image names it in its header: compared, never followed.
+    backing = None
+    if settings.image_id and disk == registry.DEFAULT_DISK:
+        from kvmgate.model.images import backing_name
+
+        backing = backing_name(settings.image_id)
     try:
         head = os.pread(fd, qcow2.HEADER_READ, 0)
         if disk.endswith(".qcow2"):
-            current = qcow2.inspect(head).virtual_size
+            current = qcow2.inspect(head, backing).virtual_size
         elif head.startswith(qcow2.MAGIC):
             raise FileRefused(f"{disk}: a qcow2 image whose name says raw")
         else:
@@ -118,7 +125,8 @@ def resize(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
         if new <= current:
             raise PolicyError("SIZE", f"{disk} is already {current >> 20} MiB: a disk only grows")
         if disk.endswith(".qcow2"):
-            argv = ["qemu-img", "resize", "-q", "-f", "qcow2", f"/proc/self/fd/{fd}", str(new)]
+            spec = {"driver": "qcow2", "backing": None, "file": {"driver": "file", "filename": f"/proc/self/fd/{fd}"}}
+            argv = ["qemu-img", "resize", "-q", "json:" + json.dumps(spec), str(new)]
             subprocess.run(argv, check=True, capture_output=True, timeout=600, pass_fds=(fd,),
                            user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], env={"PATH": "/usr/bin:/bin"})  # fmt: skip
         else:
