@@ -20,8 +20,9 @@ def test_the_users_ssh_arguments_follow_the_destination_verbatim(extra: list[str
     """OpenSSH reads options after the destination too; kvmgate's own port and host
     key alias come first, where ssh takes the first value given for each option."""
     argv = cli.ssh_argv(20000, "127.0.0.1", "alice", "web", extra)
-    assert argv[:6] == ["ssh", "-p", "20000", "-o", "HostKeyAlias=kvmgate-alice-web", "127.0.0.1"]
-    assert argv[6:] == extra
+    assert argv[:8] == ["ssh", "-p", "20000", "-o", "HostKeyAlias=kvmgate-alice-web",
+                        "-o", "StrictHostKeyChecking=accept-new", "127.0.0.1"]  # fmt: skip
+    assert argv[8:] == extra
 
 
 def _fake(monkeypatch: pytest.MonkeyPatch, rows: list[dict[str, Any]], code: int = 0) -> list[list[str]]:
@@ -57,6 +58,8 @@ def test_ssh_goes_to_the_forwarded_ssh_port_with_a_per_vm_host_key_alias(monkeyp
         "20000",
         "-o",
         "HostKeyAlias=kvmgate-alice-web",
+        "-o",
+        "StrictHostKeyChecking=accept-new",
         "127.0.0.1",
         "-l",
         "root",
@@ -68,7 +71,7 @@ def test_ssh_to_a_public_forward_connects_locally(monkeypatch: pytest.MonkeyPatc
     calls = _fake(monkeypatch, [{**ROWS[1], "host": "0.0.0.0", "service": "tcp22"}])
     with pytest.raises(SystemExit):
         cli.ssh(["--owner", "bob", "db"], [])
-    assert calls[1][:3] == ["ssh", "-p", "20000"] and calls[1][5] == "127.0.0.1"
+    assert calls[1][:3] == ["ssh", "-p", "20000"] and calls[1][7] == "127.0.0.1"
 
 
 def test_ssh_without_a_forward_or_a_vm_is_refused(

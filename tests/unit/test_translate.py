@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from kvmgate.errors import PolicyError
 from kvmgate.model.policy.policy import ParsedOption, Policy
 from kvmgate.model.settings import Forward, Nic
-from kvmgate.model.translate import Context, Port, Resource, merge, translate
+from kvmgate.model.translate import Context, Port, Resource, Seed, base_image, merge, translate
 
 ARGV_DIR = Path(__file__).resolve().parent.parent / "argv"
 CTX = Context(accel="kvm", default_disk=None, key="0123456789abcdef01234567")
@@ -81,6 +81,8 @@ DEFINITIONS: dict[str, tuple[list[str], list[str]]] = {
     "tap-only": (["-net", "nic", "-net", "tap,ifname=kgtap1,script=no"], []),
     "named-networks": (["-m", "256"], []),
     "vnc-unix": ([], ["-vnc", "1"]),
+    "library-overlay": (["-m", "512", "-nographic"], []),
+    "library-overlay-snapshot": (["-nographic"], ["-snapshot"]),
 }
 
 NICS = (
@@ -94,6 +96,16 @@ CONTEXTS = {
         nics=NICS, forwards=(Forward("ssh", 22, 20000), Forward("http", 80, 20001, internal=40000))
     ),
     "vnc-unix": CTX._replace(vnc_socket="/run/kvmgate-display/k/vnc.sock"),
+    "library-overlay": CTX._replace(
+        default_disk="/s/vms/x/disks/disk0.qcow2",
+        base_image=base_image("/s/images", "0" * 32),
+        seed=Seed("deb", "kvmgate-0123", "alice"),
+        agent=True,
+    ),
+    "library-overlay-snapshot": CTX._replace(
+        default_disk="/s/vms/x/disks/disk0.qcow2", base_image=base_image("/s/images", "0" * 32),
+        seed=Seed("deb", "kvmgate-0123", "alice"),
+    ),  # fmt: skip
 }
 
 

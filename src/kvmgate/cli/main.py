@@ -101,8 +101,15 @@ def ssh_argv(port: int, host: str, owner: str, name: str, extra: list[str]) -> l
     options there too (it restarts option parsing after the host), and the first
     word that is not an option starts the remote command, so no table of ssh's
     option letters is needed here. Ours come first, and ssh keeps the first value
-    it is given for an option, so the port and host key alias cannot be overridden."""
-    return ["ssh", "-p", str(port), "-o", f"HostKeyAlias=kvmgate-{owner}-{name}", host, *extra]
+    it is given for an option, so the port and host key alias cannot be overridden.
+
+    Host keys: each VM has its own known_hosts entry, under its alias, whatever
+    port it has today. The first key is taken without a prompt (accept-new): the
+    helper has just checked that the port is held by this very VM's QEMU, so
+    nobody else can be answering. A changed key is refused as ssh always does
+    (a VM made afresh under the same name: `ssh-keygen -R kvmgate-OWNER-NAME`)."""
+    return ["ssh", "-p", str(port), "-o", f"HostKeyAlias=kvmgate-{owner}-{name}",
+            "-o", "StrictHostKeyChecking=accept-new", host, *extra]  # fmt: skip
 
 
 def ssh(args: list[str], extra: list[str]) -> int:

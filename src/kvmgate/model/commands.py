@@ -197,7 +197,10 @@ VERBS: tuple[Verb, ...] = (
         "(the forward named ssh, or else the one to guest port 22). Arguments after -- go to\n"
         "ssh after the destination, where OpenSSH reads options as well as the remote command.\n"
         "The host key is remembered under the alias kvmgate-OWNER-NAME, so VMs never clash in\n"
-        "known_hosts. Example: kvmgate ssh dev -- -l root uptime",
+        "known_hosts whatever port they get; the first key is taken without a prompt, because the\n"
+        "port has just been checked to be this VM's own. A VM made afresh under the same name has\n"
+        "a new key, which ssh refuses: ssh-keygen -R kvmgate-OWNER-NAME.\n"
+        "Example: kvmgate ssh dev -- -l root uptime",
         frontend=True,
     ),
     Verb(
