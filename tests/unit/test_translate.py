@@ -103,9 +103,10 @@ CONTEXTS = {
         agent=True,
     ),
     "library-overlay-snapshot": CTX._replace(
-        default_disk="/s/vms/x/disks/disk0.qcow2", base_image=base_image("/s/images", "0" * 32),
+        default_disk="/s/vms/x/disks/disk0.qcow2",
+        base_image=base_image("/s/images", "0" * 32),
         seed=Seed("deb", "kvmgate-0123", "alice"),
-    ),  # fmt: skip
+    ),
 }
 
 
