@@ -6,6 +6,10 @@ set -eu
 runtime="python3 qemu-system-x86 qemu-utils sudo iproute2 util-linux nftables dnsmasq-base"
 guest="busybox-static cpio genisoimage kmod e2fsprogs"
 test="logrotate python3-venv openssh-server openssh-client procps psmisc iputils-ping samba gcc libc6-dev systemd"
+# The Debian test guest (guest/build-debian-guest.sh), and what cloud-init's own parser needs to
+# check kvmgate's seeds on the host (tests/integration/test_images.py).
+test="$test mmdebstrap syslinux syslinux-common mtools dosfstools fdisk"
+test="$test python3-yaml python3-jsonschema python3-jinja2 python3-configobj python3-jsonpatch python3-netifaces python3-requests"
 case "${1:-runtime}" in
     runtime) want="$runtime $guest" ;;
     test) want="$runtime $guest $test" ;;

@@ -310,10 +310,53 @@ def test_the_seed_holds_the_owners_keys_and_nothing_else(
         ud = json.loads(get("user-data").split("\n", 1)[1])
         assert ud["ssh_authorized_keys"] == [pub] and ud["users"][1]["name"] == alice
         assert len(seed) < 64 << 10
+        seeddir = iso.with_suffix(".d")
+        seeddir.mkdir()
+        for name in ("meta-data", "user-data", "network-config"):
+            (seeddir / name).write_text(get(name))
+        cloud_init_accepts(seeddir, vm_name, pub)
     finally:
         iso.unlink()
+        shutil.rmtree(iso.with_suffix(".d"), ignore_errors=True)
     assert kg.json("keys", vm_name, user=alice)["keys"][0]["fingerprint"].startswith("SHA256:")  # type: ignore[index]
     kg.ok("console", vm_name, "--expect", BOOT_LINE, "--timeout", "90", user=alice)
+
+
+CLOUD_INIT = "/var/cache/kvmgate-test-cloudinit"
+CHECK = """
+import json, sys
+from cloudinit import util
+from cloudinit.config.schema import get_schema, validate_cloudconfig_schema
+from cloudinit.net import network_state
+md, ud, _ = util.read_seeded(base="file://" + sys.argv[1] + "/")
+cfg = util.load_yaml(ud.decode() if isinstance(ud, bytes) else ud)
+validate_cloudconfig_schema(cfg, schema=get_schema(), strict=True)
+net = network_state.parse_net_config_data(util.load_yaml(open(sys.argv[1] + "/network-config").read()))
+macs = [i.get("mac_address") for i in net.iter_interfaces()]
+print(json.dumps({"md": md, "keys": cfg["users"][1]["ssh_authorized_keys"], "macs": macs}))
+"""
+
+
+def cloud_init_accepts(seeddir: Path, hostname: str, key: str) -> None:
+    """cloud-init's own NoCloud reader, schema (strict) and network-config parser,
+    from Debian's package (extracted, never installed: it would take over a host)."""
+    version = subprocess.run(["apt-cache", "policy", "cloud-init"], capture_output=True, text=True).stdout
+    version = version.split("Candidate:", 1)[1].split()[0]
+    lib = Path(CLOUD_INIT, version)
+    if not (lib / "usr/lib/python3/dist-packages/cloudinit").is_dir():
+        work = Path(CLOUD_INIT, "download")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, mode=0o777)
+        work.chmod(0o777)  # apt's sandbox user downloads into it
+        subprocess.run(["apt-get", "download", "cloud-init"], cwd=work, check=True, capture_output=True)
+        (deb,) = work.glob("cloud-init_*.deb")
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(lib)], check=True)
+        shutil.rmtree(work)
+    env = {"PYTHONPATH": str(lib / "usr/lib/python3/dist-packages"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(["/usr/bin/python3", "-c", CHECK, str(seeddir)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["md"]["local-hostname"] == hostname and got["keys"] == [key] and len(got["macs"]) == 1
 
 
 @pytest.mark.parametrize("attack", ["huge", "fifo", "root-only symlink", "garbage"])
