@@ -90,6 +90,17 @@ try:
 finally:
     os._exit(0)
 PY
+# pam_exec runs the hook as root with the PAM environment, which pam_env fills from
+# the user's own ~/.pam_environment (user_readenv=1, Debian's sshd default): an
+# LD_PRELOAD there would run the user's code as root in any dynamically linked
+# program. So the PAM line runs this entry instead: a static shell (busybox-static:
+# no dynamic loader reads the environment) that empties it, keeping PAM_USER only,
+# before the hook starts. `admin init --pam` refuses to install the line unless
+# /bin/busybox is a static executable.
+cat > "$libdir.new.$$/kvmgate-pam-start" <<SH
+#!/bin/busybox sh
+exec /bin/busybox env -i "PAM_USER=\$PAM_USER" $libdir/kvmgate-pam "\$@"
+SH
 cat > "$libdir.new.$$/kvmgate-gated" <<PY
 #!$python -IS
 # kvmgate's wake-on-connect daemon; runs unprivileged as kvmgate-gated (see docs/logon.md).
@@ -99,7 +110,7 @@ from kvmgate.gated import main
 sys.exit(main())
 PY
 chmod 0755 "$libdir.new.$$/kvmgate-helper" "$libdir.new.$$/kvmgate-frontend" "$libdir.new.$$/kvmgate-pam" \
-    "$libdir.new.$$/kvmgate-gated"
+    "$libdir.new.$$/kvmgate-pam-start" "$libdir.new.$$/kvmgate-gated"
 chown -R root:root "$libdir.new.$$"
 chmod -R go-w "$libdir.new.$$"
 rm -rf "$libdir.old.$$"
@@ -120,18 +131,28 @@ if [ -d /etc/logrotate.d ]; then
         > "/etc/logrotate.d/$(basename "$sudoers")"
     chmod 0644 "/etc/logrotate.d/$(basename "$sudoers")"
 fi
-# Upgrade: the session hook moved from common-session (one line for every service,
-# identity from the environment) to sshd's and login's own stacks (identity from
-# the loginuid). Move an installed hook; leave a host without one alone. Session
-# records the old hook wrote may name the wrong user (a ~/.pam_environment could
-# choose it): drop them all. A user who is logged on counts again at the next
-# logon; nobody's VM is frozen or thawed by the drop itself.
-if grep -qs "$libdir/kvmgate-pam" /etc/pam.d/common-session; then
+# Upgrades of an installed PAM hook (a host without one is left alone):
+# - the hook moved from common-session (one line for every service, identity from
+#   the environment) to sshd's and login's own stacks (identity from the loginuid).
+#   Session records the old hook wrote may name the wrong user (a ~/.pam_environment
+#   could choose it): drop them all. A user who is logged on counts again at the next
+#   logon; nobody's VM is frozen or thawed by the drop itself;
+# - a line that runs kvmgate-pam itself (dynamically linked, under the PAM
+#   environment) is replaced by one through kvmgate-pam-start. Where that cannot be
+#   installed safely (no static /bin/busybox), the hook is removed, and it says why.
+legacy=no
+grep -qs "$libdir/kvmgate-pam" /etc/pam.d/common-session && legacy=yes
+if [ "$legacy" = yes ] || grep -qsE "$libdir/kvmgate-pam (sshd|login) " /etc/pam.d/sshd /etc/pam.d/login; then
     "$python" -I -S -c "import sys; sys.path.insert(0, '$libdir')
-from kvmgate.host.pam import install_pam
+from kvmgate.errors import KvmgateError
+from kvmgate.host.pam import install_pam, uninstall_pam
 from kvmgate.paths import installed
-print(install_pam(installed()))"
-    rm -rf "$run/sessions"
+try:
+    print(install_pam(installed()))
+except KvmgateError as err:
+    print(uninstall_pam(installed()))
+    print(f'kvmgate: the PAM hook was removed: {err}')"
+    [ "$legacy" = no ] || rm -rf "$run/sessions"
 fi
 # The host's service manager runs what must run: the reap timer, the networks at boot,
 # autostart (which hands service VMs to their kvmgate-vm@ watchers), kvmgate-gated.
@@ -147,7 +168,7 @@ fi
 if [ "$systemd" = yes ]; then
     systemctl daemon-reload
     systemctl enable --now kvmgate-runtime.service kvmgate-network.service kvmgate-reap.timer \
-        kvmgate-autostart.service kvmgate-gated.service kvmgate-guests.service
+        kvmgate-autostart.service kvmgate-gated.service kvmgate-guests.service kvmgate-sessions.service
     echo "enabled and started the kvmgate units in $unitdir"
 else
     echo "systemd is not running here: the units in $unitdir will not run; see: $prefix/bin/kvmgate admin init"

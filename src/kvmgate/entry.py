@@ -40,7 +40,7 @@ ROUTES: dict[str, str] = {
         ("images", "keys", "admin-import", "admin-image-add", "admin-image-list", "admin-image-remove"), "images"
     ),
     **dict.fromkeys(("gated-config", "gated-wake", "gated-hold", "gated-idle"), "wake"),
-    "admin-reap": "logon",  # root-only code stays off the users' path
+    **dict.fromkeys(("admin-reap", "admin-sessions"), "logon"),  # root-only code stays off the users' path
     **dict.fromkeys(("admin-autostart", "admin-watch"), "services"),
     **dict.fromkeys(("admin-shutdown", "admin-boot"), "hostpower"),
 }

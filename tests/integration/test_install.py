@@ -80,6 +80,7 @@ UNITS = {
     "kvmgate-network.service",
     "kvmgate.slice",
     "kvmgate-guests.service",
+    "kvmgate-sessions.service",
 }
 
 
@@ -120,7 +121,7 @@ def test_install_enables_and_starts_the_units_where_systemd_runs(kg: Kvmgate, tm
     assert log.read_text().splitlines() == [
         "daemon-reload",
         "enable --now kvmgate-runtime.service kvmgate-network.service kvmgate-reap.timer "
-        "kvmgate-autostart.service kvmgate-gated.service kvmgate-guests.service",
+        "kvmgate-autostart.service kvmgate-gated.service kvmgate-guests.service kvmgate-sessions.service",
     ]
     assert {u.name for u in units.iterdir()} == UNITS
 
@@ -134,9 +135,10 @@ def test_without_systemd_init_says_what_does_not_run_and_cron_runs_it(kg: Kvmgat
         assert f"installed {CRON}" in kg.ok("admin", "init", "--cron").stdout
         assert f"{CRON} runs what its units would" in kg.ok("admin", "init").stdout
         jobs = [line for line in Path(CRON).read_text().splitlines() if line[:1] in "*@"]
-        assert len(jobs) == 3
+        assert len(jobs) == 4
         commands = [re.split(r"\s+", j, maxsplit=6 if j.startswith("*") else 2)[-1] for j in jobs]
-        reap, boot, gated = (c.split(" ", 1)[1] if c.startswith("root ") else c for c in commands)
+        reap, boot, gated, watcher = (c.split(" ", 1)[1] if c.startswith("root ") else c for c in commands)
+        assert "admin sessions --watch" in watcher  # test_logind.py runs it against elogind
         for command in (reap, boot):
             subprocess.run(["sh", "-c", command], check=True, timeout=120)
         others = set(_gated_pids())  # another test's gated, if one runs

@@ -21,6 +21,7 @@ from ..conftest import BOOT_LINE, KVMGATE, LOG, PREFIX, Kvmgate, Pause, boot_opt
 from .test_ssh_logon import Sshd
 
 HOOK = f"{PREFIX}/lib/kvmgate/kvmgate-pam"
+START = f"{PREFIX}/lib/kvmgate/kvmgate-pam-start"
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,8 @@ def pam(kg: Kvmgate) -> Iterator[None]:
     out = kg.ok("admin", "init", "--pam").stdout
     assert "/etc/pam.d/sshd now runs" in out or "/etc/pam.d/sshd already runs" in out
     sshd_stack = Path("/etc/pam.d/sshd").read_text()
-    assert f"type=open_session {HOOK} sshd open" in sshd_stack and f"type=close_session {HOOK} sshd close" in sshd_stack
+    assert f"type=open_session {START} sshd open" in sshd_stack
+    assert f"type=close_session {START} sshd close" in sshd_stack
     yield
     kg.ok("admin", "init", "--no-pam")
     for name in ("sshd", "login", "common-session"):
@@ -210,6 +212,54 @@ def test_pam_environment_cannot_speak_for_another_user(
         assert not records.is_dir() or not os.listdir(records), "no session was recorded for the victim"
     new = Path(LOG, "audit.log").read_text()[len(audit_before) :]
     assert f'"caller": "{victim}"' not in new and f'"uid": {uid}' not in new
+
+
+MARKER = r"""
+#include <stdio.h>
+#include <unistd.h>
+__attribute__((constructor)) static void mark(void) {
+    char p[256];
+    snprintf(p, sizeof p, "%s/ran-as-%d-pid-%d", MARKDIR, (int)geteuid(), (int)getpid());
+    FILE *f = fopen(p, "w");
+    if (f) fclose(f);
+}
+"""
+
+
+@pytest.mark.parametrize("user_vm", ["pause"], indirect=True)
+def test_pam_environment_never_runs_code_in_the_hook(
+    kg: Kvmgate, sshd: Sshd, user_vm: tuple[str, str], tmp_path: Path
+) -> None:
+    """pam_exec runs the hook as root with the PAM environment, and pam_env
+    (user_readenv=1) fills it from ~/.pam_environment. An LD_PRELOAD there ran the
+    user's library as root in the dynamically linked hook. The hook now starts from
+    a static shell that empties the environment: the library runs in the user's own
+    processes only, and the VM is still thawed at the logon."""
+    user, name = user_vm
+    pw = pwd.getpwnam(user)
+    marks = Path(pw.pw_dir, "marks")
+    marks.mkdir(mode=0o777, exist_ok=True)
+    marks.chmod(0o777)
+    lib = Path(pw.pw_dir, "mark.so")
+    src = tmp_path / "mark.c"
+    src.write_text(MARKER)
+    subprocess.run(["gcc", "-shared", "-fPIC", f'-DMARKDIR="{marks}"', "-o", str(lib), str(src)], check=True)
+    lib.chmod(0o755)
+    env = Path(pw.pw_dir, ".pam_environment")
+    env.write_text(
+        f"LD_PRELOAD DEFAULT={lib}\nLD_LIBRARY_PATH DEFAULT={pw.pw_dir}\nGLIBC_TUNABLES DEFAULT=glibc.malloc.check=3\n"
+    )
+    os.chown(env, pw.pw_uid, -1)
+    try:
+        r = sshd.run(user, "echo $LD_PRELOAD; sleep 1")
+        assert r.returncode == 0 and str(lib) in r.stdout, "the environment really carried the library"
+        time.sleep(2)
+        ran = sorted(p.name for p in marks.iterdir())
+        assert any(n.startswith(f"ran-as-{pw.pw_uid}-") for n in ran), "it ran in the user's own processes"
+        assert not any(n.startswith("ran-as-0-") for n in ran), f"it ran as root: {ran}"
+        assert kg.json("status", name, "--owner", user)["state"] in ("running", "paused")
+    finally:
+        env.unlink()
 
 
 @pytest.mark.parametrize("user_vm", ["pause"], indirect=True)

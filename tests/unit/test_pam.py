@@ -12,6 +12,7 @@ from kvmgate.paths import Paths
 
 PATHS = Paths(helper="/opt/kg/lib/kvmgate/kvmgate-helper")
 HOOK = "/opt/kg/lib/kvmgate/kvmgate-pam"
+START = "/opt/kg/lib/kvmgate/kvmgate-pam-start"
 
 
 def _stacks(tmp_path: Path) -> Path:
@@ -30,8 +31,8 @@ def test_install_moves_the_legacy_line_and_is_idempotent(tmp_path: Path) -> None
     assert (d / "common-session").read_text() == "session required pam_unix.so\n"
     text = (d / "sshd").read_text()
     assert text.endswith(
-        f"{pam.MARK}\nsession optional pam_exec.so quiet type=open_session {HOOK} sshd open\n"
-        f"session optional pam_exec.so quiet type=close_session {HOOK} sshd close\n"
+        f"{pam.MARK}\nsession optional pam_exec.so quiet type=open_session {START} sshd open\n"
+        f"session optional pam_exec.so quiet type=close_session {START} sshd close\n"
     )
     assert (d / "sshd").stat().st_mode & 0o777 == 0o640, "the file's mode is kept"
     assert "already runs" in pam.install_pam(PATHS, str(d))
@@ -63,3 +64,28 @@ def test_session_user_is_the_loginuid_and_the_claim_only_vetoes() -> None:
 
 def test_session_user_of_a_gone_process() -> None:
     assert pam.session_user(2**22 + 12345, "root") is None
+
+
+def test_a_line_that_runs_the_hook_itself_is_replaced(tmp_path: Path) -> None:
+    """Releases before the static start script ran kvmgate-pam (dynamically linked)
+    straight from pam_exec, under the PAM environment: such lines are replaced."""
+    d = _stacks(tmp_path)
+    (d / "common-session").write_text("session required pam_unix.so\n")
+    (d / "sshd").write_text(f"{pam.MARK}\nsession optional pam_exec.so quiet type=open_session {HOOK} sshd open\n")
+    pam.install_pam(PATHS, str(d))
+    text = (d / "sshd").read_text()
+    assert f"{HOOK} sshd" not in text and f"{START} sshd open" in text
+
+
+def test_the_hook_is_installed_only_with_a_static_shell(tmp_path: Path) -> None:
+    import pytest
+
+    from kvmgate.errors import PermissionRefused
+
+    assert pam.is_static("/bin/busybox"), "busybox-static is a runtime dependency"
+    assert not pam.is_static("/bin/sh") and not pam.is_static("/usr/bin/python3")
+    d = _stacks(tmp_path)
+    before = (d / "sshd").read_text()
+    with pytest.raises(PermissionRefused, match="not a static executable"):
+        pam.install_pam(PATHS, str(d), shell="/bin/sh")
+    assert (d / "sshd").read_text() == before

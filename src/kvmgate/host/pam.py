@@ -5,8 +5,16 @@ event belongs to.
 Each service that counts as a logon gets two lines at the end of its own file,
 one per event, with the service and the event as argv words:
 
-    session optional pam_exec.so quiet type=open_session  HOOK sshd open
-    session optional pam_exec.so quiet type=close_session HOOK sshd close
+    session optional pam_exec.so quiet type=open_session  START sshd open
+    session optional pam_exec.so quiet type=close_session START sshd close
+
+START is `kvmgate-pam-start`, a script for the static /bin/busybox shell: pam_exec
+runs it as root with the PAM environment, which `pam_env user_readenv=1` fills
+from the user's own ~/.pam_environment. In a dynamically linked program an
+LD_PRELOAD, LD_LIBRARY_PATH or GLIBC_TUNABLES there would run the user's code as
+root; a static executable has no dynamic loader to read them. It empties the
+environment, keeping only PAM_USER, and starts the hook (kvmgate-pam). The line is
+installed only if /bin/busybox is a static executable (busybox-static).
 
 Nothing the hook acts on comes from its environment: pam_exec puts the PAM
 environment (which `pam_env user_readenv=1` fills from the user's own
@@ -26,6 +34,7 @@ import os
 import pwd
 import re
 
+from kvmgate.errors import PermissionRefused
 from kvmgate.paths import Paths
 from kvmgate.store.files import write_atomic
 
@@ -38,23 +47,63 @@ EVENTS = {"open": "open_session", "close": "close_session"}
 UNSET_LOGINUID = 0xFFFFFFFF
 
 
+STATIC_SHELL = "/bin/busybox"
+
+
 def hook_path(paths: Paths) -> str:
     return os.path.join(os.path.dirname(paths.helper), "kvmgate-pam")
 
 
+def start_path(paths: Paths) -> str:
+    return os.path.join(os.path.dirname(paths.helper), "kvmgate-pam-start")
+
+
 def lines_for(paths: Paths, service: str) -> list[str]:
     return [
-        f"session optional pam_exec.so quiet type={kind} {hook_path(paths)} {service} {event}"
+        f"session optional pam_exec.so quiet type={kind} {start_path(paths)} {service} {event}"
         for event, kind in EVENTS.items()
     ]
 
 
 def _ours(paths: Paths, line: str) -> bool:
     words = line.split()
-    return line == MARK or ("pam_exec.so" in words and hook_path(paths) in words)
+    return line == MARK or ("pam_exec.so" in words and (hook_path(paths) in words or start_path(paths) in words))
 
 
-def install_pam(paths: Paths, pam_dir: str = PAM_DIR, services: tuple[str, ...] = SERVICES) -> str:
+def is_static(path: str) -> bool:
+    """An ELF executable without a program interpreter (PT_INTERP): no dynamic
+    loader runs in it, so no LD_* variable has any effect."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:  # 64-bit little-endian only
+                return False
+            phoff = int.from_bytes(head[0x20:0x28], "little")
+            phentsize = int.from_bytes(head[0x36:0x38], "little")
+            phnum = int.from_bytes(head[0x38:0x3A], "little")
+            if phentsize < 4 or phnum > 256:
+                return False
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+    except OSError:
+        return False
+    if len(table) != phentsize * phnum:
+        return False
+    return all(int.from_bytes(table[i : i + 4], "little") != PT_INTERP for i in range(0, len(table), phentsize))
+
+
+PT_INTERP = 3
+
+
+def install_pam(
+    paths: Paths, pam_dir: str = PAM_DIR, services: tuple[str, ...] = SERVICES, shell: str = STATIC_SHELL
+) -> str:
+    if not is_static(shell):
+        raise PermissionRefused(
+            f"{shell} is not a static executable: the PAM hook needs one to run without the user's "
+            "PAM environment (apt-get install busybox-static); on a host with logind, kvmgate-sessions.service "
+            "takes logons from logind without any hook"
+        )
     said = [_strip(paths, os.path.join(pam_dir, LEGACY_FILE), "the old common-session line")]
     for service in services:
         path = os.path.join(pam_dir, service)
@@ -65,7 +114,7 @@ def install_pam(paths: Paths, pam_dir: str = PAM_DIR, services: tuple[str, ...] 
             text = f.read()
         wanted = lines_for(paths, service)
         if all(line in text.splitlines() for line in wanted):
-            said.append(f"{path} already runs {hook_path(paths)}")
+            said.append(f"{path} already runs {start_path(paths)}")
             continue
         kept = [ln for ln in text.splitlines() if not _ours(paths, ln)]
         backup = path + ".kvmgate-backup"
@@ -73,7 +122,7 @@ def install_pam(paths: Paths, pam_dir: str = PAM_DIR, services: tuple[str, ...] 
             with open(backup, "w") as f:
                 f.write(text)
         _replace(path, "\n".join([*kept, MARK, *wanted]) + "\n")
-        said.append(f"{path} now runs {hook_path(paths)} (backup: {backup}; undo: kvmgate admin init --no-pam)")
+        said.append(f"{path} now runs {start_path(paths)} (backup: {backup}; undo: kvmgate admin init --no-pam)")
     return "\n".join(s for s in said if s)
 
 
@@ -90,7 +139,7 @@ def _files_with_hook(paths: Paths, pam_dir: str) -> list[str]:
         path = os.path.join(pam_dir, name)
         try:
             with open(path) as f:
-                if hook_path(paths) in f.read():
+                if hook_path(paths) in f.read():  # the start script's path begins with it too
                     out.append(name)
         except (OSError, UnicodeDecodeError):
             continue

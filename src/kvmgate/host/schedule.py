@@ -11,7 +11,9 @@ says so. `admin init --cron` installs the same work as cron lines, in
   `admin autostart`;
 - every minute, kvmgate-gated if it is not running: root takes a lock in the
   root-only runtime directory with flock(1) and runs gated as its own account,
-  so a second copy never starts and no other user can hold the lock.
+  so a second copy never starts and no other user can hold the lock;
+- every minute, the logind session watcher if it is not running, likewise
+  (it exits at once where no logind, elogind here, keeps sessions).
 """
 
 from __future__ import annotations
@@ -52,19 +54,24 @@ def cron_text(paths: Paths) -> str:
     helper = paths.helper
     gated = os.path.join(os.path.dirname(helper), "kvmgate-gated")
     lock = os.path.join(paths.run, "gated.cron.lock")
+    sessions_lock = os.path.join(paths.run, "sessions.cron.lock")
     return (
         "# kvmgate: what its systemd units do, for a host without systemd (kvmgate admin init --cron)\n"
         "SHELL=/bin/sh\nPATH=/usr/sbin:/usr/bin:/sbin:/bin\n"
         f"* * * * * root {helper} admin reap >/dev/null\n"
         f"@reboot root {helper} admin init >/dev/null; {helper} admin autostart >/dev/null\n"
         f"* * * * * root flock -n -E 0 {lock} runuser -u {GATED_USER} -- {gated} >/dev/null 2>&1\n"
+        f"* * * * * root flock -n -E 0 {sessions_lock} {helper} admin sessions --watch >/dev/null 2>&1\n"
     )
 
 
 def install_cron(paths: Paths) -> str:
     write_atomic(cron_file(paths), cron_text(paths), 0o644)
     note = "" if shutil.which("cron") else " (cron itself is not installed: apt-get install cron)"
-    return f"installed {cron_file(paths)}: reap every minute, init and autostart at boot, kvmgate-gated{note}"
+    return (
+        f"installed {cron_file(paths)}: reap every minute, init and autostart at boot, kvmgate-gated, "
+        f"the logind session watcher{note}"
+    )
 
 
 def remove_cron(paths: Paths) -> str:

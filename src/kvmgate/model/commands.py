@@ -288,6 +288,12 @@ VERBS: tuple[Verb, ...] = (
         "stop dnsmasq, remove kvmgate's nftables tables and its bridges that have no ports",
         target=None,
     ),
+    Verb(
+        "admin-sessions",
+        "the logon sessions kvmgate counts; --watch follows logind's (kvmgate-sessions.service)",
+        (Flag("--watch", "follow logind's sessions for ever, acting on first logons and last logoffs"), JSON),
+        target=None,
+    ),
     Verb("admin-reap", "apply the logoff policy for sessions that ended without closing (run by a timer)", target=None),
     Verb("admin-autostart", "start every service VM marked autostart (run at boot)", target=None),
     Verb(

@@ -1,18 +1,25 @@
-"""Session records: RUN/sessions/<user>/<pid>-<starttime>[-tag], one file per live
-session of a user (a login's session leader, or a connection kvmgate-gated holds).
-A record whose process is gone (crash, kill -9) is pruned at every event and by
-the reaper, so a crashed session never keeps a VM awake, nor asleep."""
+"""Session records: one file per live session of a user in RUN/sessions/<user>/:
+
+- `<pid>-<starttime>[-tag]`: a login's session leader (the PAM hook), or a
+  connection kvmgate-gated holds. A record whose process is gone (crash,
+  kill -9) is pruned at every event and by the reaper, so a crashed session
+  never keeps a VM awake, nor asleep.
+- `logind-<id>`: a logind session (`admin sessions --watch`, host.logind).
+  Whether it is alive is logind's to say: the caller passes `logind_alive`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from kvmgate.paths import Paths
 from kvmgate.store import critical
 from kvmgate.store.runtime import process_start
+
+LOGIND = "logind-"
 
 
 def _leader_start(pid: int) -> int | None:
@@ -43,12 +50,12 @@ class Sessions:
         finally:
             os.close(fd)
 
-    def live(self) -> int:
+    def live(self, logind_alive: Callable[[str], bool] | None = None) -> int:
         """The number of live sessions, pruning dead records; creates nothing."""
         if not os.path.isdir(self.dir):
             return 0
         with self.locked():
-            return self.prune()[1]
+            return self.prune(logind_alive)[1]
 
     def records(self) -> list[str]:
         try:
@@ -56,11 +63,19 @@ class Sessions:
         except FileNotFoundError:
             return []
 
-    def prune(self) -> tuple[int, int]:
-        """Drop records of sessions whose leader is gone. Returns (before, after)."""
+    def prune(self, logind_alive: Callable[[str], bool] | None = None) -> tuple[int, int]:
+        """Drop records of sessions whose leader is gone. Returns (before, after).
+        Without `logind_alive`, logind's records are taken as alive."""
         names = self.records()
         live = 0
         for name in names:
+            if name.startswith(LOGIND):
+                if logind_alive is None or logind_alive(name[len(LOGIND) :]):
+                    live += 1
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self.dir, name))
+                continue
             pid_s, _, rest = name.partition("-")
             start_s = rest.partition("-")[0]
             if pid_s.isdigit() and start_s.isdigit() and _leader_start(int(pid_s)) == int(start_s):
@@ -69,6 +84,18 @@ class Sessions:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.dir, name))
         return len(names), live
+
+    def logind(self) -> set[str]:
+        return {n[len(LOGIND) :] for n in self.records() if n.startswith(LOGIND)}
+
+    def set_logind(self, ids: set[str]) -> None:
+        """Make the user's logind records exactly `ids` (checked session ids)."""
+        old = self.logind()
+        for sid in ids - old:
+            os.close(os.open(os.path.join(self.dir, LOGIND + sid), os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        for sid in old - ids:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.dir, LOGIND + sid))
 
     def add(self, pid: int, tag: str = "") -> None:
         start = _leader_start(pid)

@@ -448,6 +448,11 @@ def init(req: Request, paths: Paths) -> int:
         _say(f"network: {line}")
     if req.has("--pam"):
         _say(pam.install_pam(paths))
+        from kvmgate.host import logind
+
+        if logind.running():
+            _say("note: logind runs here, so kvmgate-sessions.service (admin sessions --watch) takes logons from it; "
+                 "the PAM hook is not needed (a logon counted twice is still one logon)")  # fmt: skip
     elif req.has("--no-pam"):
         _say(pam.uninstall_pam(paths))
     from kvmgate.host import schedule

@@ -1,5 +1,12 @@
 """Logon integration: the design note's second logon path.
 
+Sessions come from one of two sources, into the same records (store.sessions):
+- where logind (systemd's, or elogind) runs, from logind itself:
+  `admin sessions --watch` (kvmgate-sessions.service) follows sd-login's
+  monitor and keeps one record per logind session that counts as a logon
+  (host.logind); the login path does no kvmgate work at all;
+- elsewhere, from the PAM hook (`admin init --pam`):
+
 pam_exec runs `kvmgate-pam` (this hook) as root at every session open and close
 of the services that count as logons (sshd and login: host.pam). The hook counts each user's sessions: one
 record per session leader (the process that opened the PAM session, kept with
@@ -21,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import pwd
+import re
 import signal
 import sys
 import time
@@ -281,7 +290,8 @@ def reap(paths: Paths) -> None:
         try:
             sessions = Sessions(paths, user)
             with sessions.locked():
-                before, live = sessions.prune()
+                logind = sessions.logind()  # a logind session the watcher missed closing
+                before, live = sessions.prune(_logind_alive if logind else None)
                 crashed = bool(before and not live)
                 if crashed:  # the last session ended without closing: a logoff, now
                     _request(paths, user, "logoff")
@@ -308,7 +318,97 @@ def _at_work(paths: Paths, user: str) -> bool:
     return taken(_work_file(paths, user))
 
 
+def _logind_alive(sid: str) -> bool:
+    from kvmgate.host import logind
+
+    return logind.alive(sid)
+
+
+SESSION_ID = re.compile(r"[A-Za-z0-9]{1,32}\Z")
+
+
+def sync_logind(paths: Paths) -> list[str]:
+    """Bring the session records in line with logind's sessions, and hand each
+    user whose first logon began or last logon ended to their worker, as the
+    PAM hook does. Returns what was done, a line per user."""
+    from kvmgate.host import logind
+
+    services = config.load(paths).logon_services
+    current: dict[str, set[str]] = {}
+    for s in logind.sessions():
+        if logind.counts(s, services) and SESSION_ID.match(s.id):
+            with contextlib.suppress(KeyError):
+                current.setdefault(pwd.getpwuid(s.uid).pw_name, set()).add(s.id)
+    root = os.path.join(paths.run, "sessions")
+    with contextlib.suppress(FileNotFoundError):
+        for user in os.listdir(root):
+            current.setdefault(user, set())
+    done = []
+    for user, ids in sorted(current.items()):
+        critical.checkpoint()
+        sessions = Sessions(paths, user)
+        if not ids and not os.path.isdir(sessions.dir):
+            continue
+        action = None
+        with sessions.locked():
+            old = sessions.logind()
+            if old == ids:
+                continue
+            _, before = sessions.prune(lambda sid: sid in old)  # noqa: B023 - called at once
+            sessions.set_logind(ids)
+            _, after = sessions.prune(lambda sid: sid in ids)  # noqa: B023 - called at once
+            if bool(before) != bool(after) and os.path.isdir(os.path.join(paths.names, user)):
+                action = "thaw" if after else "logoff"
+                _request(paths, user, action)
+        if action:
+            _detach(lambda: work(paths, user))  # noqa: B023 - called before the next iteration
+            done.append(f"{user}: {action}")
+    return done
+
+
+def watch_logind(paths: Paths) -> int:
+    """`admin sessions --watch`: follow logind for ever (kvmgate-sessions.service)."""
+    import select
+
+    from kvmgate.host import logind
+
+    if not logind.running():
+        print("kvmgate: logind does not run here: sessions come from the PAM hook (admin init --pam)")
+        return 0
+    monitor = logind.Monitor()
+    try:
+        while True:
+            for line in sync_logind(paths):
+                audit.record(paths.audit_log, caller="logind", verb="logon session", owner=line.split(":")[0],
+                             outcome="ok", action=line.split(": ")[1])  # fmt: skip
+            select.select([monitor.fd], [], [], RESYNC_SECONDS)  # a resync now and then, as a backstop
+            monitor.flush()
+    finally:
+        monitor.close()
+
+
+RESYNC_SECONDS = 30
+
+
+def sessions_view(req: Request, paths: Paths) -> int:
+    """`admin sessions [--json]`: who counts as logged on, and from where."""
+    from kvmgate.verbs.common import emit
+
+    rows = []
+    with contextlib.suppress(FileNotFoundError):
+        for user in sorted(os.listdir(os.path.join(paths.run, "sessions"))):
+            live = Sessions(paths, user).records()
+            if live:
+                rows.append({"user": user, "sessions": live})
+    emit(rows, "".join(f"{r['user']:<16} {' '.join(r['sessions'])}\n" for r in rows) or "no sessions\n", req.as_json)
+    return 0
+
+
 def run(req: Request, who: Caller, paths: Paths) -> int:
-    """`admin reap`."""
+    """`admin reap`, `admin sessions [--watch]`."""
+    if req.verb == "admin-sessions":
+        if req.has("--watch"):
+            return watch_logind(paths)
+        return sessions_view(req, paths)
     reap(paths)
     return 0

@@ -8,6 +8,7 @@ policy file must not silently fall back to a default.
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -16,6 +17,7 @@ from kvmgate.errors import PolicyError
 from kvmgate.model.policy import grammar as g
 from kvmgate.model.policy import network
 from kvmgate.model.policy.table import LISTS, OPTIONS, ListName, OptionSpec
+from kvmgate.model.regex import Regex
 
 ACCELS = ("auto", "kvm", "tcg")
 
@@ -32,6 +34,7 @@ class ParsedOption(NamedTuple):
         return [self.name] if self.spec.parse is None else [self.name, self.value.canonical]
 
 
+SERVICE_NAME = Regex(r"[a-z][a-z0-9_.-]{0,31}", re.ASCII)
 DEFAULT_LISTS: Mapping[str, ListName] = MappingProxyType({n: o.default for n, o in OPTIONS.items()})
 
 
@@ -47,6 +50,7 @@ class Policy(NamedTuple):
     audit_refill_seconds: int = 5  # ...then one per this many seconds
     console_log_mib: int = 8  # each VM's console log, bounded as it is written (model.consolelog)
     logoff_delay_seconds: int = 60  # --on-logoff acts after this long without a session (per VM: admin set)
+    logon_services: tuple[str, ...] = ("sshd", "login")  # logind sessions of these PAM services are logons
     net: network.HostNet = network.default()
 
     # ------------------------------------------------------------------ loading
@@ -56,7 +60,7 @@ class Policy(NamedTuple):
             return PolicyError("policy", msg)
 
         known = {"accel", "qemu", "stop_timeout", "memory_overhead_mib", "max_open_files", "lists", "limits"}
-        known |= {"audit_burst", "audit_refill_seconds", "console_log_mib", "logoff_delay_seconds"}
+        known |= {"audit_burst", "audit_refill_seconds", "console_log_mib", "logoff_delay_seconds", "logon_services"}
         known |= {"host", "ports", "vnc", "networks"}
         extra = set(data) - known
         if extra:
@@ -84,6 +88,14 @@ class Policy(NamedTuple):
                 if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                     raise fail(f"{key} must be an integer between {lo} and {hi}")
                 kw[key] = v
+        services = data.get("logon_services", list(cls._field_defaults["logon_services"]))
+        if (
+            not isinstance(services, list)
+            or not 1 <= len(services) <= 16
+            or not all(isinstance(x, str) and SERVICE_NAME.fullmatch(x) for x in services)
+        ):
+            raise fail("logon_services must be a list of 1 to 16 PAM service names")
+        kw["logon_services"] = tuple(services)
         kw["lists"] = cls._lists(data.get("lists", {}), fail)
         kw["limits"] = cls._limits(data.get("limits", {}), fail)
         kw["net"] = network.parse(data)
