@@ -90,17 +90,10 @@ try:
 finally:
     os._exit(0)
 PY
-# pam_exec runs the hook as root with the PAM environment, which pam_env fills from
-# the user's own ~/.pam_environment (user_readenv=1, Debian's sshd default): an
-# LD_PRELOAD there would run the user's code as root in any dynamically linked
-# program. So the PAM line runs this entry instead: a static shell (busybox-static:
-# no dynamic loader reads the environment) that empties it, keeping PAM_USER only,
-# before the hook starts. `admin init --pam` refuses to install the line unless
-# /bin/busybox is a static executable.
-cat > "$libdir.new.$$/kvmgate-pam-start" <<SH
-#!/bin/busybox sh
-exec /bin/busybox env -i "PAM_USER=\$PAM_USER" $libdir/kvmgate-pam "\$@"
-SH
+# The PAM line runs kvmgate-pam-start, a script for the static busybox shell: it must
+# never run a dynamically linked program under the PAM environment (packaging/pam).
+sed -e "s|@RUN@|$run|g" -e "s|@LIBDIR@|$libdir|g" "$src/../../packaging/pam/kvmgate-pam-start" \
+    > "$libdir.new.$$/kvmgate-pam-start"
 cat > "$libdir.new.$$/kvmgate-gated" <<PY
 #!$python -IS
 # kvmgate's wake-on-connect daemon; runs unprivileged as kvmgate-gated (see docs/logon.md).

@@ -3,8 +3,6 @@ migration, and whose session an event is (the loginuid, with PAM_USER only a vet
 
 from __future__ import annotations
 
-import os
-import pwd
 from pathlib import Path
 
 from kvmgate.host import pam
@@ -47,23 +45,6 @@ def test_uninstall_removes_every_line(tmp_path: Path) -> None:
     for f in d.iterdir():
         if not f.name.endswith(".kvmgate-backup"):
             assert HOOK not in f.read_text() and pam.MARK not in f.read_text(), f
-
-
-def test_session_user_is_the_loginuid_and_the_claim_only_vetoes() -> None:
-    me = os.getpid()
-    with open(f"/proc/{me}/loginuid") as f:
-        uid = int(f.read())
-    if uid in (pam.UNSET_LOGINUID, 0):
-        assert pam.session_user(me, "root") is None, "no loginuid: not a logon"
-        return
-    name = pwd.getpwuid(uid).pw_name
-    assert pam.session_user(me, name) == name
-    assert pam.session_user(me, "someone-else") is None
-    assert pam.session_user(me, None) is None
-
-
-def test_session_user_of_a_gone_process() -> None:
-    assert pam.session_user(2**22 + 12345, "root") is None
 
 
 def test_a_line_that_runs_the_hook_itself_is_replaced(tmp_path: Path) -> None:

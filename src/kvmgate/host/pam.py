@@ -31,7 +31,6 @@ Files are rewritten atomically with their modes kept; a backup of each is kept o
 from __future__ import annotations
 
 import os
-import pwd
 import re
 
 from kvmgate.errors import PermissionRefused
@@ -44,7 +43,6 @@ LEGACY_FILE = "common-session"  # where releases before the loginuid hook put on
 MARK = "# kvmgate: thaw VMs at a user's first logon, freeze or hibernate them at the last logoff"
 SERVICE_RE = re.compile(r"[a-z][a-z0-9_.-]{0,31}\Z")
 EVENTS = {"open": "open_session", "close": "close_session"}
-UNSET_LOGINUID = 0xFFFFFFFF
 
 
 STATIC_SHELL = "/bin/busybox"
@@ -161,25 +159,3 @@ def _strip(paths: Paths, path: str, what: str) -> str:
 
 def _replace(path: str, text: str) -> None:
     write_atomic(path, text, os.stat(path).st_mode & 0o7777)  # keep the file's mode
-
-
-def session_user(leader: int, claimed: str | None) -> str | None:
-    """The user whose PAM session the process `leader` opened or closes, or None
-    when it is not a logon kvmgate counts.
-
-    The user is the leader's loginuid, which pam_loginuid set and which no
-    unprivileged process can change. `claimed` is PAM_USER as the environment
-    shows it: the user may have shadowed it, so it can only veto (a session of
-    one user can never be counted for another), never choose."""
-    try:
-        with open(f"/proc/{leader}/loginuid") as f:
-            uid = int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-    if uid in (UNSET_LOGINUID, 0):
-        return None
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
-    return name if claimed == name else None

@@ -97,8 +97,11 @@ class Sessions:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.dir, LOGIND + sid))
 
-    def add(self, pid: int, tag: str = "") -> None:
-        start = _leader_start(pid)
+    def add(self, pid: int, tag: str = "", start: int | None = None) -> None:
+        """Record the session whose leader is `pid`; `start`: its start time as
+        read when the session opened (else read now). A leader that is gone, or a
+        pid that is another process now, is pruned at once."""
+        start = _leader_start(pid) if start is None else start
         if start is not None:
             name = f"{pid}-{start}" + (f"-{tag}" if tag else "")
             os.close(os.open(os.path.join(self.dir, name), os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))

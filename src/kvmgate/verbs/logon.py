@@ -44,62 +44,125 @@ from kvmgate.store import config, critical, every, registry, runtime
 from kvmgate.store.files import taken
 from kvmgate.store.sessions import Sessions
 
-HOOK_SECONDS = 5  # the hook's own bound; VM work happens after it returned
 WORK_SECONDS = 3600
 
 
 def main(argv: list[str], paths: Paths | None = None) -> int:
-    """kvmgate-pam, run by pam_exec as `kvmgate-pam SERVICE open|close`.
-
-    Its words come from the PAM file root wrote. Its environment is not trusted:
-    it may hold what the user wrote in ~/.pam_environment (host.pam says whose
-    session it is). Always 0: a login never fails because of kvmgate."""
-    claimed = os.environ.get("PAM_USER")
-    if os.geteuid() != 0:
-        return 0  # run by hand by a user: there is nothing it could do for them
+    """kvmgate-pam --spool: the PAM hook's worker, started detached, with an empty
+    environment, by kvmgate-pam-start (packaging/pam), which records each session
+    event as a file in RUN/pam-events. Always 0."""
+    if os.geteuid() != 0 or argv != ["--spool"]:
+        return 0  # run by hand by a user, or an old PAM line (install.sh replaces those)
     paths = paths or installed()
     try:
         scrub()
-        hook(paths, argv, claimed)
+        drain_spool(paths)
     except Exception as err:  # noqa: BLE001
         audit.record(paths.audit_log, caller="pam", verb="pam", outcome="error", reason=one_line(err))
     return 0
 
 
-def hook(paths: Paths, words: list[str], claimed: str | None) -> int:
-    """pam_exec entry point: `kvmgate-pam SERVICE open|close`. Always returns 0.
+SPOOL = "pam-events"
+EVENT = re.compile(r"([0-9]{1,20})-([0-9]{1,10})-([0-9]{1,10})-([0-9]{1,20})-(open|close)\Z")
 
-    The words are the PAM line's (root wrote them); the user is the session
-    leader's loginuid (host.pam.session_user), never the environment's PAM_USER
-    or PAM_TYPE, which a user can shadow through pam_env."""
-    if len(words) != 2 or not pam.SERVICE_RE.match(words[0]) or words[1] not in pam.EVENTS:
-        return 0  # a line written by hand or by an older release: count nothing
-    service, event = words
-    leader = os.getppid()  # the process that opened (and will close) the PAM session
-    user = pam.session_user(leader, claimed)
-    if user is None:
-        return 0
+
+def drain_spool(paths: Paths) -> None:
+    """Take every recorded event, oldest first, under the spool's lock. After
+    letting go, look again: an event the hook wrote while this worker held the
+    lock (its hook then started no worker) is taken now. One worker at a time."""
+    spool = os.path.join(paths.run, SPOOL)
     try:
-        signal.alarm(HOOK_SECONDS)
+        fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        while _pending(spool):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # the worker at work sees what is pending when it lets go
+            try:
+                while names := _pending(spool):
+                    for name in names:
+                        critical.checkpoint()
+                        _event(paths, spool, name)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _pending(spool: str) -> list[str]:
+    """The spool's events, oldest first (the hook's names start with the uptime in
+    hundredths of a second; a session's open comes before its close)."""
+    found = []
+    for name in os.listdir(spool):
+        m = EVENT.match(name)
+        if m:
+            found.append((int(m.group(1)), m.group(5) == "close", name))
+        elif name.startswith(".") and _older_than(os.path.join(spool, name), 60):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(spool, name))  # a hook killed half-way
+    return [n for _, _, n in sorted(found)]
+
+
+def _older_than(path: str, seconds: float) -> bool:
+    try:
+        return time.time() - os.lstat(path).st_mtime > seconds
+    except FileNotFoundError:
+        return False
+
+
+def _event(paths: Paths, spool: str, name: str) -> None:
+    """One session event. The user is the session leader's loginuid as the hook
+    read it from /proc (set by pam_loginuid in the login's own stack, and not the
+    user's to change); PAM_USER, which a user can shadow through pam_env, can only
+    veto: a session is never counted for someone else."""
+    m = EVENT.match(name)
+    path = os.path.join(spool, name)
+    try:
+        with open(path, "rb") as f:
+            claimed, _, service = f.read(256).decode("utf-8", "replace").partition("\n")
+    except FileNotFoundError:
+        return
+    service = service.strip()
+    try:
+        if m is None or not pam.SERVICE_RE.match(service):
+            return
+        uid, leader, start, event = int(m.group(2)), int(m.group(3)), int(m.group(4)), m.group(5)
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return
+        if claimed != user:
+            return
+        _count(paths, user, leader, start, event, service)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _count(paths: Paths, user: str, leader: int, start: int, event: str, service: str) -> None:
+    try:
         sessions = Sessions(paths, user)
         with sessions.locked():
             _, live = sessions.prune()
+            # A logon counts even if it already ended by now (a one-shot `ssh host CMD`
+            # under load): its thaw request cancels a pending logoff, as it would have.
             if event == "open":
-                sessions.add(leader)
+                sessions.add(leader, start=start)
                 action = "thaw" if live == 0 else None
             else:
                 sessions.remove(leader)
                 action = "logoff" if sessions.prune()[1] == 0 else None
             if action:
                 _request(paths, user, action)
-        signal.alarm(0)
         if action:
             _detach(lambda: work(paths, user))
-    except Exception as err:  # noqa: BLE001 - a login must never fail because of kvmgate
+    except Exception as err:  # noqa: BLE001 - one event never stops the others
         audit.record(
             paths.audit_log, caller=f"pam:{service}", verb=f"pam {event}", owner=user, outcome="error", reason=str(err)
         )
-    return 0
 
 
 def _detach(work: object) -> None:
@@ -270,6 +333,7 @@ def reap(paths: Paths) -> None:
     Run every minute by kvmgate-reap.timer. Also writes the summaries of
     refusals the audit log held back (host.audit)."""
     audit_rate.flush_held(paths.audit_log)
+    drain_spool(paths)  # events whose worker was killed
     from kvmgate.store import define
 
     for name in define.finish_deletes(paths):  # what earlier deletes left behind
