@@ -51,10 +51,12 @@ def identify(environ: dict[str, str]) -> Caller:
     return Caller(uid, name, via)
 
 
-def scrub() -> None:
+def scrub(keep: int | None = None) -> None:
     """Close inherited fds, clear the environment and reset what the caller could
-    have preset (umask, cwd, rlimits, supplementary groups)."""
-    os.closerange(3, 1 << 20)
+    have preset (umask, cwd, rlimits, supplementary groups). `keep`: one
+    descriptor root itself handed over (the PAM hook's spool lock)."""
+    for low, high in ((3, 1 << 20),) if keep is None else ((3, keep), (keep + 1, 1 << 20)):
+        os.closerange(low, high)
     # The helper shares the caller's terminal (sudoers: !use_pty). Ctrl-Z, or a background
     # job with `stty tostop`, must never stop root while it holds a lock others wait for.
     for sig in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):

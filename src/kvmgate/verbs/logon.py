@@ -35,7 +35,7 @@ import sys
 import time
 
 from kvmgate.errors import KvmgateError, one_line
-from kvmgate.host import audit, audit_rate, pam
+from kvmgate.host import audit, audit_rate
 from kvmgate.host.caller import Caller, scrub
 from kvmgate.model.commands import Request
 from kvmgate.ops import power
@@ -55,34 +55,58 @@ def main(argv: list[str], paths: Paths | None = None) -> int:
         return 0  # run by hand by a user, or an old PAM line (install.sh replaces those)
     paths = paths or installed()
     try:
-        scrub()
-        drain_spool(paths)
+        held = _handed_lock(paths)
+        scrub(keep=held)
+        drain_spool(paths, held)
     except Exception as err:  # noqa: BLE001
         audit.record(paths.audit_log, caller="pam", verb="pam", outcome="error", reason=one_line(err))
     return 0
 
 
 SPOOL = "pam-events"
-EVENT = re.compile(r"([0-9]{1,20})-([0-9]{1,10})-([0-9]{1,10})-([0-9]{1,20})-(open|close)\Z")
+# uptime (1/100 s), loginuid, leader pid, its start time, event, PAM service, PAM_USER
+EVENT = re.compile(
+    r"([0-9]{1,20}),([0-9]{1,10}),([0-9]{1,10}),([0-9]{1,20}),(open|close),([a-z][a-z0-9_.-]{0,31}),"
+    r"([a-z_][a-z0-9_.-]{0,31})\Z"
+)
 
 
-def drain_spool(paths: Paths) -> None:
-    """Take every recorded event, oldest first, under the spool's lock. After
-    letting go, look again: an event the hook wrote while this worker held the
-    lock (its hook then started no worker) is taken now. One worker at a time."""
+HANDED_FD = 9  # the spool's descriptor, locked by the hook that started this worker
+
+
+def _handed_lock(paths: Paths) -> int | None:
+    """The locked spool descriptor the hook handed over, if this is one of its workers."""
+    try:
+        st, spool = os.fstat(HANDED_FD), os.stat(os.path.join(paths.run, SPOOL))
+    except OSError:
+        return None
+    return HANDED_FD if os.path.samestat(st, spool) else None
+
+
+def drain_spool(paths: Paths, held: int | None = None) -> None:
+    """Take every recorded event, oldest first, under the spool's lock (`held`:
+    the hook's, already locked). After letting go, look again: an event the hook
+    wrote while this worker held the lock (its hook then started no worker) is
+    taken now. One worker at a time."""
     spool = os.path.join(paths.run, SPOOL)
+    if held is not None:
+        fd = held
+    else:
+        try:
+            fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
     try:
-        fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        while _pending(spool):
+        first = held is not None
+        while first or _pending(spool):
+            if not first:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return  # the worker at work sees what is pending when it lets go
+            first = False
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return  # the worker at work sees what is pending when it lets go
-            try:
-                while names := _pending(spool):
+                while names := _pending(spool) or _linger(spool):
                     for name in names:
                         critical.checkpoint()
                         _event(paths, spool, name)
@@ -90,6 +114,20 @@ def drain_spool(paths: Paths) -> None:
                 fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+LINGER_SECONDS = 2.0  # a worker waits this long for more events before it exits
+
+
+def _linger(spool: str) -> list[str]:
+    """Logins come in bursts: rather than exit and have the next login start a new
+    worker (a Python start each), wait a little, holding the lock, for more."""
+    deadline = time.monotonic() + LINGER_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if names := _pending(spool):
+            return names
+    return []
 
 
 def _pending(spool: str) -> list[str]:
@@ -100,17 +138,10 @@ def _pending(spool: str) -> list[str]:
         m = EVENT.match(name)
         if m:
             found.append((int(m.group(1)), m.group(5) == "close", name))
-        elif name.startswith(".") and _older_than(os.path.join(spool, name), 60):
+        else:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(spool, name))  # a hook killed half-way
+                os.unlink(os.path.join(spool, name))  # not an event the hook writes
     return [n for _, _, n in sorted(found)]
-
-
-def _older_than(path: str, seconds: float) -> bool:
-    try:
-        return time.time() - os.lstat(path).st_mtime > seconds
-    except FileNotFoundError:
-        return False
 
 
 def _event(paths: Paths, spool: str, name: str) -> None:
@@ -119,27 +150,35 @@ def _event(paths: Paths, spool: str, name: str) -> None:
     user's to change); PAM_USER, which a user can shadow through pam_env, can only
     veto: a session is never counted for someone else."""
     m = EVENT.match(name)
-    path = os.path.join(spool, name)
     try:
-        with open(path, "rb") as f:
-            claimed, _, service = f.read(256).decode("utf-8", "replace").partition("\n")
-    except FileNotFoundError:
-        return
-    service = service.strip()
-    try:
-        if m is None or not pam.SERVICE_RE.match(service):
+        if m is None:
             return
         uid, leader, start, event = int(m.group(2)), int(m.group(3)), int(m.group(4)), m.group(5)
+        service, claimed = m.group(6), m.group(7)
         try:
             user = pwd.getpwuid(uid).pw_name
         except KeyError:
             return
-        if claimed != user:
-            return
-        _count(paths, user, leader, start, event, service)
+        if claimed == user:
+            _count(paths, user, leader, start, event, service)
     finally:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            os.unlink(os.path.join(spool, name))
+
+
+def _has_work(paths: Paths, user: str) -> bool:
+    """Might a thaw or a logoff act on any of the user's VMs: one with a session
+    policy that runs (perhaps paused) or is hibernated? Most logons find none, and
+    then start no worker. The worker decides again under each VM's lock."""
+    if not os.path.isdir(os.path.join(paths.names, user)):
+        return False
+    for vm in every.each_vm(paths, user):
+        with contextlib.suppress(Exception):
+            if registry.read_settings(vm).on_logoff != "none" and (
+                runtime.is_running(vm) or registry.read_saved(vm) is not None
+            ):
+                return True
+    return False
 
 
 def _count(paths: Paths, user: str, leader: int, start: int, event: str, service: str) -> None:
@@ -155,6 +194,8 @@ def _count(paths: Paths, user: str, leader: int, start: int, event: str, service
             else:
                 sessions.remove(leader)
                 action = "logoff" if sessions.prune()[1] == 0 else None
+            if action and not _has_work(paths, user):
+                action = None  # no VM of theirs to thaw or put to sleep: no worker, no request
             if action:
                 _request(paths, user, action)
         if action:
