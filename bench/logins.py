@@ -123,7 +123,9 @@ def main() -> None:
             for mode in ("hook", "none") if r % 2 == 0 else ("none", "hook"):
                 sh(KVMGATE, "admin", "init", "--pam" if mode == "hook" else "--no-pam")
                 quiet()
-                times[mode] += burst(users, port, d / "userkey")
+                got = burst(users, port, d / "userkey")
+                times[mode] += got
+                print(f"  {mode:<4} p50 {pct(got, 50):6.0f} ms  p99 {pct(got, 99):6.0f} ms", flush=True)
                 quiet()
             print(f"round {r + 1}/{args.rounds} done", flush=True)
         h, n = times["hook"], times["none"]
