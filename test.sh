@@ -11,6 +11,7 @@ cd "$(dirname "$0")"
 [ "$(id -u)" = 0 ] || { echo "test.sh: run as root (the suite creates users, taps and cgroups)" >&2; exit 3; }
 sh scripts/debian-deps.sh test
 sh guest/build-test-guest.sh >/dev/null
+sh guest/build-debian-guest.sh >/dev/null  # the real Debian guest (cached by its recipe; about a minute cold)
 venv=.venv
 [ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv "$venv"
 "$venv/bin/pip" install -q --disable-pip-version-check -e '.[test]'

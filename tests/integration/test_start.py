@@ -71,7 +71,7 @@ def test_memory_cgroup_limit(kg: Kvmgate, alice: str, booted: str) -> None:
     for base, name in (("/sys/fs/cgroup/memory", "memory.limit_in_bytes"), ("/sys/fs/cgroup", "memory.max")):
         f = Path(base + rel, name)
         if f.exists():
-            assert int(f.read_text()) == (256 + 256) << 20  # -m 256 plus the default overhead
+            assert int(f.read_text()) == (256 + 128 + 256) << 20  # -m 256, TCG's cache, the default overhead
             return
     pytest.fail("no memory cgroup found for QEMU")
 

@@ -148,7 +148,10 @@ def test_admin_values_win() -> None:
 def test_no_kvm_means_tcg() -> None:
     p = Policy.from_dict({"lists": {"admin": ["-no-kvm"]}})
     argv = argv_for(["-no-kvm"], [], p)
-    assert argv[argv.index("-accel") + 1] == "tcg"
+    assert argv[argv.index("-accel") + 1] == "tcg,tb-size=128", "TCG's cache is bounded"
+    plan = translate(merge(p.parse(["-no-kvm", "-m", "256"], "admin"), []), CTX)
+    assert plan.tcg and plan.memory_limit_mib == 256 + 128, "and counted in the cgroup's limit"
+    assert not translate(merge(p.parse(["-m", "256"], "admin"), []), CTX).tcg
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 # would punish with SIGSYS: only VMs whose admin chose -smb get spawning back.
 SANDBOX_SMB = "on,obsolete=deny,elevateprivileges=deny,spawn=allow,resourcecontrol=deny"
 DEFAULT_MEM_MIB = 128  # the design note's default
+TCG_CACHE_MIB = 128  # TCG's translation cache, in the VM's memory cgroup
 
 Accel = Literal["kvm", "tcg"]
 ResourceKind = Literal[
@@ -126,6 +127,12 @@ class Plan(NamedTuple):
     snapshot: bool = False  # writes go to a throw-away overlay: the VM cannot be hibernated
     host_ports: bool = False  # QEMU listens on host TCP ports (forwards, -redir) the host's rules guard
     restore: bool = False  # a restore continues the run (its console log); a start begins a new one
+    tcg: bool = False  # TCG, not KVM: its translation cache counts too
+
+    @property
+    def memory_limit_mib(self) -> int:
+        """What QEMU may use beyond its own overhead: the guest's RAM, and TCG's cache."""
+        return self.memory_mib + (TCG_CACHE_MIB if self.tcg else 0)
 
     def fds(self) -> list[int]:
         return [r.fd for r in self.resources]
@@ -225,7 +232,10 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
     memory = mem.number if isinstance(mem, g.IntValue) else DEFAULT_MEM_MIB
 
     b.add("-nodefaults", "-no-user-config", "-machine", ",".join(mprops))
-    b.add("-accel", accel, "-m", str(memory), "-display", "none")
+    # TCG's translation cache would otherwise grow to 1 GiB, past the VM's memory
+    # cgroup (QEMU then thrashes on its own pages and the guest stalls): bounded, and
+    # counted in the cgroup's limit (Plan.memory_limit_mib).
+    b.add("-accel", f"tcg,tb-size={TCG_CACHE_MIB}" if accel == "tcg" else accel, "-m", str(memory), "-display", "none")
     b.add("-sandbox", SANDBOX_SMB if "-smb" in by else SANDBOX, "-msg", "timestamp=on")
     if ctx.paused or ctx.incoming:
         b.add("-S")
@@ -351,7 +361,10 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
                                 "name": "org.qemu.guest_agent.0"}))  # fmt: skip
     pidfiles = tuple(v.canonical for v in by.get("-pidfile", []))
     dirs = tuple((n, v.canonical) for n in ("-tftp", "-smb") for v in by.get(n, []))
-    return Plan(tuple(b.argv), tuple(b.resources), memory, pidfiles, dirs, vnc, snapshot, host_ports, ctx.incoming)
+    return Plan(
+        tuple(b.argv), tuple(b.resources), memory, pidfiles, dirs, vnc, snapshot, host_ports, ctx.incoming,
+        accel == "tcg",
+    )  # fmt: skip
 
 
 # QEMU's config syntax: one `name = "value"` per line of at most 1023 bytes, no `"`

@@ -145,7 +145,7 @@ def _launch(
     try:
         fds |= launch.open_runtime_resources(plan, where, lock_fd)
         _prepare_owner_dir(vm, plan, pw.pw_uid)
-        limit = (plan.memory_mib + policy.memory_overhead_mib) << 20
+        limit = (plan.memory_limit_mib + policy.memory_overhead_mib) << 20
         placement = cgroup.Placement(vm.key, limit)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         fds[-1] = log = os.open(vm.sub("log", "qemu.log"), flags, 0o600)
