@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from common import BOOT, GUEST, GUEST_BOOT_LINE, KVMGATE, USER, define, setup, sh
-from hibernate import qmp, quit_qemu, wait_migration
+from hibernate import migrate_to_file, qmp, quit_qemu, wait_migration
 
 VM = "benchpeer"
 DOMAIN = "kgbenchpeer"
@@ -142,17 +142,7 @@ async def raw_cycle(tmp: str, mem: int, dirty: int) -> tuple[float, float, int]:
     console(con, "", GUEST_BOOT_LINE)
     if dirty:
         console(con, fill_command(dirty), "FILLED-42")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    t0 = time.perf_counter()
-    await c.execute("stop")
-    await c.execute("migrate-set-parameters", {"max-bandwidth": 64 << 30})
-    c.send_fd_scm(fd)
-    await c.execute("getfd", {"fdname": "out"})
-    await c.execute("migrate", {"uri": "fd:out"})
-    await wait_migration(c)
-    os.fsync(fd)
-    save = (time.perf_counter() - t0) * 1000
-    os.close(fd)
+    _, save = await migrate_to_file(c, path)
     size = os.path.getsize(path)
     await quit_qemu(c)
     p.wait()

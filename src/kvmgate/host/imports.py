@@ -78,11 +78,7 @@ def open_source(path: str, given_format: str | None, limits: Limits) -> Source:
             raise FileRefused(f"{path}: not a regular file (a fifo, a device or a directory)")
         os.set_blocking(fd, True)
         size = images.check_header(os.pread(fd, qcow2.HEADER_READ, 0), fmt, st.st_size, path)
-        if size > limits.image_max_gib << 30:
-            raise FileRefused(
-                f"{path}: its virtual size ({size / (1 << 30):.1f} GiB) is above this host's limit "
-                f"of {limits.image_max_gib} GiB (limits.image_max_gib)"
-            )
+        images.refuse_above(size, limits.image_max_gib, path)
     except BaseException:
         os.close(fd)
         raise
@@ -153,6 +149,22 @@ def convert(
     _run(argv, fds, worker, limits, fsize, progress, "converting")
     if check(out_fd, worker, limits).virtual_size < src.virtual_size:
         raise KvmgateError(f"{src.path}: the converted image is smaller than the source")
+
+
+def convert_to(
+    src: Source, dest: str, worker: Worker, limits: Limits, progress: str = "", base_fd: int | None = None
+) -> int:
+    """`convert` into a new file `dest` (in a root-only stage) that the worker owns
+    while it writes; synced. Returns its descriptor, the caller's to close."""
+    out = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchown(out, worker.uid, worker.gid)
+        convert(src, out, worker, limits, progress, base_fd)
+        os.fsync(out)
+    except BaseException:
+        os.close(out)
+        raise
+    return out
 
 
 def check(fd: int, worker: Worker, limits: Limits) -> qcow2.Qcow2Info:

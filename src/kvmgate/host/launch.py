@@ -26,7 +26,7 @@ from typing import NamedTuple
 from kvmgate import paths
 from kvmgate.errors import FileRefused, PermissionRefused, Qcow2Refused
 from kvmgate.host import caller, cgroup
-from kvmgate.model import qcow2
+from kvmgate.model import images, qcow2
 from kvmgate.model.policy.grammar import Limits
 from kvmgate.model.translate import Plan, Resource
 
@@ -85,11 +85,7 @@ def _disk(pw: pwd.struct_passwd, r: Resource, limits: Limits) -> tuple[int, int]
             raise FileRefused(f"{r.path}: a qcow2 image whose name says raw: rename it to end in .qcow2")
         else:
             size = max(512, -(-os.fstat(fd).st_size // 512) * 512)
-        if size > limits.image_max_gib << 30:
-            raise FileRefused(
-                f"{r.path}: its virtual size ({size / (1 << 30):.0f} GiB) is above this host's limit "
-                f"of {limits.image_max_gib} GiB"
-            )
+        images.refuse_above(size, limits.image_max_gib, r.path)
     except BaseException:
         os.close(fd)
         raise

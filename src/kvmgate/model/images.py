@@ -82,6 +82,15 @@ def check_header(head: bytes, fmt: str, file_size: int, what: str) -> int:
     return -(-file_size // 512) * 512
 
 
+def refuse_above(size: int, max_gib: int, what: str) -> None:
+    """A virtual size (from a header or a file's length) above the host's limit."""
+    if size > max_gib << 30:
+        raise FileRefused(
+            f"{what}: its virtual size ({size / (1 << 30):.1f} GiB) is above this host's limit "
+            f"of {max_gib} GiB (limits.image_max_gib)"
+        )
+
+
 def backing_name(image_id: str) -> str:
     """What a library overlay's header names as its backing file. It has a
     protocol prefix QEMU does not know, so no tool that follows it opens a file."""

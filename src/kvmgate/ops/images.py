@@ -46,12 +46,8 @@ def flatten(paths: Paths, vm: registry.VM, image_id: str) -> None:
         imports.need_space(vm.vmdir, src.allocated + os.fstat(base).st_blocks * 512, registry.DEFAULT_DISK)
         registry.mkdir_root(stage, 0o700)
         staged = os.path.join(stage, registry.DEFAULT_DISK)
-        out = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        fds.append(out)
-        os.fchown(out, pw.pw_uid, pw.pw_gid)
         worker = imports.Worker(pw.pw_uid, pw.pw_gid)
-        imports.convert(src, out, worker, policy.limits, progress=f"{vm.identity.name}: flattening", base_fd=base)
-        os.fsync(out)
+        fds.append(imports.convert_to(src, staged, worker, policy.limits, f"{vm.identity.name}: flattening", base))
         replace_disk(vm, staged)
     finally:
         for f in fds:

@@ -89,10 +89,8 @@ def add(req: Request, who: Caller, paths: Paths) -> int:
             if copy:
                 src = imports.stage_copy(src, os.path.join(stage, "source"), f"image {name}")
                 fds.append(src.fd)
-            out = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            out = imports.convert_to(src, staged, worker, policy.limits, f"image {name}")
             fds.append(out)
-            os.fchown(out, worker.uid, worker.gid)
-            imports.convert(src, out, worker, policy.limits, progress=f"image {name}")
         rec = model.Record(
             name=name,
             id=secrets.token_hex(16),
@@ -234,11 +232,7 @@ def import_disk(req: Request, who: Caller, paths: Paths) -> int:
                 src = imports.stage_copy(src, os.path.join(stage, "source"), f"{name}")
                 fds.append(src.fd)
             staged = os.path.join(stage, registry.DEFAULT_DISK)
-            out = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            fds.append(out)
-            os.fchown(out, pw.pw_uid, pw.pw_gid)
-            imports.convert(src, out, worker, policy.limits, progress=f"{name}")
-            os.fsync(out)
+            fds.append(imports.convert_to(src, staged, worker, policy.limits, name))
             replace_disk(vm, staged)
         finally:
             for fd in fds:
