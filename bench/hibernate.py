@@ -75,11 +75,15 @@ async def migrate_to_file(c: QMPClient, path: str) -> tuple[float, float]:
     return dt * 1000, dt_sync * 1000
 
 
-async def raw_restore(tmp: str, path: str) -> float:
+async def raw_restore(tmp: str, path: str, serial: str = "none", mem: str = "256") -> float:
+    """The raw baseline: `-incoming defer`, `migrate-incoming fd:` of the file, `cont`.
+    `serial`: the saved VM's serial port (the devices must match). Returns ms."""
     sock = os.path.join(tmp, "q2.sock")
     t0 = time.perf_counter()
     p = subprocess.Popen(
-        bare_argv(sock, "-serial", "none", "-incoming", "defer"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        bare_argv(sock, "-serial", serial, "-incoming", "defer", mem=mem),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     c = await qmp(sock)
     fd = os.open(path, os.O_RDONLY)

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from common import BOOT, GUEST, GUEST_BOOT_LINE, KVMGATE, USER, define, setup, sh
-from hibernate import migrate_to_file, qmp, quit_qemu, wait_migration
+from hibernate import migrate_to_file, qmp, quit_qemu, raw_restore
 
 VM = "benchpeer"
 DOMAIN = "kgbenchpeer"
@@ -146,23 +146,8 @@ async def raw_cycle(tmp: str, mem: int, dirty: int) -> tuple[float, float, int]:
     size = os.path.getsize(path)
     await quit_qemu(c)
     p.wait()
-    qsock2 = f"{tmp}/raw-q2.sock"
-    t0 = time.perf_counter()
-    con2 = f"{tmp}/raw-con2.sock"  # the same devices as the saved VM: a serial port too
-    p = subprocess.Popen(bare_argv(qsock2, "-serial", f"unix:{con2},server=on,wait=off", "-incoming", "defer",
-                                   mem=str(mem)),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    c = await qmp(qsock2)
-    fd = os.open(path, os.O_RDONLY)
-    c.send_fd_scm(fd)
-    await c.execute("getfd", {"fdname": "in"})
-    await c.execute("migrate-incoming", {"uri": "fd:in"})
-    await wait_migration(c)
-    await c.execute("cont")
-    restore = (time.perf_counter() - t0) * 1000
-    os.close(fd)
-    await quit_qemu(c)
-    p.wait()
+    # the same devices as the saved VM: a serial port too
+    restore = await raw_restore(tmp, path, f"unix:{tmp}/raw-con2.sock,server=on,wait=off", str(mem))
     os.unlink(path)
     return save, restore, size
 
