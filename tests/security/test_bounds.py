@@ -81,7 +81,10 @@ def test_an_image_above_the_size_limit_is_refused_before_anything_is_built(
     )
     code, peak_kib = map(int, r.stdout.split())
     assert code == 3, r.stderr
-    assert r.stderr == (f"kvmgate: {path}: its virtual size (67108864 GiB) is above this host's limit of 256 GiB\n")
+    assert r.stderr == (
+        f"kvmgate: {path}: its virtual size (67108864 GiB) is above this host's limit of 256 GiB "
+        "(limits.image_max_gib)\n"
+    )
     assert peak_kib < 100 << 10, f"peak RSS {peak_kib} KiB"
 
 

@@ -86,7 +86,7 @@ def refuse_above(size: int, max_gib: int, what: str) -> None:
     """A virtual size (from a header or a file's length) above the host's limit."""
     if size > max_gib << 30:
         raise FileRefused(
-            f"{what}: its virtual size ({size / (1 << 30):.1f} GiB) is above this host's limit "
+            f"{what}: its virtual size ({f'{size / (1 << 30):.1f}'.removesuffix('.0')} GiB) is above this host's limit "
             f"of {max_gib} GiB (limits.image_max_gib)"
         )
 
