@@ -127,7 +127,9 @@ def fill_command(dirty: int) -> str:
 
 def timed(*cmd: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip()}")
     return (time.perf_counter() - t0) * 1000
 
 

@@ -240,3 +240,24 @@ def test_admin_set_options_gives_a_new_identity_and_keeps_the_rest(
     kg.ok("start", vm_name, "--owner", alice, "--paused")
     r = kg("admin", "set", vm_name, "--owner", alice, "--", "-m", "128")
     assert r.returncode == 5 and "stop it" in r.stderr
+
+
+def test_a_group_left_with_a_smaller_limit_does_not_stop_a_start(
+    kg: Kvmgate, alice: str, vm_name: str, cleanup_vms: list, guest: Path
+) -> None:
+    """An upgrade changed the limit (TCG's cache now counts): cgroup v1 refused to
+    raise memory.limit_in_bytes above the old memsw limit left in the VM's group,
+    and the start failed with an internal error."""
+    kg.ok("admin", "create", vm_name, "--owner", alice, "--", *boot_options(guest))
+    cleanup_vms.append((alice, vm_name))
+    kg.ok("start", vm_name, "--owner", alice, "--paused")
+    pid = kg.json("status", vm_name, "--owner", alice)["pid"]
+    line = next(ln for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if ":memory:" in ln)
+    cg = Path("/sys/fs/cgroup/memory" + line.split(":", 2)[2])
+    kg.ok("stop", vm_name, "--owner", alice, "--force")
+    if not (cg / "memory.memsw.limit_in_bytes").exists():
+        pytest.skip("no swap accounting here")
+    for name in ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"):
+        (cg / name).write_text(str(300 << 20))  # what an older release left
+    kg.ok("start", vm_name, "--owner", alice, "--paused")
+    assert int((cg / "memory.limit_in_bytes").read_text()) == (256 + 128 + 256) << 20

@@ -80,9 +80,12 @@ def _own_group(key: str, limit_bytes: int) -> str | None:
     if os.path.isfile(os.path.join(v1, "memory.limit_in_bytes")):
         path = os.path.join(v1, GROUP, key)
         os.makedirs(path, exist_ok=True)
-        _write(os.path.join(path, "memory.limit_in_bytes"), str(limit_bytes))
-        with contextlib.suppress(OSError):
-            _write(os.path.join(path, "memory.memsw.limit_in_bytes"), str(limit_bytes))
+        # The group may be left from an earlier start with another limit, and v1 wants
+        # limit <= memsw at every step: raise memsw first (fails harmlessly when
+        # lowering), then the limit, then memsw (absent without swap accounting).
+        for name in ("memory.memsw.limit_in_bytes", "memory.limit_in_bytes", "memory.memsw.limit_in_bytes"):
+            with contextlib.suppress(OSError) if "memsw" in name else contextlib.nullcontext():
+                _write(os.path.join(path, name), str(limit_bytes))
         return os.path.join(path, "cgroup.procs")
     return None
 
