@@ -35,15 +35,6 @@ def debian() -> Path:
     return Path(out.stdout.strip().splitlines()[-1]) / "debian.qcow2"
 
 
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    d = tmp_path_factory.mktemp("sshd-debian")
-    d.chmod(0o700)
-    s = Sshd(d)
-    yield s
-    s.stop()
-
-
 class Journey:
     def __init__(self, kg: Kvmgate, sshd: Sshd, owner: str) -> None:
         self.kg, self.sshd, self.owner = kg, sshd, owner

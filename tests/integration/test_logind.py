@@ -91,15 +91,6 @@ def elogind(kg: Kvmgate) -> Iterator[Path]:
         POLICY_CONF.unlink()
 
 
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    d = tmp_path_factory.mktemp("sshd-logind")
-    d.chmod(0o700)
-    s = Sshd(d)
-    yield s
-    s.stop()
-
-
 def state(kg: Kvmgate, user: str, vm: str) -> str:
     return str(kg.json("status", vm, "--owner", user)["state"])  # type: ignore[index]
 

@@ -12,10 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from ..conftest import KVMGATE, SSH_THROWAWAY, Kvmgate, boot_options
 
@@ -88,15 +85,6 @@ class Sshd:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    d = tmp_path_factory.mktemp("sshd")
-    d.chmod(0o700)
-    s = Sshd(d)
-    yield s
-    s.stop()
 
 
 def test_first_logon_path_over_ssh(
