@@ -3,7 +3,7 @@
 QEMU writes and reads the state file itself through a descriptor the helper
 passes with `getfd` (the sandbox forbids `migrate exec:`), at full speed, with
 `max-bandwidth` raised. Guarantees:
-- the state is written to `saved/state.tmp`, fsynced and checksummed (SHA-256),
+- the state is written to `saved/state.tmp`, fsynced and checksummed (CRC-32: see _Hasher),
   then renamed, and only then is `saved/state.json` (time, size, checksum, how
   to restart) written the same way: a state without its record is never used;
 - if saving fails (disk full, the helper killed), QEMU stays where it was:
@@ -21,6 +21,8 @@ import json
 import os
 import sys
 import time
+import zlib
+from typing import Any
 
 from kvmgate.errors import KvmgateError
 from kvmgate.host.qmp import QMP, QMPError
@@ -28,8 +30,11 @@ from kvmgate.store import critical, registry
 from kvmgate.store.files import fsync_dir, write_atomic
 from kvmgate.store.registry import META, STATE, Saved
 
+DISCARDED = STATE + ".discarded"  # a restored state whose blocks are being freed (discard)
 BANDWIDTH = 64 << 30  # bytes/s: QEMU's 128 MiB/s default makes saving several times slower
 CHUNK = 1 << 20
+RECORD_VERSION = 2  # saved/state.json: 1 had `sha256`, 2 has `checksum`
+CHECKSUM = "crc32"  # what new saved states are checked with (_Hasher)
 
 
 def _tell(text: str) -> None:
@@ -44,13 +49,27 @@ def _progress(done: int, what: str) -> None:
 
 
 class _Hasher:
-    """SHA-256 of a file that QEMU is still writing (or reading): it hashes what is
-    there so far, so checking costs almost nothing after the migration ends."""
+    """The checksum of a file that QEMU is still writing (or reading): it sums what
+    is there so far, so checking costs almost nothing after the migration ends.
 
-    def __init__(self, fd: int) -> None:
-        import hashlib  # OpenSSL's SHA-256: several times faster than the builtin one
+    New states get a CRC-32 (zlib's, about 7 GB/s here); states recorded with a
+    SHA-256 (version 1) are checked with it. The check is there for storage that
+    lost or bent bytes, not for an adversary: only root can write the state once
+    QEMU has quit, and a QEMU that wrote into it first could only change its own
+    owner's VM, which it runs already. A SHA-256 (0.5 s per GiB here) would
+    double a restore's time."""
 
-        self.fd, self.h, self.size = fd, hashlib.sha256(), 0
+    def __init__(self, fd: int, algorithm: str = CHECKSUM) -> None:
+        self.fd, self.algorithm, self.size = fd, algorithm, 0
+        self.crc = 0
+        self.h: Any = None
+        if algorithm == "sha256":
+            import hashlib  # version 1 records only
+
+            self.h = hashlib.sha256()
+        elif algorithm != "crc32":
+            name = algorithm[:20]
+            raise KvmgateError(f"restore failed: its record names an unknown checksum {name!r}; the state was kept")
 
     def catch_up(self, limit: int | None = None) -> None:
         end = os.fstat(self.fd).st_size if limit is None else limit
@@ -58,12 +77,16 @@ class _Hasher:
             chunk = os.pread(self.fd, min(CHUNK, end - self.size), self.size)
             if not chunk:
                 break
-            self.h.update(chunk)
+            if self.h is None:
+                self.crc = zlib.crc32(chunk, self.crc)
+            else:
+                self.h.update(chunk)
             self.size += len(chunk)
 
     def result(self) -> tuple[int, str]:
         self.catch_up()
-        return self.size, self.h.hexdigest()
+        digest = f"{self.crc:08x}" if self.h is None else self.h.hexdigest()
+        return self.size, f"{self.algorithm}:{digest}"
 
 
 def _migration_error(q: QMP, status: str) -> str:
@@ -77,7 +100,19 @@ def _migration_error(q: QMP, status: str) -> str:
 def _run_migration(q: QMP, deadline: float, hasher: _Hasher, settled: bool) -> str:
     """Wait for the migration, hashing the file as it goes (everything, when the file
     is already complete: a restore; only what is written so far: a save) and
-    showing progress on a terminal."""
+    showing progress on a terminal.
+
+    A restore checks the whole file first, while QEMU loads it: QEMU 7.2 loads an
+    incoming stream in its main loop and answers no QMP command until it is done,
+    so asking first would serialise the two."""
+    if settled:
+        end = os.fstat(hasher.fd).st_size
+        while hasher.size < end and time.monotonic() < deadline:
+            before = hasher.size
+            hasher.catch_up(min(end, hasher.size + (64 << 20)))
+            if hasher.size == before:  # shorter than it was: the size check refuses it
+                break
+            _progress(hasher.size, "checking")
     while time.monotonic() < deadline:
         info = q.execute("query-migrate")
         status = str(info.get("status", "none"))
@@ -85,7 +120,8 @@ def _run_migration(q: QMP, deadline: float, hasher: _Hasher, settled: bool) -> s
             return status
         _progress(int(info.get("ram", {}).get("transferred", 0)), "transferring")
         before = hasher.size
-        hasher.catch_up(None if settled else max(0, os.fstat(hasher.fd).st_size - CHUNK))
+        if not settled:
+            hasher.catch_up(max(0, os.fstat(hasher.fd).st_size - CHUNK))
         if hasher.size == before:
             time.sleep(0.005)
     return "timeout"
@@ -95,8 +131,9 @@ def save(vm: registry.VM, options: list[str], timeout: float = 3600) -> Saved:
     """Save the running or paused VM into saved/, then quit QEMU."""
     saved_dir = vm.sub("saved")
     tmp = os.path.join(saved_dir, STATE + ".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
+    for leftover in (tmp, os.path.join(saved_dir, DISCARDED)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(leftover)
     out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     was_running = False
     try:
@@ -126,7 +163,8 @@ def save(vm: registry.VM, options: list[str], timeout: float = 3600) -> Saved:
                 raise
             os.rename(tmp, os.path.join(saved_dir, STATE))
             saved = Saved(time.time(), size, digest, options, was_running)
-            write_atomic(os.path.join(saved_dir, META), json.dumps(saved._asdict()), fsync=True)
+            record = json.dumps({"version": RECORD_VERSION, **saved._asdict()})
+            write_atomic(os.path.join(saved_dir, META), record, fsync=True)
             critical.pause("hibernate:saved")  # tests: a signal here must not lose the state
             with contextlib.suppress(OSError, QMPError):
                 q.execute("quit")
@@ -144,7 +182,11 @@ def restore(vm: registry.VM, saved: Saved, timeout: float = 3600) -> None:
     """Let the QEMU started with `-incoming defer -S` load the saved state while the
     helper checks it; run the vCPUs (if they ran when saved) only if it is intact."""
     src = os.open(vm.sub("saved", STATE), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    hasher = _Hasher(src)  # checked while QEMU loads it; the vCPUs stay stopped (-S)
+    try:
+        hasher = _Hasher(src, saved.checksum.partition(":")[0])  # checked while QEMU loads it; vCPUs stopped (-S)
+    except BaseException:
+        os.close(src)
+        raise
     try:
         with QMP(os.path.join(vm.rundir, "qmp.sock"), timeout=30) as q:
             try:
@@ -154,7 +196,7 @@ def restore(vm: registry.VM, saved: Saved, timeout: float = 3600) -> None:
                 failure = None if status == "completed" else _migration_error(q, status)
             except (OSError, QMPError) as err:  # QEMU exits when an incoming migration fails
                 failure = str(err)
-            if hasher.result() != (saved.size, saved.sha256):
+            if hasher.result() != (saved.size, saved.checksum):
                 raise KvmgateError("restore failed: the saved state is corrupt (size or checksum differs); it was kept")
             if failure is not None:
                 raise KvmgateError(f"restore failed: {failure}; the saved state was kept")
@@ -165,17 +207,37 @@ def restore(vm: registry.VM, saved: Saved, timeout: float = 3600) -> None:
     finally:
         os.close(src)
         _tell("\n")
-    discard(vm)  # only now, with the VM back, is the state expendable
+    discard(vm, wait=False)  # only now, with the VM back, is the state expendable
     if saved.was_running:  # its clock stood still while it slept: the guest agent, if any, sets it
         from kvmgate.host import agent
 
         agent.set_time(vm.rundir)
 
 
-def discard(vm: registry.VM) -> None:
+def discard(vm: registry.VM, wait: bool = True) -> None:
     """Remove the saved state: its record first, so that a crash half-way leaves a
-    state without a record, which no start takes for a hibernated VM."""
-    for name in (META, STATE):
+    state without a record, which no start takes for a hibernated VM. With
+    `wait=False` (a restore), the state is renamed aside and its blocks are freed
+    by a detached child, after the caller has its VM back: freeing a state of
+    gigabytes takes the kernel a fifth of a second per GiB. A leftover (the child
+    killed) is removed by the next hibernate of the VM."""
+    saved = vm.sub("saved")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(saved, META))
+    if wait:
+        for name in (STATE, DISCARDED):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(saved, name))
+        fsync_dir(saved)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(os.path.join(saved, STATE), os.path.join(saved, DISCARDED))
+    fsync_dir(saved)
+    from kvmgate.host.detach import detach
+
+    def free() -> None:
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the caller's output pipes and the locks: let go at once
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(vm.sub("saved", name))
-    fsync_dir(vm.sub("saved"))
+            os.unlink(os.path.join(saved, DISCARDED))
+
+    detach(free)

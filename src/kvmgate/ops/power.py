@@ -221,7 +221,7 @@ def hibernate_locked(paths: Paths, who: Caller, vm: registry.VM) -> registry.Sav
         raise KvmgateError(f"{name} was saved but QEMU did not exit")
     _clean_up_run(vm)
     runs.end(vm, "hibernated")
-    audit.done(paths.audit_log, who, "hibernate", vm.identity.owner, name, size=saved.size, sha256=saved.sha256)
+    audit.done(paths.audit_log, who, "hibernate", vm.identity.owner, name, size=saved.size, checksum=saved.checksum)
     return saved
 
 

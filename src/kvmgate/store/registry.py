@@ -161,9 +161,12 @@ META = "state.json"  # saved/state.json: its record, written only after the stre
 
 
 class Saved(NamedTuple):
+    """A saved state's record (`saved/state.json`). `checksum` is "crc32:<hex>"
+    (records from version 2 on) or "sha256:<hex>" (version 1, whose key was `sha256`)."""
+
     saved_at: float
     size: int
-    sha256: str
+    checksum: str
     options: list[str]
     was_running: bool
 
@@ -176,7 +179,7 @@ def read_saved(vm: VM) -> Saved | None:
         saved = Saved(
             float(data["saved_at"]),
             int(data["size"]),
-            str(data["sha256"]),
+            str(data["checksum"]) if "checksum" in data else f"sha256:{data['sha256']}",
             [str(t) for t in data["options"]],
             bool(data["was_running"]),
         )

@@ -37,6 +37,7 @@ import time
 from kvmgate.errors import KvmgateError, one_line
 from kvmgate.host import audit, audit_rate
 from kvmgate.host.caller import Caller, scrub
+from kvmgate.host.detach import detach
 from kvmgate.model.commands import Request
 from kvmgate.ops import power
 from kvmgate.paths import Paths, installed
@@ -199,29 +200,11 @@ def _count(paths: Paths, user: str, leader: int, start: int, event: str, service
             if action:
                 _request(paths, user, action)
         if action:
-            _detach(lambda: work(paths, user))
+            detach(lambda: work(paths, user))
     except Exception as err:  # noqa: BLE001 - one event never stops the others
         audit.record(
             paths.audit_log, caller=f"pam:{service}", verb=f"pam {event}", owner=user, outcome="error", reason=str(err)
         )
-
-
-def _detach(work: object) -> None:
-    """Run work in a detached grandchild so pam_exec (and the login) need not wait."""
-    child = os.fork()
-    if child:
-        os.waitpid(child, 0)  # it exits at once, leaving the grandchild to init
-        return
-    try:
-        os.setsid()
-        if os.fork():
-            os._exit(0)
-        devnull = os.open("/dev/null", os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        work()  # type: ignore[operator]
-    finally:
-        os._exit(0)
 
 
 def _work_file(paths: Paths, user: str) -> str:
@@ -401,7 +384,7 @@ def reap(paths: Paths) -> None:
                 if crashed:  # the last session ended without closing: a logoff, now
                     _request(paths, user, "logoff")
             if crashed:
-                _detach(lambda: work(paths, user))  # noqa: B023 - called before the next iteration
+                detach(lambda: work(paths, user))  # noqa: B023 - called before the next iteration
                 print(f"reaped the sessions of {user}")
         except Exception as err:  # noqa: BLE001 - one user's records never stop the others'
             print(f"kvmgate: reap {user}: {one_line(err)}", file=sys.stderr)
@@ -415,7 +398,7 @@ def _restart_lost_workers(paths: Paths) -> None:
             critical.checkpoint()
             with contextlib.suppress(Exception):
                 if _take(paths, user, keep=True) is not None and not _at_work(paths, user):
-                    _detach(lambda: work(paths, user))  # noqa: B023 - called before the next iteration
+                    detach(lambda: work(paths, user))  # noqa: B023 - called before the next iteration
                     print(f"restarted the logon worker of {user}")
 
 
@@ -466,7 +449,7 @@ def sync_logind(paths: Paths) -> list[str]:
                 action = "thaw" if after else "logoff"
                 _request(paths, user, action)
         if action:
-            _detach(lambda: work(paths, user))  # noqa: B023 - called before the next iteration
+            detach(lambda: work(paths, user))  # noqa: B023 - called before the next iteration
             done.append(f"{user}: {action}")
     return done
 
