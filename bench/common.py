@@ -46,10 +46,35 @@ def report(title: str, base: list[float], ours: list[float], unit: str = "ms") -
     return "\n".join(lines)
 
 
+QEMU = ["/usr/bin/qemu-system-x86_64"]  # the bare baseline's QEMU (and -L directories): select_qemu()
+POLICY = Path("/etc/kvmgate/policy.toml")
+
+
+def select_qemu(version: str) -> str:
+    """Benchmark against `version`: "system" (the host's QEMU) or "10.0" (Debian 13's, fetched beside it by
+    scripts/fetch-qemu10.sh). The bare baseline and kvmgate's policy both use it; the policy is put back
+    at exit. Returns the QEMU's own version line."""
+    import atexit
+
+    if version != "system":
+        if version != "10.0":
+            raise SystemExit("--qemu: system or 10.0")
+        binary = sh("sh", str(REPO / "scripts/fetch-qemu10.sh")).stdout.strip()
+        root = binary.rsplit("/usr/bin/", 1)[0]
+        data = [f"{root}/usr/share/qemu", f"{root}/usr/share/seabios", f"{root}/usr/lib/ipxe/qemu"]
+        QEMU[:] = [binary, *(t for d in data for t in ("-L", d))]
+        old = POLICY.read_text() if POLICY.exists() else ""
+        keep = [line for line in old.splitlines() if not line.startswith(("qemu =", "qemu_data ="))]
+        quoted = ", ".join(f'"{d}"' for d in data)
+        POLICY.write_text(f'qemu = "{binary}"\nqemu_data = [{quoted}]\n' + "\n".join(keep) + "\n")
+        atexit.register(POLICY.write_text, old)
+    return sh(QEMU[0], "--version").stdout.splitlines()[0]
+
+
 def bare_argv(sock: str, *extra: str, mem: str = "256") -> list[str]:
     """The bare QEMU command the benchmarks compare kvmgate with: the same VM, a QMP socket."""
     return [
-        "/usr/bin/qemu-system-x86_64",
+        *QEMU,
         "-nodefaults",
         "-no-user-config",
         "-machine",

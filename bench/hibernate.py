@@ -24,7 +24,7 @@ import time
 
 from qemu.qmp import QMPClient
 
-from common import BOOT, GUEST_BOOT_LINE, KVMGATE, USER, bare_argv, define, report, setup, sh
+from common import BOOT, GUEST_BOOT_LINE, KVMGATE, USER, bare_argv, define, report, select_qemu, setup, sh
 
 VM = "benchhib"
 MEM = ["-m", "256"]
@@ -114,8 +114,10 @@ def timed(*cmd: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--qemu", default="system", help="system (the host's QEMU) or 10.0 (scripts/fetch-qemu10.sh)")
     args = ap.parse_args()
     setup()
+    print(f"# {select_qemu(args.qemu)}")
     define(VM, *MEM, "-nographic", "-net", "none", *BOOT)
     k = [KVMGATE]
     raw_s, raw_sync, raw_r, hib, res, answer = [], [], [], [], [], []

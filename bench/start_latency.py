@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 
-from common import BOOT, KVMGATE, USER, bare_argv, define, report, setup, sh
+from common import BOOT, KVMGATE, USER, bare_argv, define, report, select_qemu, setup, sh
 from kvmgate.host.qmp import wait_ready
 
 VM = "benchstart"
@@ -48,8 +48,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--as-user", action="store_true", help="run kvmgate as the bench user (front end, sudo, helper)")
+    ap.add_argument("--qemu", default="system", help="system (the host's QEMU) or 10.0 (scripts/fetch-qemu10.sh)")
     args = ap.parse_args()
     setup()
+    print(f"# {select_qemu(args.qemu)}")
     define(VM, *OPTS)
     # --as-user: the process runs with the user's uid, gid and groups, as from their shell.
     user = USER if args.as_user else None

@@ -7,7 +7,7 @@
 # The result is cached outside the repository, keyed by a hash of this script.
 #
 # usage: guest/build-debian-guest.sh [CACHE_DIR]    (default /var/cache/kvmgate-debian-guest)
-#   KVMGATE_DEBIAN_MIRROR=URL overrides the mirror read from /etc/apt/sources.list{,.d}.
+#   KVMGATE_DEBIAN_MIRROR=URL overrides the mirror read from /etc/apt/sources.list{,.d} (scripts/host-mirror.sh).
 # prints the cache directory (holding debian.qcow2 and recipe) on success.
 set -eu
 OUT=${1:-${KVMGATE_DEBIAN_DIR:-/var/cache/kvmgate-debian-guest}}
@@ -45,30 +45,10 @@ work=$(mktemp -d)
 trap 'rm -rf --one-file-system "$work" "$OUT/debian.qcow2.tmp" "$OUT/recipe.tmp"' EXIT
 trap 'exit 1' INT TERM HUP
 
-# --- The mirror: the host's own, in either sources format (one-line or deb822). ---
-codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
-sources() {  # prints "URI SUITE" for every enabled deb source of the host
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [ -f "$f" ] && sed -e 's/#.*//' -e 's/\[[^]]*\]//' "$f" | awk '$1 == "deb" { print $2, $3 }'
-    done
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -f "$f" ] && awk 'BEGIN { RS = ""; FS = "\n" } {
-            types = ""; uris = ""; suites = ""; enabled = "yes"
-            for (i = 1; i <= NF; i++) {
-                if ($i ~ /^#/) continue
-                split($i, kv, ":"); key = tolower(kv[1]); val = substr($i, length(kv[1]) + 2)
-                if (key == "types") types = val; else if (key == "uris") uris = val
-                else if (key == "suites") suites = val; else if (key == "enabled") enabled = val
-            }
-            if (types !~ /(^|[ \t])deb([ \t]|$)/ || enabled ~ /no/) next
-            nu = split(uris, u, /[ \t]+/); ns = split(suites, s, /[ \t]+/)
-            for (a = 1; a <= nu; a++) for (b = 1; b <= ns; b++) if (u[a] != "" && s[b] != "") print u[a], s[b]
-        }' "$f"
-    done
-}
-mirror=${KVMGATE_DEBIAN_MIRROR:-$(sources | awk -v c="$codename" '$2 == c { print $1; exit }')}
-mirror=${mirror:-http://deb.debian.org/debian}
-security=$(sources | awk -v c="$codename" '$2 == c "-security" || $2 == c "/updates" { print $1; exit }')
+# --- The mirror: the host's own (scripts/host-mirror.sh). ---
+here=$(cd "$(dirname "$0")/.." && pwd)
+mirror=$(sh "$here/scripts/host-mirror.sh")
+security=$(sh "$here/scripts/host-mirror.sh" security)
 set -- "deb $mirror bookworm main" "deb $mirror bookworm-updates main"
 [ -z "$security" ] || set -- "$@" "deb $security bookworm-security main"
 

@@ -190,9 +190,22 @@ def qemu_open_files() -> set[str]:
     return out
 
 
+# The second QEMU (Debian 13's 10.0, scripts/fetch-qemu10.sh), beside the system's 7.2: its binary and
+# the data directories it is given with -L (its own data, and the same firmware as 7.2's, copied in).
+QEMU10_ROOT = os.environ.get("KVMGATE_QEMU10_DIR", "/var/cache/kvmgate-qemu10") + "/root"
+QEMU10 = f"{QEMU10_ROOT}/usr/bin/qemu-system-x86_64"
+QEMU10_DATA = [f"{QEMU10_ROOT}/usr/share/qemu", f"{QEMU10_ROOT}/usr/share/seabios", f"{QEMU10_ROOT}/usr/lib/ipxe/qemu"]
+QEMU10_POLICY = f"qemu = {json.dumps(QEMU10)}\nqemu_data = {json.dumps(QEMU10_DATA)}\n"
+# KVMGATE_TEST_QEMU=10.0: the whole run against QEMU 10.0 (test.sh runs the conformance, hibernate and
+# security tests so, after the suite against the system's 7.2).
+ON_QEMU10 = os.environ.get("KVMGATE_TEST_QEMU") == "10.0"
+QEMU_UNDER_TEST = QEMU10 if ON_QEMU10 else "/usr/bin/qemu-system-x86_64"  # what the policy names
+
 # The test installation's networks never share a name with a real one's: its own
 # interface prefix (taps kt<n>, nftables tables kvmgate_kt), bridge, subnet and ports.
-DEFAULT_POLICY = """\
+DEFAULT_POLICY = (
+    (QEMU10_POLICY if ON_QEMU10 else "")
+    + """\
 accel = "tcg"
 stop_timeout = 10
 audit_burst = 100000  # the suite checks the record of every refusal; test_audit.py tests the rate limit
@@ -208,6 +221,12 @@ type = "services"
 bridge = "ktsvc0"
 subnet = "10.78.0.0/24"
 """
+)
+
+
+def pytest_report_header() -> str:
+    which = f"{QEMU10} (10.0)" if ON_QEMU10 else "/usr/bin/qemu-system-x86_64 (the system's)"
+    return f"QEMU under test: {which}"
 
 
 @pytest.fixture(scope="session")
@@ -221,6 +240,8 @@ def guest() -> Path:
 def kg(guest: Path) -> Iterator[Kvmgate]:
     if os.geteuid() != 0:
         pytest.skip("integration tests run as root (they create users, cgroups and taps)")
+    if ON_QEMU10 and not os.path.exists(QEMU10):
+        subprocess.run(["sh", str(REPO / "scripts/fetch-qemu10.sh")], check=True, capture_output=True)
     shutil.rmtree(PREFIX, ignore_errors=True)
     run([str(REPO / "install.sh"), *INSTALL_ARGS, *PAUSE_ARGS], check=True)
     k = Kvmgate()

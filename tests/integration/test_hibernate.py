@@ -13,18 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from ..conftest import BOOT_LINE, KVMGATE, Kvmgate, boot_options
-
-
-@pytest.fixture
-def vm(kg: Kvmgate, alice: str, vm_name: str, cleanup_vms: list, guest: Path) -> str:
-    kg.ok("admin", "create", vm_name, "--owner", alice, "--", *boot_options(guest))
-    cleanup_vms.append((alice, vm_name))
-    kg.ok("start", vm_name, user=alice)
-    kg.ok("console", vm_name, "--expect", BOOT_LINE, "--timeout", "90", user=alice)
-    return vm_name
 
 
 def guest_run(kg: Kvmgate, user: str, name: str, command: str, expect: str) -> str:
@@ -152,7 +141,7 @@ def test_a_record_from_before_version_2_is_checked_with_its_sha256(kg: Kvmgate, 
     kg.ok("hibernate", vm, user=alice)
     saved = Path(state(kg, alice, vm)["directory"], "saved")
     record = json.loads((saved / "state.json").read_text())
-    assert record["version"] == 2 and record["checksum"].startswith("crc32:")
+    assert record["version"] == 3 and record["checksum"].startswith("crc32:")
     for checksum in ("md5:00", f"sha256:{'0' * 64}"):
         bad = {k: v for k, v in record.items() if k not in ("version", "checksum")}
         bad["sha256" if checksum.startswith("sha256") else "checksum"] = (

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import RUN, STATE, Kvmgate, as_user
+from ..conftest import QEMU_UNDER_TEST, RUN, STATE, Kvmgate, as_user
 from .conftest import fd_targets, home
 
 MARKER_LIB = r"""
@@ -91,7 +91,7 @@ def test_environment_never_reaches_root_or_qemu(kg: Kvmgate, alice: str, alice_v
         assert env_q["PATH"] == "/usr/bin:/bin" and env_q["TMPDIR"].startswith(STATE) and env_q["LC_ALL"] == "C"
         assert env_q["HOME"] == env_q["TMPDIR"]
         assert not any(str(attack_dir) in t for t in fd_targets(pid))
-        assert Path(f"/proc/{pid}/exe").resolve() == Path("/usr/bin/qemu-system-x86_64")
+        assert Path(f"/proc/{pid}/exe").resolve() == Path(QEMU_UNDER_TEST)
     finally:
         kg.ok("stop", alice_vm, "--force", user=alice)
     markers = sorted(p.name for p in attack_dir.iterdir() if p.name.startswith("marker"))

@@ -380,3 +380,41 @@ def test_files_become_fds(opts: list[str], name: str) -> None:
     assert fds == list(range(3, 3 + len(fds))), "fd numbers are dense from 3"
     paths = [r.path for r in plan.resources if r.kind in ("disk", "blob")]
     assert sorted(paths) == sorted(p.parse(user, "user")[i].value.canonical for i in range(len(paths)))
+
+
+@pytest.mark.parametrize(
+    "family, recorded, expected",
+    [
+        ([], "pc-i440fx-7.2", "pc-i440fx-7.2"),
+        ([], "7.2", "pc-i440fx-7.2"),  # a record from before machine types were recorded
+        (["-M", "q35"], "7.2", "pc-q35-7.2"),
+        (["-M", "q35"], "pc-q35-10.0", "pc-q35-10.0"),
+    ],
+)
+def test_a_restore_starts_the_machine_type_the_state_was_saved_with(
+    family: list[str], recorded: str, expected: str
+) -> None:
+    p = Policy.from_dict({"lists": {"admin": ["-M"]}})
+    plan = translate(merge(p.parse([*family, "-m", "256"], "admin"), []), CTX._replace(incoming=True, machine=recorded))
+    assert plan.argv[plan.argv.index("-machine") + 1] == expected
+    assert "-incoming" in plan.argv
+
+
+@pytest.mark.parametrize(
+    "family, recorded",
+    [([], "pc-q35-7.2"), (["-M", "q35"], "pc-i440fx-7.2"), ([], "pc"), ([], "pc-i440fx-7.2,accel=kvm"), ([], "x")],
+)
+def test_a_recorded_machine_type_of_another_family_or_shape_is_refused(family: list[str], recorded: str) -> None:
+    p = Policy.from_dict({"lists": {"admin": ["-M"]}})
+    with pytest.raises(PolicyError, match="machine type"):
+        translate(merge(p.parse([*family, "-m", "256"], "admin"), []), CTX._replace(incoming=True, machine=recorded))
+
+
+def test_the_policys_qemu_data_directories_become_minus_L() -> None:
+    dirs = ["/var/cache/q/usr/share/qemu", "/var/cache/q/usr/share/seabios"]
+    p = Policy.from_dict({"qemu": "/var/cache/q/usr/bin/qemu-system-x86_64", "qemu_data": dirs})
+    argv = translate(merge(p.parse(["-m", "256"], "admin"), []), CTX._replace(data_dirs=p.qemu_data)).argv
+    assert [argv[i + 1] for i, t in enumerate(argv) if t == "-L"] == dirs
+    for bad in (["relative"], ["/a/../b"], ["/a,b"], "/a", [f"/d{i}" for i in range(9)]):
+        with pytest.raises(PolicyError, match="qemu_data"):
+            Policy.from_dict({"qemu_data": bad})

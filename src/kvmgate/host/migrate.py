@@ -33,7 +33,7 @@ from kvmgate.store.registry import META, STATE, Saved
 DISCARDED = STATE + ".discarded"  # a restored state whose blocks are being freed (discard)
 BANDWIDTH = 64 << 30  # bytes/s: QEMU's 128 MiB/s default makes saving several times slower
 CHUNK = 1 << 20
-RECORD_VERSION = 2  # saved/state.json: 1 had `sha256`, 2 has `checksum`
+RECORD_VERSION = 3  # saved/state.json: 1 had `sha256`, 2 has `checksum`, 3 `qemu` and `machine`
 CHECKSUM = "crc32"  # what new saved states are checked with (_Hasher)
 
 
@@ -127,6 +127,18 @@ def _run_migration(q: QMP, deadline: float, hasher: _Hasher, settled: bool) -> s
     return "timeout"
 
 
+def _made_by(q: QMP) -> tuple[str, str]:
+    """The running QEMU's version and versioned machine type (`pc-i440fx-7.2`,
+    not the `pc` alias, which moves with each release): what a later QEMU needs
+    to load the state (ops.lifecycle)."""
+    try:
+        v = q.execute("query-version")["qemu"]
+        kind = str(q.execute("qom-get", {"path": "/machine", "property": "type"}))
+        return f"{int(v['major'])}.{int(v['minor'])}.{int(v['micro'])}", kind.removesuffix("-machine")
+    except (KeyError, TypeError, ValueError):
+        raise KvmgateError("saving failed: QEMU did not say its version and machine type") from None
+
+
 def save(vm: registry.VM, options: list[str], timeout: float = 3600) -> Saved:
     """Save the running or paused VM into saved/, then quit QEMU."""
     saved_dir = vm.sub("saved")
@@ -139,6 +151,7 @@ def save(vm: registry.VM, options: list[str], timeout: float = 3600) -> Saved:
     try:
         with QMP(os.path.join(vm.rundir, "qmp.sock"), timeout=30) as q:
             was_running = q.execute("query-status").get("status") == "running"
+            qemu, machine = _made_by(q)
             if was_running:
                 q.execute("stop")
             try:
@@ -162,7 +175,7 @@ def save(vm: registry.VM, options: list[str], timeout: float = 3600) -> Saved:
                     raise KvmgateError(f"{err}; the VM is {now}, nothing was lost") from None
                 raise
             os.rename(tmp, os.path.join(saved_dir, STATE))
-            saved = Saved(time.time(), size, digest, options, was_running)
+            saved = Saved(time.time(), size, digest, options, was_running, qemu, machine)
             record = json.dumps({"version": RECORD_VERSION, **saved._asdict()})
             write_atomic(os.path.join(saved_dir, META), record, fsync=True)
             critical.pause("hibernate:saved")  # tests: a signal here must not lose the state

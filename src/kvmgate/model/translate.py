@@ -14,6 +14,7 @@ Rules this module guarantees (and the property tests check):
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -90,6 +91,24 @@ def base_image(library: str, image_id: str) -> BaseImage:
     return BaseImage(f"{library}/{image_id}.qcow2", backing_name(image_id))
 
 
+_MACHINE_FAMILY = {"pc": "pc-i440fx", "q35": "pc-q35"}
+VERSIONED_MACHINE = re.compile(r"(pc-i440fx|pc-q35)-([0-9]{1,2})\.([0-9]{1,2})", re.ASCII)
+
+
+def _versioned_machine(recorded: str, family: str) -> str:
+    """The machine type a saved state was made with (`pc-i440fx-7.2`): a newer QEMU
+    keeps the old types so that it can load old states, while its `pc` alias moves
+    on. Only a versioned type of the VM's own family is taken; a bare version
+    (`7.2`, a record from before machine types were recorded) means that
+    version of the VM's family."""
+    if re.fullmatch(r"[0-9]{1,2}\.[0-9]{1,2}", recorded, re.ASCII) and family in _MACHINE_FAMILY:
+        recorded = f"{_MACHINE_FAMILY[family]}-{recorded}"
+    m = VERSIONED_MACHINE.fullmatch(recorded)
+    if m is None or m.group(1) != _MACHINE_FAMILY.get(family):
+        raise PolicyError("-M", f"the saved state's machine type {recorded[:40]!r} is not a {family} type")
+    return recorded
+
+
 class Seed(NamedTuple):
     """What the cloud-init seed says about the VM (`model.cloudinit` builds it)."""
 
@@ -113,6 +132,8 @@ class Context(NamedTuple):
     base_image: BaseImage | None = None  # the default disk is an overlay of this library image
     seed: Seed | None = None  # attach a cloud-init seed (a CD the launcher builds) at every start
     agent: bool = False  # a guest agent channel the helper alone talks to (host.agent)
+    data_dirs: tuple[str, ...] = ()  # the policy's qemu_data: -L, for a QEMU installed beside the system's
+    machine: str | None = None  # a restore: the versioned machine type the state was saved with
 
 
 class Plan(NamedTuple):
@@ -225,13 +246,15 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
 
     accel = "tcg" if "-no-kvm" in by else ctx.accel
     machine = one("-M")
-    mprops = [machine.canonical if machine else "pc"]
+    family = machine.canonical if machine else "pc"
+    mprops = [_versioned_machine(ctx.machine, family) if ctx.machine else family]
     if "-no-acpi" in by:
         mprops.append("acpi=off")
     mem = one("-m")
     memory = mem.number if isinstance(mem, g.IntValue) else DEFAULT_MEM_MIB
 
-    b.add("-nodefaults", "-no-user-config", "-machine", ",".join(mprops))
+    b.add("-nodefaults", "-no-user-config", *(t for d in ctx.data_dirs for t in ("-L", d)))
+    b.add("-machine", ",".join(mprops))
     # TCG's translation cache would otherwise grow to 1 GiB, past the VM's memory
     # cgroup (QEMU then thrashes on its own pages and the guest stalls): bounded, and
     # counted in the cgroup's limit (Plan.memory_limit_mib).

@@ -43,6 +43,7 @@ def describe(vm: registry.VM) -> dict[str, Any]:
     if saved:
         info["saved_at"] = _when(saved.saved_at)
         info["saved_bytes"] = saved.size
+        info["saved_by"] = f"QEMU {saved.qemu}, machine {saved.machine}"
     if running:
         info["pid"] = runtime.read_pid(vm)
         info["qemu_status"] = vcpu_state(vm)

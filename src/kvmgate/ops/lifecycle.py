@@ -73,7 +73,7 @@ def start_locked(paths: Paths, who: Caller, vm: registry.VM, options: list[str],
     if saved is not None and options:
         raise WrongState(f"{vm.identity.name} is hibernated: it resumes with the options it was started with")
     try:
-        pid, accel = _launch(paths, who, vm, saved.options if saved else options, paused, saved is not None)
+        pid, accel = _launch(paths, who, vm, saved.options if saved else options, paused, saved)
     except FileRefused as err:
         if saved is None:
             raise
@@ -82,25 +82,25 @@ def start_locked(paths: Paths, who: Caller, vm: registry.VM, options: list[str],
     if saved is None:
         return Started(pid, accel, False)
 
-    from kvmgate.host import migrate  # only a restore needs it: off the plain start path
+    from kvmgate.ops import restore  # off the plain start path
 
     try:
-        migrate.restore(vm, saved)
+        restore.finish(paths, who, vm, saved)
     except BaseException:
         kill_and_reap(pid)
         runtime.cleanup(vm)
         raise
-    from kvmgate.host import holds
-
-    holds.release(paths, vm)  # its disks are its running QEMU's again
-    audit.done(paths.audit_log, who, "restore", vm.identity.owner, vm.identity.name, size=saved.size)
     return Started(pid, accel, True)
 
 
 def _launch(
-    paths: Paths, who: Caller, vm: registry.VM, options: list[str], paused: bool, incoming: bool
+    paths: Paths, who: Caller, vm: registry.VM, options: list[str], paused: bool, saved: registry.Saved | None
 ) -> tuple[int, Accel]:
     policy = config.load(paths)
+    if saved is not None:
+        from kvmgate.host import qemu_version
+
+        qemu_version.refuse_newer(paths, policy.qemu, vm.identity.name, saved.qemu)
     try:
         pw = pwd.getpwnam(vm.identity.owner)
     except KeyError:
@@ -113,7 +113,8 @@ def _launch(
 
         for line in network.reclaim_ports(paths, policy, vm):
             sys.stderr.write(f"kvmgate: {line}\n")
-    plan = plan_for(vm, policy, options, accel, paused=paused, incoming=incoming)  # all validation first
+    machine = saved.machine if saved else None  # all validation first:
+    plan = plan_for(vm, policy, options, accel, paused=paused, incoming=saved is not None, machine=machine)
     if "-append" in plan.argv:  # what QEMU's config syntax cannot carry (model.translate._append)
         sys.stderr.write("kvmgate: note: this -append stays on QEMU's command line, which other users can read\n")
     where = launch.Where(vm.rundir, vm.sub("log"), vm.sub("tmp"))

@@ -36,6 +36,7 @@ def plan_for(
     paused: bool = False,
     incoming: bool = False,
     settings: Settings | None = None,
+    machine: str | None = None,
 ) -> Plan:
     try:
         admin_opts = policy.parse(list(vm.identity.tokens), "admin")
@@ -66,5 +67,7 @@ def plan_for(
         base_image=base,
         seed=seed,
         agent=settings.guest_agent,
+        data_dirs=policy.qemu_data,
+        machine=machine,
     )
     return translate(merge(admin_opts, user_opts), ctx)

@@ -162,13 +162,16 @@ META = "state.json"  # saved/state.json: its record, written only after the stre
 
 class Saved(NamedTuple):
     """A saved state's record (`saved/state.json`). `checksum` is "crc32:<hex>"
-    (records from version 2 on) or "sha256:<hex>" (version 1, whose key was `sha256`)."""
+    (records from version 2 on) or "sha256:<hex>" (version 1, whose key was `sha256`);
+    `qemu` and `machine` are recorded from version 3 on."""
 
     saved_at: float
     size: int
     checksum: str
     options: list[str]
     was_running: bool
+    qemu: str = "7.2.0"  # the QEMU that wrote it (version 3; before: 7.2, docs/policy.md)
+    machine: str = "7.2"  # its versioned machine type ("pc-i440fx-7.2"; before version 3: 7.2 of its family)
 
 
 def read_saved(vm: VM) -> Saved | None:
@@ -176,13 +179,10 @@ def read_saved(vm: VM) -> Saved | None:
     one fact every start needs about hibernation, without loading host.migrate."""
     try:
         data = json.loads(read_small(vm.sub("saved", META)))
-        saved = Saved(
-            float(data["saved_at"]),
-            int(data["size"]),
-            str(data["checksum"]) if "checksum" in data else f"sha256:{data['sha256']}",
-            [str(t) for t in data["options"]],
-            bool(data["was_running"]),
-        )
+        checksum = data["checksum"] if "checksum" in data else f"sha256:{data['sha256']}"  # version 1: sha256
+        made_by = str(data.get("qemu", "7.2.0")), str(data.get("machine", "7.2"))  # before version 3: QEMU 7.2
+        fields = (float(data["saved_at"]), int(data["size"]), str(checksum), [str(t) for t in data["options"]])
+        saved = Saved(*fields, bool(data["was_running"]), *made_by)
         if os.stat(vm.sub("saved", STATE)).st_size != saved.size:
             return None
         return saved

@@ -327,6 +327,13 @@ def show(req: Request, paths: Paths, vm: registry.VM) -> int:
     except PolicyError as err:
         info["qemu_argv"] = None
         info["error"] = str(err)
+    from kvmgate.host import qemu_version
+
+    try:
+        info["qemu_version"] = qemu_version.text(qemu_version.version(paths, policy.qemu))
+    except KvmgateError as err:
+        info["qemu_version"] = None
+        info["qemu_error"] = str(err)
 
     def show_value(v: Any) -> str:
         if isinstance(v, list) and all(isinstance(x, str) for x in v):

@@ -43,6 +43,7 @@ class Policy(NamedTuple):
     limits: g.Limits = g.Limits()
     accel: str = "auto"
     qemu: str = "/usr/bin/qemu-system-x86_64"
+    qemu_data: tuple[str, ...] = ()  # QEMU's firmware and data directories (-L), for a QEMU beside the system's
     stop_timeout: int = 30
     memory_overhead_mib: int = 256
     max_open_files: int = 4096
@@ -59,7 +60,8 @@ class Policy(NamedTuple):
         def fail(msg: str) -> PolicyError:
             return PolicyError("policy", msg)
 
-        known = {"accel", "qemu", "stop_timeout", "memory_overhead_mib", "max_open_files", "lists", "limits"}
+        known = {"accel", "qemu", "qemu_data", "stop_timeout", "memory_overhead_mib", "max_open_files"}
+        known |= {"lists", "limits"}
         known |= {"audit_burst", "audit_refill_seconds", "console_log_mib", "logoff_delay_seconds", "logon_services"}
         known |= {"host", "ports", "vnc", "networks"}
         extra = set(data) - known
@@ -74,6 +76,17 @@ class Policy(NamedTuple):
         if not isinstance(qemu, str) or not qemu.startswith("/") or posixpath.normpath(qemu) != qemu:
             raise fail("qemu must be a normalised absolute path")
         kw["qemu"] = qemu
+        data_dirs = data.get("qemu_data", [])
+        if (
+            not isinstance(data_dirs, list)
+            or len(data_dirs) > 8
+            or not all(
+                isinstance(d, str) and d.startswith("/") and posixpath.normpath(d) == d and "," not in d
+                for d in data_dirs
+            )
+        ):
+            raise fail("qemu_data must be a list of at most 8 normalised absolute paths without commas")
+        kw["qemu_data"] = tuple(data_dirs)
         for key, lo, hi in (
             ("stop_timeout", 1, 3600),
             ("memory_overhead_mib", 32, 65536),
