@@ -30,11 +30,16 @@ trap 'exit 1' INT TERM HUP
 
 mirror=$(sh "$here/host-mirror.sh")
 mkdir -p "$work/lists/partial" "$work/debs" "$work/root"
-echo "deb $mirror bookworm-backports main" > "$work/sources.list"
+# apt checks the suite's signature with Debian's archive key only, not whatever else the host trusts.
+keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+[ -f "$keyring" ] || { echo "fetch-qemu10.sh: $keyring is missing (package debian-archive-keyring)" >&2; exit 1; }
+echo "deb [signed-by=$keyring] $mirror bookworm-backports main" > "$work/sources.list"
+chmod 755 "$work"
+chown -R _apt "$work/lists" "$work/debs"  # apt's downloads run as its own _apt account
 apt_private() {
     apt-get -q -o Dir::Etc::SourceList="$work/sources.list" -o Dir::Etc::SourceParts=/dev/null \
         -o Dir::State::Lists="$work/lists" -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= \
-        -o APT::Sandbox::User=root "$@"
+        "$@"
 }
 apt_private update >/dev/null
 # Only the 10.0 series: a later backport would be another QEMU than the one this tree tests.
@@ -55,8 +60,10 @@ for dir in /usr/share/seabios /usr/lib/ipxe/qemu /usr/share/ipxe; do
     fi
 done
 chown -R root:root "$work/root"
-chmod -R go-w "$work/root"
-"$work/root/usr/bin/qemu-system-x86_64" --version | grep -q "version 10\.0\." || {
+chmod -R go-w,ug-s "$work/root"  # no set-id bits: nothing here is meant to run as anyone but its caller
+chmod 755 "$work/root"
+# Asked as nobody: root never runs what it just downloaded.
+runuser -u nobody -- "$work/root/usr/bin/qemu-system-x86_64" --version | grep -q "version 10\.0\." || {
     echo "fetch-qemu10.sh: the extracted QEMU does not say it is 10.0" >&2; exit 1; }
 rm -rf --one-file-system "$OUT/root"
 mv "$work/root" "$OUT/root"

@@ -79,9 +79,13 @@ def test_hibernate_and_restore(kg: Kvmgate, alice: str, vm: str) -> None:
     assert list(d.iterdir()) == []
 
 
-def test_a_state_left_being_freed_goes_with_the_next_hibernate(kg: Kvmgate, alice: str, vm: str) -> None:
-    """A restore's state whose freeing child was killed is removed by the next hibernate."""
+def test_a_state_left_being_freed_goes_with_the_reaper_or_the_next_hibernate(kg: Kvmgate, alice: str, vm: str) -> None:
+    """A restore's state whose freeing child was killed is removed by the reaper, or by
+    the next hibernate."""
     d = Path(state(kg, alice, vm)["directory"], "saved")
+    (d / "state.discarded").write_bytes(b"x" * 4096)
+    assert "removed a restored state left in" in kg.ok("admin", "reap").stdout
+    assert list(d.iterdir()) == []
     (d / "state.discarded").write_bytes(b"x" * 4096)
     kg.ok("hibernate", vm, user=alice)
     assert sorted(p.name for p in d.iterdir()) == ["state", "state.json"]

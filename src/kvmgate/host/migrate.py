@@ -131,12 +131,20 @@ def _made_by(q: QMP) -> tuple[str, str]:
     """The running QEMU's version and versioned machine type (`pc-i440fx-7.2`,
     not the `pc` alias, which moves with each release): what a later QEMU needs
     to load the state (ops.lifecycle)."""
+    from kvmgate.host.qemu_version import RECORDED
+    from kvmgate.model.translate import VERSIONED_MACHINE
+
     try:
         v = q.execute("query-version")["qemu"]
-        kind = str(q.execute("qom-get", {"path": "/machine", "property": "type"}))
-        return f"{int(v['major'])}.{int(v['minor'])}.{int(v['micro'])}", kind.removesuffix("-machine")
+        version = f"{int(v['major'])}.{int(v['minor'])}.{int(v['micro'])}"
+        kind = str(q.execute("qom-get", {"path": "/machine", "property": "type"})).removesuffix("-machine")
     except (KeyError, TypeError, ValueError):
-        raise KvmgateError("saving failed: QEMU did not say its version and machine type") from None
+        raise KvmgateError("cannot hibernate: QEMU did not say its version and machine type") from None
+    # What QEMU says is what the guest's QEMU says: only the shapes a restore takes are recorded,
+    # checked before anything is paused (a machine type without a version could not be restored).
+    if not RECORDED.fullmatch(version) or not VERSIONED_MACHINE.fullmatch(kind):
+        raise KvmgateError(f"cannot hibernate: QEMU's machine type {kind[:40]!r} has no version a restore can ask for")
+    return version, kind
 
 
 def save(vm: registry.VM, options: list[str], timeout: float = 3600) -> Saved:
@@ -220,7 +228,17 @@ def restore(vm: registry.VM, saved: Saved, timeout: float = 3600) -> None:
     finally:
         os.close(src)
         _tell("\n")
-    discard(vm, wait=False)  # only now, with the VM back, is the state expendable
+
+
+def resumed(vm: registry.VM, saved: Saved) -> None:
+    """After a restore: the VM runs its restored state, so the state is expendable,
+    and the guest's clock is set. Nothing here may end the VM (its state would be
+    lost with it): each step that fails says so and the next goes on."""
+    try:
+        discard(vm, wait=False)
+    except OSError as err:
+        sys.stderr.write(f"kvmgate: warning: the restored state could not be removed ({err.strerror}); "
+                         f"remove {vm.sub('saved')} by hand before {vm.identity.name} stops\n")  # fmt: skip
     if saved.was_running:  # its clock stood still while it slept: the guest agent, if any, sets it
         from kvmgate.host import agent
 
@@ -253,4 +271,8 @@ def discard(vm: registry.VM, wait: bool = True) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(saved, DISCARDED))
 
-    detach(free)
+    try:
+        detach(free)
+    except OSError:  # no child to be had: free it now
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(saved, DISCARDED))

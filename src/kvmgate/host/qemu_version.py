@@ -16,7 +16,9 @@ import json
 import os
 import pwd
 import re
+import select
 import subprocess
+import time
 
 from kvmgate.errors import KvmgateError, WrongState
 from kvmgate.paths import IMAGE_USER, Paths
@@ -48,7 +50,7 @@ def version(paths: Paths, binary: str) -> Version:
         st = os.stat(binary)
     except OSError as err:
         raise KvmgateError(f"cannot tell the version of QEMU {binary}: {err.strerror}") from None
-    key = [binary, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    key = [binary, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
     cache = os.path.join(paths.run, "qemu-version.json")
     try:
         data = json.loads(read_small(cache))
@@ -77,20 +79,37 @@ def _probe(binary: str) -> Version:
         caller.drop_to(pw.pw_uid, pw.pw_gid)
 
     try:
-        r = subprocess.run(
+        proc = subprocess.Popen(
             [binary, "--version"],
             stdin=subprocess.DEVNULL,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
             env={},
             cwd="/",
-            timeout=PROBE_SECONDS,
             preexec_fn=child,
             close_fds=True,
         )
     except (OSError, subprocess.SubprocessError) as err:
         raise KvmgateError(f"cannot tell the version of QEMU {binary}: {err}") from None
-    m = VERSION_LINE.search(r.stdout[:OUTPUT_MAX])
-    if r.returncode != 0 or m is None:
+    assert proc.stdout is not None
+    out, deadline = b"", time.monotonic() + PROBE_SECONDS
+    try:  # at most OUTPUT_MAX bytes, within PROBE_SECONDS, whatever the binary does
+        while len(out) < OUTPUT_MAX and (left := deadline - time.monotonic()) > 0:
+            if not select.select([proc.stdout], [], [], left)[0]:
+                break
+            chunk = os.read(proc.stdout.fileno(), OUTPUT_MAX - len(out))
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        proc.stdout.close()
+        try:
+            status = proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            status = proc.wait()
+    m = VERSION_LINE.search(out)
+    if status != 0 or m is None:
         raise KvmgateError(f"cannot tell the version of QEMU {binary}: `--version` said no version")
     return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
@@ -111,9 +130,12 @@ def explain(err: KvmgateError, paths: Paths, name: str, recorded: str) -> Kvmgat
     """A failed restore of a state another QEMU saved says so, and the way out."""
     from kvmgate.store import config
 
-    now = text(version(paths, config.load(paths).qemu))
-    if now == recorded:
-        return err
+    try:
+        now = text(version(paths, config.load(paths).qemu))
+        if parse(now)[:2] == parse(recorded)[:2]:
+            return err
+    except KvmgateError:
+        return err  # the restore's own error is the one to tell
     return type(err)(
         f"{err} (saved under QEMU {recorded}, restored under {now}: `kvmgate stop {name} --discard` boots it afresh)"
     )

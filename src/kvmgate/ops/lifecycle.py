@@ -85,11 +85,12 @@ def start_locked(paths: Paths, who: Caller, vm: registry.VM, options: list[str],
     from kvmgate.ops import restore  # off the plain start path
 
     try:
-        restore.finish(paths, who, vm, saved)
+        restore.load(paths, vm, saved)
     except BaseException:
         kill_and_reap(pid)
         runtime.cleanup(vm)
         raise
+    restore.resumed(paths, who, vm, saved)
     return Started(pid, accel, True)
 
 

@@ -332,10 +332,10 @@ def apply(paths: Paths, user: str, action: str, only: registry.VM | None = None)
             signal.alarm(0)
 
 
-def trim_console_logs(paths: Paths) -> None:
-    """A backstop for VMs started by a release before the console pump, whose QEMU
-    writes its console log itself without a bound: empty a log that is well past
-    the ring's bound (a pump-managed log never is)."""
+def tidy_vms(paths: Paths) -> None:
+    """Backstops per VM: empty a console log well past the ring's bound (a VM started
+    by a release before the console pump writes its log without one; a pump-managed
+    log never is), and remove a restored state whose freeing child died."""
     from kvmgate.store import config
 
     try:
@@ -348,12 +348,16 @@ def trim_console_logs(paths: Paths) -> None:
             if os.stat(log).st_size > limit:
                 os.truncate(log, 0)
                 print(f"emptied the console log of {vm.identity.owner}/{vm.identity.name}")
+        with contextlib.suppress(FileNotFoundError):  # a restored state whose freeing child died (host.migrate)
+            os.unlink(vm.sub("saved", "state.discarded"))
+            print(f"removed a restored state left in {vm.identity.owner}/{vm.identity.name}")
 
 
 def reap(paths: Paths) -> None:
     """Prune sessions whose leaders died without closing (crashes, kill -9) and
     hand a logoff (with its delay) to the worker of each user left with none;
-    restart a worker that was lost; keep console logs bounded.
+    restart a worker that was lost; keep console logs bounded; remove restored
+    states a freeing child left.
     Run every minute by kvmgate-reap.timer. Also writes the summaries of
     refusals the audit log held back (host.audit)."""
     audit_rate.flush_held(paths.audit_log)
@@ -367,7 +371,7 @@ def reap(paths: Paths) -> None:
 
     for name in images.clean_stages(paths):  # image adds, imports and flattenings that died half-way
         audit.record(paths.audit_log, caller="reap", verb="image stage removed", vm=name, outcome="ok")
-    trim_console_logs(paths)
+    tidy_vms(paths)
     root = os.path.join(paths.run, "sessions")
     try:
         users = sorted(os.listdir(root))
