@@ -3,8 +3,8 @@
 Baseline: the same VM (test guest, -m 256, booted and idle) started by root as a
 bare QEMU; QMP `stop`, `migrate-set-parameters max-bandwidth`, `getfd` of an
 open file and `migrate fd:` until completed (qemu.qmp, the QEMU project's
-client). kvmgate: `kvmgate hibernate` (pause, stream through a pipe with a
-SHA-256, fsync, rename, record, quit QEMU). Restore: `kvmgate start` of the
+client). kvmgate: `kvmgate hibernate` (pause, QEMU writes the state file
+itself while the helper checksums it, fsync, rename, record, quit QEMU). Restore: `kvmgate start` of the
 hibernated VM until the guest answers on its console, vs. the boot-free
 baseline of `-incoming defer` + `migrate-incoming fd:` of the raw file.
 

@@ -29,7 +29,6 @@ VERSION_LINE = re.compile(rb"QEMU emulator version ([0-9]{1,3})\.([0-9]{1,3})\.(
 RECORDED = re.compile(r"([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})", re.ASCII)
 PROBE_SECONDS = 10
 OUTPUT_MAX = 4096
-LEGACY = "7.2.0"  # a saved state recorded without a version was made by QEMU 7.2 (docs/policy.md)
 
 
 def parse(recorded: str) -> Version:
@@ -131,11 +130,12 @@ def explain(err: KvmgateError, paths: Paths, name: str, recorded: str) -> Kvmgat
     from kvmgate.store import config
 
     try:
-        now = text(version(paths, config.load(paths).qemu))
-        if parse(now)[:2] == parse(recorded)[:2]:
+        now = version(paths, config.load(paths).qemu)
+        if now[:2] == parse(recorded)[:2]:
             return err
     except KvmgateError:
         return err  # the restore's own error is the one to tell
     return type(err)(
-        f"{err} (saved under QEMU {recorded}, restored under {now}: `kvmgate stop {name} --discard` boots it afresh)"
+        f"{err} (saved under QEMU {recorded}, restored under {text(now)}: "
+        f"`kvmgate stop {name} --discard` boots it afresh)"
     )

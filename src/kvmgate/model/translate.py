@@ -92,7 +92,8 @@ def base_image(library: str, image_id: str) -> BaseImage:
 
 
 _MACHINE_FAMILY = {"pc": "pc-i440fx", "q35": "pc-q35"}
-VERSIONED_MACHINE = re.compile(r"(pc-i440fx|pc-q35)-([0-9]{1,2})\.([0-9]{1,2})", re.ASCII)
+MACHINE_VERSION = r"[0-9]{1,2}\.[0-9]{1,2}"
+VERSIONED_MACHINE = re.compile(rf"(pc-i440fx|pc-q35)-{MACHINE_VERSION}", re.ASCII)
 
 
 def _versioned_machine(recorded: str, family: str) -> str:
@@ -101,7 +102,7 @@ def _versioned_machine(recorded: str, family: str) -> str:
     on. Only a versioned type of the VM's own family is taken; a bare version
     (`7.2`, a record from before machine types were recorded) means that
     version of the VM's family."""
-    if re.fullmatch(r"[0-9]{1,2}\.[0-9]{1,2}", recorded, re.ASCII) and family in _MACHINE_FAMILY:
+    if re.fullmatch(MACHINE_VERSION, recorded, re.ASCII) and family in _MACHINE_FAMILY:
         recorded = f"{_MACHINE_FAMILY[family]}-{recorded}"
     m = VERSIONED_MACHINE.fullmatch(recorded)
     if m is None or m.group(1) != _MACHINE_FAMILY.get(family):

@@ -114,7 +114,7 @@ def _launch(
 
         for line in network.reclaim_ports(paths, policy, vm):
             sys.stderr.write(f"kvmgate: {line}\n")
-    machine = saved.machine if saved else None  # all validation first:
+    machine = saved.machine if saved else None  # a restore: the machine type the state was saved with
     plan = plan_for(vm, policy, options, accel, paused=paused, incoming=saved is not None, machine=machine)
     if "-append" in plan.argv:  # what QEMU's config syntax cannot carry (model.translate._append)
         sys.stderr.write("kvmgate: note: this -append stays on QEMU's command line, which other users can read\n")

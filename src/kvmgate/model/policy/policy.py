@@ -72,18 +72,19 @@ class Policy(NamedTuple):
         if accel not in ACCELS:
             raise fail("accel must be one of " + ", ".join(ACCELS))
         kw["accel"] = accel
+
+        def absolute(p: object) -> bool:
+            return isinstance(p, str) and p.startswith("/") and posixpath.normpath(p) == p
+
         qemu = data.get("qemu", cls._field_defaults["qemu"])
-        if not isinstance(qemu, str) or not qemu.startswith("/") or posixpath.normpath(qemu) != qemu:
+        if not absolute(qemu):
             raise fail("qemu must be a normalised absolute path")
         kw["qemu"] = qemu
         data_dirs = data.get("qemu_data", [])
         if (
             not isinstance(data_dirs, list)
             or len(data_dirs) > 8
-            or not all(
-                isinstance(d, str) and d.startswith("/") and posixpath.normpath(d) == d and "," not in d
-                for d in data_dirs
-            )
+            or not all(absolute(d) and "," not in d for d in data_dirs)
         ):
             raise fail("qemu_data must be a list of at most 8 normalised absolute paths without commas")
         kw["qemu_data"] = tuple(data_dirs)
