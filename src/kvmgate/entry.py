@@ -39,7 +39,9 @@ ROUTES: dict[str, str] = {
     **dict.fromkeys(
         ("images", "keys", "admin-import", "admin-image-add", "admin-image-list", "admin-image-remove"), "images"
     ),
-    **dict.fromkeys(("gated-config", "gated-wake", "gated-hold", "gated-idle"), "wake"),
+    **dict.fromkeys(("gated-config", "gated-wake", "gated-hold", "gated-idle", "gated-used"), "wake"),
+    **dict.fromkeys(("templates", "create", "delete", "quota", "admin-grant", "admin-quota"), "selfservice"),
+    **{f"admin-template-{v}": "selfservice" for v in ("add", "remove", "list", "check")},
     **dict.fromkeys(("admin-reap", "admin-sessions"), "logon"),  # root-only code stays off the users' path
     **dict.fromkeys(("admin-autostart", "admin-watch"), "services"),
     **dict.fromkeys(("admin-shutdown", "admin-boot"), "hostpower"),

@@ -41,6 +41,7 @@ CONNECT_TIMEOUT = 60.0
 RELOAD_AFTER = 3.0
 PER_VM = 64  # connections held open to one VM
 PER_OWNER = 128  # ... and to all VMs of one owner
+USED_EVERY = 60.0  # seconds: a VM in use is reported used at most this often
 PER_PEER = 16  # ... and from one client address to one VM (a public bind address: anyone may connect)
 RESERVED_FDS = 64  # listeners, helper calls' pipes, logging
 LOG_BURST = 10
@@ -91,6 +92,7 @@ class Gate:
         self.servers: dict[int, asyncio.Server] = {}
         self.conns: dict[str, int] = {}
         self.last: dict[str, float] = {}
+        self.used: dict[str, float] = {}  # when each VM was last reported used
         self.table: dict[int, dict[str, Any]] = {}
 
     async def call(self, *args: str) -> tuple[int, str]:
@@ -164,6 +166,10 @@ class Gate:
                 await asyncio.gather(
                     self.call("gated-hold", target, "--on", "--pid", str(os.getpid())), self.call("gated-wake", target)
                 )
+            now = time.monotonic()
+            if now - self.used.get(target, -USED_EVERY) >= USED_EVERY:  # the memory budget's "least recently used"
+                self.used[target] = now
+                await self.call("gated-used", target)
             upstream = await self.reach(port, owner)
             if upstream is None:
                 return

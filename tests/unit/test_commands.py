@@ -33,8 +33,8 @@ PUBLIC = [v for v in VERBS if not v.internal]
 def test_help_lists_exactly_the_public_verbs() -> None:
     top = subparsers(build_parser())
     admin = subparsers(top.pop("admin"))
-    group = subparsers(admin.pop("image"))
-    listed = set(top) | {f"admin-{n}" for n in admin} | {f"admin-image-{n}" for n in group}
+    groups = {g: subparsers(admin.pop(g)) for g in ("image", "template")}
+    listed = set(top) | {f"admin-{n}" for n in admin} | {f"admin-{g}-{n}" for g, sub in groups.items() for n in sub}
     assert listed == {v.name for v in PUBLIC}
 
 

@@ -40,6 +40,10 @@ every = st.builds(
     guest_agent=st.booleans(),
     image=st.none(),
     image_id=st.none(),
+    on_pressure=st.sampled_from(s.ON_PRESSURE),
+    template=st.none(),
+    template_digest=st.none(),
+    user_options=st.none() | st.lists(st.sampled_from(["-cdrom", "-boot", "-snapshot", "-smp"]), max_size=4).map(tuple),
 ).flatmap(
     lambda base: st.one_of(
         st.just(base),
@@ -47,6 +51,11 @@ every = st.builds(
             lambda name, image_id: base.with_(image=name, image_id=image_id),
             st.from_regex(r"[a-z][a-z0-9_-]{0,31}", fullmatch=True),
             st.from_regex(r"[0-9a-f]{32}", fullmatch=True),
+        ),
+        st.builds(
+            lambda name, digest: base.with_(template=name, template_digest=digest),
+            st.from_regex(r"[a-z][a-z0-9_-]{0,31}", fullmatch=True),
+            st.from_regex(r"[0-9a-f]{16}", fullmatch=True),
         ),
     )
 )
@@ -80,7 +89,7 @@ def test_a_version_0_file_reads_as_the_same_settings() -> None:
 @pytest.mark.parametrize(
     "change",
     [
-        {"version": 3},
+        {"version": 4},
         {"version": "1"},
         {"image": "deb", "image_id": None},
         {"image": "deb", "image_id": "../../x"},

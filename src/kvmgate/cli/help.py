@@ -61,7 +61,7 @@ def _add(sub: argparse._SubParsersAction[argparse.ArgumentParser], word: str, ve
                 f.name, metavar=f.metavar, help=f.help, required=f.required, choices=list(f.choices) or None
             )
     if verb.target is not None:
-        sp.add_argument("name", metavar=verb.target)
+        sp.add_argument("name", metavar=verb.target, nargs="?" if verb.target_optional else None)
     for i, metavar in enumerate(verb.args):
         sp.add_argument(f"arg{i}", metavar=metavar, nargs="?")
 
@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"kvmgate {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="COMMAND", required=True)
-    admin = group = None
+    admin = None
+    groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
     for verb in VERBS:
         if verb.internal:
             continue
@@ -86,17 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
             _add(sub, verb.name, verb)
             continue
         if len(verb.words) == 3:
-            if group is None:
+            if verb.words[1] not in groups:
                 assert admin is not None
+                what = f"the {verb.words[1]}s" if verb.words[1] == "template" else f"the {verb.words[1]} library"
                 gp = admin.add_parser(
                     verb.words[1],
-                    help=f"the {verb.words[1]} library (root only)",
-                    description=f"the {verb.words[1]} library (root only)",
+                    help=f"{what} (root only)",
+                    description=f"{what} (root only)",
                     formatter_class=argparse.RawDescriptionHelpFormatter,
                     epilog=EPILOG,
                 )
-                group = gp.add_subparsers(dest="group_verb", metavar="COMMAND", required=True)
-            _add(group, verb.words[2], verb)
+                groups[verb.words[1]] = gp.add_subparsers(dest="group_verb", metavar="COMMAND", required=True)
+            _add(groups[verb.words[1]], verb.words[2], verb)
             continue
         if admin is None:
             ap = sub.add_parser(

@@ -32,6 +32,13 @@ class Caller(NamedTuple):
     def is_root(self) -> bool:
         return self.uid == 0
 
+    @property
+    def is_admin(self) -> bool:
+        """root itself, not one of kvmgate's own actors (the PAM worker, gated, the
+        memory budget), which run as root but act for a user: quotas never refuse
+        the admin, and always hold for those."""
+        return self.uid == 0 and self.name == "root"
+
 
 def identify(environ: dict[str, str]) -> Caller:
     if os.geteuid() != 0:

@@ -89,6 +89,64 @@ class _Hasher:
         return self.size, f"{self.algorithm}:{digest}"
 
 
+class _Mover:
+    """A pipe QEMU writes the state into, and a thread that splices it into the
+    state file (through its own descriptor) until QEMU closes its end, at the
+    migration's end or when told to (`stop`)."""
+
+    def __init__(self, out: int) -> None:
+        self.read, self.write = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.out = os.dup(out)
+        except OSError:
+            os.close(self.read)
+            os.close(self.write)
+            raise
+        self.error: OSError | None = None
+        self.thread: Any = None
+        with contextlib.suppress(OSError):
+            import fcntl
+
+            fcntl.fcntl(self.write, 1031, 1 << 20)  # F_SETPIPE_SZ: fewer wake-ups
+
+    def start(self) -> None:
+        import threading
+
+        os.close(self.write)
+        self.write = -1
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while os.splice(self.read, self.out, 1 << 20):
+                pass
+        except OSError as err:
+            self.error = err
+        finally:
+            os.close(self.read)
+            os.close(self.out)
+
+    def finish(self, timeout: float) -> None:
+        """Wait for the whole stream (QEMU closed its end)."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+        if self.thread is None or self.thread.is_alive() or self.error is not None:
+            raise KvmgateError(f"saving failed: the state could not be written ({self.error or 'timed out'})")
+
+    def stop(self, q: QMP) -> None:
+        """After a failure: QEMU lets go of its end, and the thread ends before the
+        caller closes or removes the file."""
+        if self.thread is None:
+            for fd in (self.read, self.write, self.out):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            return
+        with contextlib.suppress(OSError, QMPError):
+            q.execute("closefd", {"fdname": "kgmig"})
+        self.thread.join(30)
+
+
 def _migration_error(q: QMP, status: str) -> str:
     with contextlib.suppress(OSError, QMPError):
         desc = q.execute("query-migrate").get("error-desc")
@@ -147,8 +205,11 @@ def _made_by(q: QMP) -> tuple[str, str]:
     return version, kind
 
 
-def save(vm: registry.VM, options: list[str], timeout: float = 3600) -> Saved:
-    """Save the running or paused VM into saved/, then quit QEMU."""
+def save(vm: registry.VM, options: list[str], timeout: float = 3600, through_pipe: bool = False) -> Saved:
+    """Save the running or paused VM into saved/, then quit QEMU. `through_pipe`:
+    QEMU runs under a file size limit (a disk quota's, `ops.quota`) that would cut
+    the state short, so it writes into a pipe and the helper moves the stream
+    into the file (splice: no copy through user space)."""
     saved_dir = vm.sub("saved")
     tmp = os.path.join(saved_dir, STATE + ".tmp")
     for leftover in (tmp, os.path.join(saved_dir, DISCARDED)):
@@ -162,19 +223,26 @@ def save(vm: registry.VM, options: list[str], timeout: float = 3600) -> Saved:
             qemu, machine = _made_by(q)
             if was_running:
                 q.execute("stop")
+            mover = _Mover(out) if through_pipe else None
             try:
                 q.execute("migrate-set-parameters", {"max-bandwidth": BANDWIDTH})
-                q.execute("getfd", {"fdname": "kgmig"}, fds=[out])
+                q.execute("getfd", {"fdname": "kgmig"}, fds=[mover.write if mover else out])
+                if mover:
+                    mover.start()  # QEMU holds its own write end from here
                 q.execute("migrate", {"uri": "fd:kgmig"})
                 hasher = _Hasher(out)
                 status = _run_migration(q, time.monotonic() + timeout, hasher, settled=False)
                 if status != "completed":
                     raise KvmgateError(f"saving failed: {_migration_error(q, status)}")
+                if mover:
+                    mover.finish(30)
                 os.fsync(out)
                 size, digest = hasher.result()
             except BaseException as err:
                 with contextlib.suppress(OSError, QMPError):
                     q.execute("migrate_cancel")
+                if mover:
+                    mover.stop(q)
                 if was_running:
                     with contextlib.suppress(OSError, QMPError):
                         q.execute("cont")

@@ -39,7 +39,10 @@ class Flag:
 
 
 class Verb:
-    __slots__ = ("args", "epilog", "flags", "frontend", "help", "internal", "name", "options", "target", "usage")
+    __slots__ = (
+        "args", "epilog", "flags", "frontend", "help", "internal", "name", "options", "target", "target_optional",
+        "usage",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -53,23 +56,26 @@ class Verb:
         internal: bool = False,  # called by kvmgate's own programs (pam_exec, gated), not shown in help
         frontend: bool = False,  # handled by the front end itself (ssh), never sent to the helper
         args: tuple[str, ...] = (),  # positionals after NAME (`snapshot NAME TAG`), kept as flags by metavar
+        target_optional: bool = False,  # the positional may be left out (`admin quota [USER]`)
     ) -> None:
         self.name, self.help, self.flags, self.target, self.options = name, help, flags, target, options
         self.usage, self.epilog, self.internal, self.frontend, self.args = usage, epilog, internal, frontend, args
+        self.target_optional = target_optional
 
     @property
     def words(self) -> tuple[str, ...]:
         """What a user types: ("admin", "create") for "admin-create", ("admin",
         "image", "add") for "admin-image-add"."""
-        if self.name.startswith(f"admin-{GROUP}-"):
-            return ("admin", GROUP, self.name.removeprefix(f"admin-{GROUP}-"))
+        for group in GROUPS:
+            if self.name.startswith(f"admin-{group}-"):
+                return ("admin", group, self.name.removeprefix(f"admin-{group}-"))
         return tuple(self.name.split("-", 1)) if self.name.startswith("admin-") else (self.name,)
 
     def flag(self, name: str) -> Flag | None:
         return next((f for f in self.flags if f.name == name), None)
 
 
-GROUP = "image"  # the one admin verb group of three words: `kvmgate admin image add`
+GROUPS = ("image", "template")  # admin verb groups of three words: `kvmgate admin image add`
 
 OWNER = Flag("--owner", "act on USER's VM (root only)", "USER")
 FORMAT = Flag(
@@ -117,6 +123,14 @@ GUEST_AGENT = Flag(
     ("on", "off"),
 )
 TIMEOUT = Flag("--timeout", "power-down grace time in seconds (default from the policy)", "SECONDS")
+ON_PRESSURE = Flag(
+    "--on-pressure",
+    "when a start would pass a running-memory budget (the owner's or the host's), may kvmgate hibernate this VM "
+    "to make room if it is the least recently used? (default refuse)",
+    "MODE",
+    ("refuse", "hibernate"),
+)
+DISK_SIZE = Flag("--disk-size", "the VM's disk, e.g. 10G; with an image, at least its size", "SIZE")
 
 VERBS: tuple[Verb, ...] = (
     Verb(
@@ -241,6 +255,7 @@ VERBS: tuple[Verb, ...] = (
             ),
             ON_LOGOFF,
             LOGOFF_DELAY,
+            ON_PRESSURE,
             NETWORK,
             FORWARD,
             WAKE,
@@ -267,6 +282,7 @@ VERBS: tuple[Verb, ...] = (
             OWNER_REQUIRED,
             ON_LOGOFF,
             LOGOFF_DELAY,
+            ON_PRESSURE,
             Flag("--idle", "with --wake on: freeze after this long without connections", "SECONDS"),
             NETWORK,
             FORWARD,
@@ -346,7 +362,88 @@ VERBS: tuple[Verb, ...] = (
     Verb("keys", "show which of your ssh keys a VM's cloud-init seed holds", (OWNER, JSON)),
     Verb("admin-list", "list every VM", (JSON,), target=None),
     Verb("admin-show", "show a VM's identity, options, settings and QEMU command line", (OWNER_REQUIRED, JSON)),
+    Verb("templates", "list the templates the administrator granted you, and what each makes", (JSON,), target=None),
+    Verb(
+        "create",
+        "make yourself a VM from a template the administrator granted you, within your quota",
+        (Flag("--template", "the template (kvmgate templates)", "TEMPLATE", required=True), DISK_SIZE),
+        usage="kvmgate create NAME --template TEMPLATE [--disk-size SIZE]",
+        epilog="The VM is an ordinary kvmgate VM: start, stop, console, hibernate, delete it as any other.\n"
+        "--disk-size may not exceed the template's max_disk_size; kvmgate quota shows what you may still use.",
+    ),
+    Verb(
+        "delete",
+        "delete a VM you made from a template (its disks too, unless --keep-disks)",
+        (
+            Flag("--keep-disks", "keep its disks directory under the state directory's kept/"),
+            Flag("--force", "also a running VM (ended at once) or a hibernated one (its saved state is lost)"),
+        ),
+    ),
+    Verb(
+        "quota",
+        "what your VMs use of your grant: VMs, memory, running memory, disk, ports",
+        (OWNER, JSON),
+        target=None,
+    ),
+    Verb(
+        "admin-template-add",
+        "add or replace a template users may make VMs from (VMs made earlier keep what they were made with)",
+        (
+            Flag("--image", "the VM's disk is an overlay of this library image", "IMAGE"),
+            Flag("--disk-size", "the disk's size (an empty disk; with --image, at least the image's size)", "SIZE"),
+            Flag("--max-disk-size", "the most a user may ask with create --disk-size", "SIZE"),
+            NETWORK,
+            Flag("--forward", "forwarded ports, as admin create --forward, without @HOSTPORT", "SPEC[,SPEC...]"),
+            ON_LOGOFF,
+            LOGOFF_DELAY,
+            ON_PRESSURE,
+            Flag(
+                "--user-options",
+                "the only user options its VMs' starts take (default: the policy's user list)",
+                "OPT[,OPT...]",
+            ),
+            Flag("--cloud-init", "attach a cloud-init seed (default: as the image is marked)", "on|off", ("on", "off")),
+            Flag("--description", "one line shown to users by kvmgate templates", "TEXT"),
+        ),
+        options=True,
+        usage="kvmgate admin template add NAME (--image IMAGE | --disk-size SIZE) [SETTING...] -- OPTION...",
+        epilog='Writes /etc/kvmgate/templates/NAME.toml (docs/policy.md, "Templates").\nVM options:\n{options}',
+    ),
+    Verb("admin-template-remove", "remove a template (VMs made from it stay; admin show marks them)"),
+    Verb(
+        "admin-template-list",
+        "list the templates, the grants that name them and the VMs made from each",
+        (JSON,),
+        target=None,
+    ),
+    Verb(
+        "admin-template-check",
+        "check the template and grant files; exit 3 with FILE:LINE: what, for each error",
+        (JSON,),
+        target=None,
+    ),
+    Verb(
+        "admin-grant",
+        "grant a user (or @group) templates and limits, or --revoke it; the most generous matching grant "
+        "applies, limit by limit",
+        (
+            Flag("--templates", "the templates it may make VMs from", "T[,T...]"),
+            Flag("--vms", "at most N VMs (default 1)", "N"),
+            Flag("--memory", "at most SIZE of guest memory defined, the sum of -m", "SIZE"),
+            Flag("--running-memory", "at most SIZE of guest memory running at once", "SIZE"),
+            Flag("--disk", "at most SIZE of disk: the sum of virtual sizes, and of real bytes", "SIZE"),
+            Flag("--ports", "at most N forwarded host ports", "N"),
+            Flag("--revoke", "remove this grant (VMs already made stay)"),
+        ),
+        target="USER|@GROUP",
+        usage="kvmgate admin grant USER|@GROUP --templates T[,T...] [--vms N] [--memory SIZE] "
+        "[--running-memory SIZE] [--disk SIZE] [--ports N] | --revoke",
+        epilog="A limit left out does not bound that resource (the templates' sizes times --vms still do).\n"
+        'Writes /etc/kvmgate/grants.toml (docs/policy.md, "Grants").',
+    ),
+    Verb("admin-quota", "every user's (or USER's) use and limits", (JSON,), target="USER", target_optional=True),
     Verb("gated-config", "kvmgate-gated's listener table", target=None, internal=True),
+    Verb("gated-used", "a connection through kvmgate-gated used the VM now", target="OWNER:NAME", internal=True),
     Verb("gated-wake", "wake a VM for kvmgate-gated", target="OWNER:NAME", internal=True),
     Verb(
         "gated-hold",
@@ -386,8 +483,8 @@ def verb_of(argv: list[str]) -> tuple[Verb, list[str]]:
         raise UsageError("missing verb")
     name, rest = argv[0], argv[1:]
     if name == "admin" and rest:
-        if rest[0] == GROUP and len(rest) > 1:
-            name, rest = f"admin-{GROUP}-{rest[1]}", rest[2:]
+        if rest[0] in GROUPS and len(rest) > 1:
+            name, rest = f"admin-{rest[0]}-{rest[1]}", rest[2:]
         else:
             name, rest = f"admin-{rest[0]}", rest[1:]
     verb = BY_NAME.get(name)
@@ -439,7 +536,7 @@ def parse(argv: list[str]) -> Request:
             raise UsageError(f"{verb.name}: unexpected argument {tok[:40]!r}")
         name = tok
         i += 1
-    if verb.target is not None and name is None:
+    if verb.target is not None and name is None and not verb.target_optional:
         raise UsageError(f"{verb.name} needs {'a VM name' if verb.target == 'NAME' else verb.target}")
     for spec in verb.flags:
         if spec.required and spec.name not in flags:

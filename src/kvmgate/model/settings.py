@@ -19,8 +19,10 @@ from typing import Any, NamedTuple
 from kvmgate.errors import KvmgateError, UsageError
 from kvmgate.model.regex import Regex
 
-VERSION = 2  # 2: image, image_id, cloud_init, guest_agent (absent in 1: no image, no seed, no agent)
+VERSION = 3  # 2: image, image_id, cloud_init, guest_agent (absent in 1: no image, no seed, no agent)
+# 3: on_pressure, template, template_digest, user_options (absent in 2: refuse, made by the admin, the policy's list)
 ON_LOGOFF = ("none", "pause", "hibernate")
+ON_PRESSURE = ("refuse", "hibernate")
 MAX_BYTES = 1 << 20
 
 
@@ -57,6 +59,10 @@ class Settings(NamedTuple):
     image_id: str | None = None  # that image's id: the overlay's header names exactly this one
     cloud_init: bool = False  # each start attaches a NoCloud seed (hostname, the owner's keys, networks)
     guest_agent: bool = False  # a guest agent channel: the helper sets the guest's clock after thaw and restore
+    on_pressure: str = "refuse"  # under a running-memory budget: may kvmgate hibernate it to make room?
+    template: str | None = None  # the template a user made it from (None: the admin made it)
+    template_digest: str | None = None  # that template as it was then: a later edit shows as drift
+    user_options: tuple[str, ...] | None = None  # the user options its starts take (None: the policy's user list)
 
     def with_(self, **changes: Any) -> Settings:
         return self._replace(**changes)
@@ -65,6 +71,7 @@ class Settings(NamedTuple):
         data: dict[str, Any] = self._asdict()
         data["forwards"] = [f._asdict() for f in self.forwards]
         data["nics"] = [n._asdict() for n in self.nics]
+        data["user_options"] = None if self.user_options is None else list(self.user_options)
         data["version"] = VERSION
         return json.dumps(data, sort_keys=True)
 
@@ -92,6 +99,8 @@ def _optional(check: Callable[[object], bool]) -> Callable[[object], bool]:
 
 _IMAGE = _match(r"[a-z][a-z0-9_-]{0,31}")
 _IMAGE_ID = _match(r"[0-9a-f]{32}")
+_DIGEST = _match(r"[0-9a-f]{16}")
+_OPTION = _match(r"-[a-z][a-z0-9-]{0,31}")
 IFNAME = _match(r"[a-z][a-z0-9]{0,14}")
 NIC_SHAPE: dict[str, Callable[[object], bool]] = {
     "network": _match(r"[a-z][a-z0-9]{0,15}"),
@@ -161,9 +170,22 @@ def parse(text: bytes | str) -> Settings:
     cloud_init, agent = data.get("cloud_init", False), data.get("guest_agent", False)
     if not isinstance(cloud_init, bool) or not isinstance(agent, bool):
         raise CorruptSettings("bad cloud_init or guest_agent")
+    pressure = data.get("on_pressure", "refuse")
+    if pressure not in ON_PRESSURE:
+        raise CorruptSettings("bad on_pressure")
+    template, digest = data.get("template"), data.get("template_digest")
+    if (template is None) != (digest is None) or not (
+        template is None or (_IMAGE(template) and isinstance(digest, str) and _DIGEST(digest))
+    ):
+        raise CorruptSettings("bad template")
+    user = data.get("user_options")
+    if user is not None and (
+        not isinstance(user, list) or len(user) > 64 or not all(isinstance(u, str) and _OPTION(u) for u in user)
+    ):
+        raise CorruptSettings("bad user_options")
     return Settings(
         on_logoff, flags["service"], flags["autostart"], flags["wake"], idle, forwards, nics, delay,
-        image, image_id, cloud_init, agent,
+        image, image_id, cloud_init, agent, pressure, template, digest, None if user is None else tuple(user),
     )  # fmt: skip
 
 

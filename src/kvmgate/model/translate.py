@@ -135,6 +135,7 @@ class Context(NamedTuple):
     agent: bool = False  # a guest agent channel the helper alone talks to (host.agent)
     data_dirs: tuple[str, ...] = ()  # the policy's qemu_data: -L, for a QEMU installed beside the system's
     machine: str | None = None  # a restore: the versioned machine type the state was saved with
+    stop_on_write_error: bool = False  # writable disks: werror=stop (a disk quota's bound pauses the VM)
 
 
 class Plan(NamedTuple):
@@ -292,7 +293,7 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
         b.add("-device", _json({"driver": "isa-fdc", "id": "kgfdc"}))
     for opt, path in disks:
         base = ctx.base_image if (opt, path) == ("-hda", ctx.default_disk) else None
-        _disk(b, opt, path, snapshot, geometry if opt == "-hda" else None, base)
+        _disk(b, opt, path, snapshot, geometry if opt == "-hda" else None, base, ctx.stop_on_write_error)
 
     boot = one("-boot")
     if boot:
@@ -418,7 +419,13 @@ def _file_node(b: _Builder, r: Resource, node: str, readonly: bool) -> None:
 
 
 def _disk(
-    b: _Builder, opt: str, path: str, snapshot: bool, geometry: g.Value | None, base: BaseImage | None = None
+    b: _Builder,
+    opt: str,
+    path: str,
+    snapshot: bool,
+    geometry: g.Value | None,
+    base: BaseImage | None = None,
+    stop_on_error: bool = False,
 ) -> None:
     driver, bus, unit = _DISK_SLOTS[opt]
     node = opt.lstrip("-")
@@ -462,6 +469,10 @@ def _disk(
         )
         top = f"{node}-ovl"
     dev: dict[str, object] = {"driver": driver, "drive": top, "id": node}
+    if stop_on_error and not readonly and driver != "floppy":  # a floppy has no error policy
+        # Past the owner's disk quota (RLIMIT_FSIZE) a write fails: the VM pauses
+        # (status "io-error") instead of the guest seeing a failed disk.
+        dev["werror"] = "stop"
     if bus:
         dev.update(bus=bus, unit=unit)
     else:

@@ -16,7 +16,7 @@ from kvmgate.host.qmp import QMP
 from kvmgate.model.hostnet import redirs
 from kvmgate.model.policy.policy import Policy
 from kvmgate.paths import GATED_USER
-from kvmgate.store import note, registry, runs, runtime
+from kvmgate.store import live, note, registry, runs, runtime
 
 PAUSED = ("paused", "prelaunch", "suspended", "postmigrate")
 
@@ -45,11 +45,17 @@ def describe(vm: registry.VM) -> dict[str, Any]:
         info["saved_bytes"] = saved.size
         info["saved_by"] = f"QEMU {saved.qemu}, machine {saved.machine}"
     if running:
-        info["pid"] = runtime.read_pid(vm)
+        info["pid"] = live.read_pid(vm)
         info["qemu_status"] = vcpu_state(vm)
         if info["qemu_status"] in PAUSED:
             info["state"] = "paused"
         why = note.read(vm)
+        if info["qemu_status"] == "io-error":
+            info["state"] = "paused"
+            why = (
+                "paused on a disk write error: its disk reached the owner's disk quota (kvmgate quota), or the "
+                "host's disk is full; free space (or ask the admin for more), then `kvmgate thaw` retries the write"
+            )
         if why:
             info["note"] = why
     return info
@@ -77,7 +83,7 @@ def _sizes(policy: Policy, vm: registry.VM, info: dict[str, Any], running: bool)
     options: list[str] = []
     if running:
         with contextlib.suppress(KvmgateError):
-            options = runtime.read_options(vm)
+            options = live.read_options(vm)
     plan = plan_for(vm, policy, options, "tcg")
     argv = list(plan.argv)
     smp = argv[argv.index("-smp") + 1] if "-smp" in argv else "1"
@@ -89,6 +95,8 @@ def _sizes(policy: Policy, vm: registry.VM, info: dict[str, Any], running: bool)
     info["logoff_delay"] = policy.logoff_delay_seconds if settings.logoff_delay is None else settings.logoff_delay
     info["forwards"] = [f"{r['service']} {r['host']}:{r['port']}" for r in forwarded(policy, vm)]
     info["image"] = settings.image  # the library image under its disk (None: a disk of its own)
+    info["template"] = settings.template  # the template its owner made it from (None: the admin made it)
+    info["on_pressure"] = settings.on_pressure
     info["cloud_init"] = settings.cloud_init
 
 

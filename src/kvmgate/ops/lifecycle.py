@@ -11,13 +11,14 @@ thawing and hibernating live in `ops.power`, off the start path.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import grp
 import os
 import pwd
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from kvmgate.errors import FileRefused, KvmgateError, NoSuchVM, QemuRefused, QMPError, WrongState
@@ -31,6 +32,9 @@ from kvmgate.paths import Paths
 from kvmgate.store import config, critical, locks, registry, runs, runtime
 
 START_TIMEOUT = 30.0
+# Set by a running-memory budget (ops.pressure) around a start: called with the
+# planned memory after the last refusal and before anything changes.
+ROOM: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar("room", default=None)
 
 
 class Started(NamedTuple):
@@ -115,7 +119,13 @@ def _launch(
         for line in network.reclaim_ports(paths, policy, vm):
             sys.stderr.write(f"kvmgate: {line}\n")
     machine = saved.machine if saved else None  # a restore: the machine type the state was saved with
-    plan = plan_for(vm, policy, options, accel, paused=paused, incoming=saved is not None, machine=machine)
+    quota = None  # self-service: the owner's disk quota bounds the disks' growth (ops.quota)
+    if os.path.exists(os.path.join(paths.etc, "grants.toml")):
+        from kvmgate.ops import quota as disk_quota
+
+        quota = disk_quota.disk_left(paths, policy, vm, who)
+    plan = plan_for(vm, policy, options, accel, paused=paused, incoming=saved is not None, machine=machine,
+                    stop_on_write_error=quota is not None)  # fmt: skip
     if "-append" in plan.argv:  # what QEMU's config syntax cannot carry (model.translate._append)
         sys.stderr.write("kvmgate: note: this -append stays on QEMU's command line, which other users can read\n")
     where = launch.Where(vm.rundir, vm.sub("log"), vm.sub("tmp"))
@@ -129,6 +139,10 @@ def _launch(
             from kvmgate.host import holds
 
             holds.refuse_held(paths, vm, plan, fds)
+        fsize = _file_size_limit(plan, policy.limits, quota, fds, vm)
+        room = ROOM.get()
+        if room is not None:  # a running-memory budget: other VMs hibernate only once nothing can refuse this one
+            room(plan.memory_mib)
         # Bridged NICs and guarded ports need the host's networks and rules: after a
         # reboot, the first such start brings them back (cheap when they are up).
         if plan.host_ports or any(r.bridge for r in plan.resources):
@@ -162,7 +176,7 @@ def _launch(
             placement,
             log,
             policy.max_open_files,
-            _file_size_limit(plan, policy.limits),
+            fsize,
             (fds[launch.PUMP_READ], fds[launch.PUMP_LOG], policy.console_log_mib << 20)
             if launch.PUMP_READ in fds
             else None,
@@ -228,12 +242,18 @@ def _prepare_owner_dir(vm: registry.VM, plan: Plan, uid: int) -> None:
         display.make_socket_dir(d, uid)
 
 
-def _file_size_limit(plan: Plan, limits: Limits) -> int:
-    if not plan.snapshot:
-        return -1  # RLIM_INFINITY: QEMU writes only the owner's own disks, its logs, saved states
-    from kvmgate.host import overlay
+def _file_size_limit(plan: Plan, limits: Limits, quota: int | None, fds: dict[int, int], vm: registry.VM) -> int:
+    """QEMU's RLIMIT_FSIZE: the -snapshot overlays' bound (host.overlay), and a disk quota's (ops.quota)."""
+    limit = -1  # RLIM_INFINITY: QEMU writes only the owner's own disks, its logs, saved states
+    if plan.snapshot:
+        from kvmgate.host import overlay
 
-    return overlay.size_limit(plan, limits)
+        limit = overlay.size_limit(plan, limits)
+    if quota is not None:
+        from kvmgate.ops import quota as disk_quota
+
+        limit = disk_quota.size_limit(plan, fds, quota, limit, vm)
+    return limit
 
 
 def _log_tail(path: str) -> list[str]:

@@ -37,18 +37,19 @@ def plan_for(
     incoming: bool = False,
     settings: Settings | None = None,
     machine: str | None = None,
+    stop_on_write_error: bool = False,
 ) -> Plan:
     try:
         admin_opts = policy.parse(list(vm.identity.tokens), "admin")
     except PolicyError as err:
         raise IdentityError(f"{vm.identity.name}: the VM's identity fails validation ({err})") from None
-    user_opts = policy.parse(list(user_tokens), "user")
+    if settings is None:
+        settings = registry.read_settings(vm)
+    user_opts = policy.parse(list(user_tokens), "user", settings.user_options)
     # lexists, not exists: root never follows a link the owner may have planted in
     # disks/ (that would tell them whether any path exists). The disk is opened
     # later with the owner's own rights, which decides.
     default_disk = vm.default_disk if os.path.lexists(vm.default_disk) else None
-    if settings is None:
-        settings = registry.read_settings(vm)
     d = owner_dir(vm)
     base = None
     if settings.image_id and default_disk:  # an overlay of a library image, in STATE/images
@@ -69,5 +70,6 @@ def plan_for(
         agent=settings.guest_agent,
         data_dirs=policy.qemu_data,
         machine=machine,
+        stop_on_write_error=stop_on_write_error,
     )
     return translate(merge(admin_opts, user_opts), ctx)

@@ -16,7 +16,7 @@ from kvmgate.model.policy.policy import Policy
 from kvmgate.ops.lifecycle import Started, lock, qmp, start_locked
 from kvmgate.ops.plan import owner_dir, plan_for
 from kvmgate.paths import Paths
-from kvmgate.store import config, note, registry, runs, runtime
+from kvmgate.store import config, live, note, registry, runs, runtime
 from kvmgate.store.trees import remove_tree
 
 # ------------------------------------------------------------------------------ stop
@@ -40,10 +40,10 @@ def stop(paths: Paths, who: Caller, vm: registry.VM, force: bool = False, timeou
                     f"`kvmgate stop {name} --discard` throws its saved state away"
                 )
             raise WrongState(f"{vm.identity.name} is not running")
-        pid = runtime.read_pid(vm)
+        pid = live.read_pid(vm)
         grace = float(config.load(paths).stop_timeout) if timeout is None else timeout
         how = "killed"
-        runtime.mark_intended_exit(vm)
+        live.mark_intended_exit(vm)
         try:
             with qmp(vm, timeout=5) as q:
                 q.execute("quit" if force else "system_powerdown")
@@ -51,20 +51,20 @@ def stop(paths: Paths, who: Caller, vm: registry.VM, force: bool = False, timeou
         except (OSError, QMPError):
             pass
     try:
-        stopped = runtime.wait_stopped(vm, 5 if how == "quit" else grace)
+        stopped = live.wait_stopped(vm, 5 if how == "quit" else grace)
     except KeyboardInterrupt:
         # Interrupted while waiting (nothing held): a guest that ignores the power-down
         # keeps running, and its next exit must not pass for one kvmgate asked for.
         with lock(paths, who, vm):
-            if runtime.is_running(vm) and runtime.read_pid(vm) == pid:
+            if runtime.is_running(vm) and live.read_pid(vm) == pid:
                 runtime.take_intended_exit(vm)
         raise
     with lock(paths, who, vm):
         forced = False
-        if not stopped and runtime.is_running(vm) and runtime.read_pid(vm) == pid:
+        if not stopped and runtime.is_running(vm) and live.read_pid(vm) == pid:
             _kill_locked(vm, pid)
             how, forced = "killed after timeout", True
-        if runtime.read_pid(vm) in (pid, None) and not runtime.is_running(vm):
+        if live.read_pid(vm) in (pid, None) and not runtime.is_running(vm):
             _clean_up_run(vm)  # not a new run's files, if someone started it again meanwhile
             runs.end(vm, how)
         audit.done(paths.audit_log, who, "stop", vm.identity.owner, vm.identity.name, how=how)
@@ -75,7 +75,7 @@ def _kill_locked(vm: registry.VM, pid: int | None) -> None:
     if pid:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    if not runtime.wait_stopped(vm, 10):
+    if not live.wait_stopped(vm, 10):
         raise KvmgateError(f"{vm.identity.name} did not stop")
 
 
@@ -88,11 +88,11 @@ def _clean_up_run(vm: registry.VM) -> None:
 def end_locked(paths: Paths, who: Caller, vm: registry.VM) -> None:
     """End a running VM at once (QMP quit, then SIGKILL), for a caller that already
     holds the VM's lock (`admin delete --force`)."""
-    pid = runtime.read_pid(vm)
-    runtime.mark_intended_exit(vm)
+    pid = live.read_pid(vm)
+    live.mark_intended_exit(vm)
     with contextlib.suppress(OSError, QMPError), qmp(vm, timeout=5) as q:
         q.execute("quit")
-    if not runtime.wait_stopped(vm, 5):
+    if not live.wait_stopped(vm, 5):
         _kill_locked(vm, pid)
     _clean_up_run(vm)
     audit.done(paths.audit_log, who, "stop", vm.identity.owner, vm.identity.name, how="quit (delete --force)")
@@ -173,6 +173,7 @@ def _vcpus(paths: Paths, who: Caller, vm: registry.VM, run: bool) -> bool:
             q.execute("cont" if run else "stop")
         if run:
             note.write(vm, None)
+            note.mark_used(vm)
             _set_clock(vm)
     except (OSError, QMPError) as err:
         raise KvmgateError(f"{vm.identity.name}: the monitor refused: {err}") from None
@@ -195,34 +196,51 @@ def runs_with_snapshot(policy: Policy, vm: registry.VM, options: list[str]) -> b
     return plan_for(vm, policy, options, "tcg").snapshot
 
 
-def hibernate(paths: Paths, who: Caller, vm: registry.VM) -> registry.Saved:
+def hibernate(paths: Paths, who: Caller, vm: registry.VM, why: str | None = None) -> registry.Saved:
     with lock(paths, who, vm):
-        return hibernate_locked(paths, who, vm)
+        return hibernate_locked(paths, who, vm, why)
 
 
-def hibernate_locked(paths: Paths, who: Caller, vm: registry.VM) -> registry.Saved:
+def hibernate_locked(paths: Paths, who: Caller, vm: registry.VM, why: str | None = None) -> registry.Saved:
+    """Save the VM and end QEMU. `why`: kvmgate chose to (the memory budget), said
+    in the audit record, in how the run ended (`status`) and in its console log."""
     name = vm.identity.name
     if not runtime.is_running(vm):
         raise WrongState(f"{name} is not running")
-    options = runtime.read_options(vm)
+    options = live.read_options(vm)
     if runs_with_snapshot(config.load(paths), vm, options):
         raise WrongState(f"{name} runs with -snapshot: its overlay ends with QEMU, so it cannot hibernate")
     from kvmgate.host import holds
 
-    holds.hold(paths, vm, runtime.read_pid(vm) or 0)
-    runtime.mark_intended_exit(vm)
-    try:
-        saved = migrate.save(vm, options)
+    pid = live.read_pid(vm)
+    holds.hold(paths, vm, pid or 0)
+    live.mark_intended_exit(vm)
+    try:  # the state is root's file, not the owner's disk: a disk quota's file size limit must not cut it
+        saved = migrate.save(vm, options, through_pipe=_file_size_limited(pid))
     except BaseException:
         holds.release(paths, vm)  # still running (or paused): nothing is held
         runtime.take_intended_exit(vm)
         raise
-    if not runtime.wait_stopped(vm, 30):
+    if not live.wait_stopped(vm, 30):
         raise KvmgateError(f"{name} was saved but QEMU did not exit")
     _clean_up_run(vm)
-    runs.end(vm, "hibernated")
-    audit.done(paths.audit_log, who, "hibernate", vm.identity.owner, name, size=saved.size, checksum=saved.checksum)
+    runs.end(vm, f"hibernated {why}" if why else "hibernated")
+    if why:
+        note.tell(vm, f"hibernated {why}")
+    audit.done(paths.audit_log, who, "hibernate", vm.identity.owner, name, size=saved.size, checksum=saved.checksum,
+               **({"why": why} if why else {}))  # fmt: skip
     return saved
+
+
+def _file_size_limited(pid: int | None) -> bool:
+    """Does QEMU run under RLIMIT_FSIZE (a disk quota's bound, ops.quota)? Read
+    from /proc: raising another process's limit needs CAP_SYS_RESOURCE, which root
+    in some containers lacks, so the save goes through a pipe instead."""
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            return any(line.startswith("Max file size") and line.split()[3] != "unlimited" for line in f)
+    except (OSError, IndexError, TypeError):
+        return True  # unknown: the pipe works either way
 
 
 def sleep(
@@ -234,7 +252,7 @@ def sleep(
     with lock(paths, who, vm):
         if mode == "none" or not runtime.is_running(vm) or (wanted is not None and not wanted()):
             return None
-        if mode == "hibernate" and runs_with_snapshot(config.load(paths), vm, runtime.read_options(vm)):
+        if mode == "hibernate" and runs_with_snapshot(config.load(paths), vm, live.read_options(vm)):
             # Its overlay ends with QEMU: it cannot hibernate, so it is paused, and status says why.
             note.write(vm, "paused at logoff, not hibernated: it runs with -snapshot")
             mode = "pause"

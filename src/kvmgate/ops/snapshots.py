@@ -27,7 +27,7 @@ from kvmgate.model.translate import Plan, Resource
 from kvmgate.ops.lifecycle import lock, qmp
 from kvmgate.ops.plan import plan_for
 from kvmgate.paths import Paths
-from kvmgate.store import config, registry, runtime
+from kvmgate.store import config, live, registry, runtime
 
 JOB_SECONDS = 3600
 
@@ -39,7 +39,7 @@ def _disks(paths: Paths, vm: registry.VM, options: list[str]) -> tuple[Plan, lis
 
 def _snapshottable(paths: Paths, vm: registry.VM) -> list[str]:
     """The qcow2 nodes of the running VM's writable disks, or a refusal."""
-    plan, disks = _disks(paths, vm, runtime.read_options(vm))
+    plan, disks = _disks(paths, vm, live.read_options(vm))
     if plan.snapshot:
         raise PolicyError("snapshot", f"{vm.identity.name} runs with -snapshot: its writes are thrown away")
     if not disks:

@@ -19,6 +19,19 @@ from kvmgate.store.registry import DEFAULT_DISK, VM, mkdir_root, vm_for
 from kvmgate.store.trees import remove_tree
 
 
+def ensure_layout(paths: Paths) -> None:
+    for path, mode in (
+        (paths.state, 0o755),
+        (paths.vms, 0o711),
+        (paths.names, 0o700),
+        (os.path.join(paths.state, "kept"), 0o711),
+        (paths.run, 0o700),
+        (paths.log, 0o700),
+    ):
+        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+        mkdir_root(path, mode)
+
+
 def create(
     paths: Paths, identity: ident.Identity, empty_image: EmptyImage | None, settings: Settings | None = None
 ) -> VM:

@@ -62,19 +62,6 @@ def mkdir_root(path: str, mode: int, uid: int = 0, gid: int = 0) -> None:
     os.chmod(path, mode)
 
 
-def ensure_layout(paths: Paths) -> None:
-    for path, mode in (
-        (paths.state, 0o755),
-        (paths.vms, 0o711),
-        (paths.names, 0o700),
-        (os.path.join(paths.state, "kept"), 0o711),
-        (paths.run, 0o700),
-        (paths.log, 0o700),
-    ):
-        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
-        mkdir_root(path, mode)
-
-
 def _check_root_dir(path: str) -> None:
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:

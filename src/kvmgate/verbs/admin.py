@@ -18,11 +18,13 @@ from kvmgate.host.accounts import ensure_system_user
 from kvmgate.host.caller import Caller
 from kvmgate.model import identity as ident
 from kvmgate.model import qcow2
+from kvmgate.model import selfservice as ss
 from kvmgate.model.commands import Request
 from kvmgate.model.policy.table import OPTIONS
 from kvmgate.model.settings import Settings, check_on_logoff, parse_idle, parse_seconds
+from kvmgate.ops import vms
 from kvmgate.ops.inspect import describe
-from kvmgate.ops.plan import owner_dir, plan_for
+from kvmgate.ops.plan import plan_for
 from kvmgate.paths import GATED_USER, QEMU_GROUP, SERVICE_USER, Paths
 from kvmgate.store import config, define, every, locks, registry, runtime
 from kvmgate.store.files import write_atomic
@@ -30,17 +32,10 @@ from kvmgate.store.trees import remove_tree
 from kvmgate.verbs.common import emit
 
 UDEV_RULE = "/etc/udev/rules.d/65-kvmgate.rules"
-_SIZE = re.compile(r"([0-9]{1,9})([KMGT]?)", re.ASCII)
 
 
 def parse_size(raw: str) -> int:
-    m = _SIZE.fullmatch(raw)
-    if not m:
-        raise UsageError("--disk-size must be a size such as 512M, 10G or 1T")
-    n = int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2)]
-    if not (1 << 20) <= n <= (4 << 40) or n % 512:
-        raise UsageError("--disk-size must be between 1M and 4T, in whole sectors")
-    return n
+    return ss.parse_size(raw)
 
 
 def run(req: Request, who: Caller, paths: Paths) -> int:
@@ -60,7 +55,7 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         from kvmgate.host import network
 
         policy = config.load(paths)
-        registry.ensure_layout(paths)
+        define.ensure_layout(paths)
         for line in network.up(paths, policy) if verb == "net-up" else network.down(paths, policy):
             print(f"{verb}: {line}")
         return 0
@@ -139,39 +134,8 @@ def resize(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
 
 
 def delete(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
-    from kvmgate.host import network
-    from kvmgate.ops import power
-
-    owner, name = vm.identity.owner, vm.identity.name
-    force = req.has("--force")
-    if runtime.is_running(vm):
-        if not force:
-            raise WrongState(f"{name} is running: stop it first, or delete it with --force")
-        power.end_locked(paths, who, vm)
-    elif registry.read_saved(vm) is not None and not force:
-        raise WrongState(
-            f"{name} is hibernated: deleting it loses its saved state; "
-            "`kvmgate stop --discard` it first, or delete it with --force"
-        )
-    settings = registry.read_settings(vm)
-    if req.has("--keep-disks") and settings.image_id and os.path.lexists(vm.default_disk):
-        from kvmgate.ops.images import flatten
-
-        flatten(paths, vm, settings.image_id)  # what is kept needs nothing from the library
-    with locks.alloc_lock(paths):
-        kept, trash = define.delete(paths, vm, req.has("--keep-disks"))
-    from kvmgate.host import holds
-
-    holds.release(paths, vm)  # its saved state went with its directory
-    done = all([remove_tree(trash), remove_tree(vm.rundir), remove_tree(owner_dir(vm))])
-    audit.done(paths.audit_log, who, "admin delete", owner, name, kept=kept, files_removed=done)
-    network.sync(paths, config.load(paths))  # its ports, MACs and addresses are free again
-    audit.done(paths.audit_log, who, "admin delete: network freed", owner, name)
-    print(
-        f"deleted {owner}/{name}"
-        + (f"; disks kept in {kept}" if kept else "")
-        + ("" if done else "; the rest of its files are removed by kvmgate admin reap")
-    )
+    d = vms.delete(paths, who, vm, req.has("--keep-disks"), req.has("--force"), "admin delete")
+    print(d.said(f"{vm.identity.owner}/{vm.identity.name}"))
     return 0
 
 
@@ -191,7 +155,9 @@ def _new_options(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> re
     return new
 
 
-SETTINGS_FLAGS = ("--on-logoff", "--logoff-delay", "--idle", "--wake", "--forward", "--network", "--guest-agent")
+SETTINGS_FLAGS = (
+    "--on-logoff", "--logoff-delay", "--on-pressure", "--idle", "--wake", "--forward", "--network", "--guest-agent",
+)  # fmt: skip
 
 
 def set_settings(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
@@ -213,6 +179,8 @@ def set_settings(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> in
         settings = settings.with_(guest_agent=agent == "on")
     if mode is not None:
         settings = settings.with_(on_logoff=check_on_logoff(mode))
+    if req.flag("--on-pressure") is not None:
+        settings = settings.with_(on_pressure=req.flag("--on-pressure"))
     if idle is not None:
         settings = settings.with_(idle=parse_idle(idle))
     if delay is not None:
@@ -227,89 +195,49 @@ def set_settings(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> in
 def _allocate(
     req: Request, paths: Paths, vm: registry.VM, settings: Settings, commit: Callable[[Settings], object]
 ) -> Settings:
-    """Choose the VM's networks, ports and wake-up under the allocation lock, check
-    that the result translates, then `commit` it (still under the lock) and load
-    the host's rules. Any refusal happens before `commit`: nothing is half-built."""
-    from kvmgate.host import network
-    from kvmgate.model.policy.network import parse_forwards
-
-    policy = config.load(paths)
-    nets, fwd, wake = req.flag("--network"), req.flag("--forward"), req.flag("--wake")
+    wake = req.flag("--wake")
     if wake not in (None, "on", "off"):
         raise UsageError("--wake takes on or off")
-    plan_for(vm, policy, [], "tcg", settings=settings)  # the options' own errors first
-    with locks.alloc_lock(paths):
-        settings = network.allocate_for(
-            paths,
-            policy.net,
-            vm,
-            settings,
-            networks=nets.split(",") if nets is not None else None,
-            forwards=parse_forwards(fwd, policy.net.ports) if fwd is not None else None,
-            wake=None if wake is None else wake == "on",
-        )
-        plan_for(vm, policy, [], "tcg", settings=settings)  # must translate before it is kept
-        commit(settings)
-    network.sync(paths, policy)
-    return settings
+    return vms.allocate(paths, vm, settings, _net(req), commit)
+
+
+def _net(req: Request) -> vms.Network:
+    nets, wake = req.flag("--network"), req.flag("--wake")
+    return vms.Network(nets.split(",") if nets is not None else None, req.flag("--forward"),
+                       None if wake is None else wake == "on")  # fmt: skip
 
 
 def create(req: Request, who: Caller, paths: Paths, owner: str, name: str) -> int:
-    try:
-        pw = pwd.getpwnam(owner)
-    except KeyError:
-        raise UsageError(f"no such user: {owner}") from None
-    if pw.pw_uid == 0:
-        raise UsageError("VMs never run as root: choose an ordinary user as owner")
+    vms.owner_pw(owner)
     policy = config.load(paths)
     opts = policy.parse(req.options, "admin")
     identity = ident.Identity(owner, name, tuple(t for o in opts for t in o.tokens()))
-    vm = registry.vm_for(paths, identity)
     if req.flag("--network") is not None and any(o.name == "-net" for o in opts):
         raise PolicyError("--network", "use either the admin's named networks or -net options, not both")
-    on_logoff = check_on_logoff(req.flag("--on-logoff") or "none")
-    size = req.flag("--disk-size")
-    image_name = req.flag("--image")
-    rec = None
-    if image_name is not None:
-        from kvmgate.store import images
-
-        if any(o.name == "-hda" for o in opts):
-            raise PolicyError("--image", "the VM's first disk is the image's overlay: leave out -hda")
-        rec = images.read(paths, image_name)
+    if req.flag("--wake") not in (None, "on", "off"):
+        raise UsageError("--wake takes on or off")
     service = req.has("--service")
-    settings = Settings(on_logoff=on_logoff, service=service, autostart=service and not req.has("--no-autostart"))
+    settings = Settings(
+        on_logoff=check_on_logoff(req.flag("--on-logoff") or "none"),
+        service=service,
+        autostart=service and not req.has("--no-autostart"),
+        guest_agent=req.flag("--guest-agent") == "on",
+        on_pressure=req.flag("--on-pressure") or "refuse",
+    )
     if req.flag("--logoff-delay") is not None:
         settings = settings.with_(
             logoff_delay=parse_seconds(req.flag("--logoff-delay") or "", "--logoff-delay", "at once")
         )
-    settings = settings.with_(guest_agent=req.flag("--guest-agent") == "on")
+    size = req.flag("--disk-size")
+    image_name = req.flag("--image")
     seed = req.flag("--cloud-init")
-    settings = settings.with_(cloud_init=(rec is not None and rec.cloud_init) if seed is None else seed == "on")
-    image = None
-    if rec is not None:
-        from kvmgate.model.images import backing_name
+    if seed is None and image_name is not None:
+        from kvmgate.store import images
 
-        want = parse_size(size) if size else rec.virtual_size
-        if want < rec.virtual_size:
-            raise UsageError(f"--disk-size {size} is smaller than image {rec.name} ({rec.virtual_size >> 20} MiB)")
-        image = qcow2.empty_image(want, backing=backing_name(rec.id))
-        settings = settings.with_(image=rec.name, image_id=rec.id)
-    elif size:
-        image = qcow2.empty_image(parse_size(size))
-    registry.ensure_layout(paths)
-
-    def commit(s: Settings) -> None:
-        if rec is not None:  # under the allocation lock, as admin image remove: the image is still there
-            from kvmgate.store import images
-
-            if images.read(paths, rec.name).id != rec.id:
-                raise WrongState(f"image {rec.name} was replaced meanwhile: try again")
-        define.create(paths, identity, image, s)
-
-    _allocate(req, paths, vm, settings, commit)
-    audit.done(paths.audit_log, who, "admin create", owner, name, options=list(identity.tokens), directory=vm.vmdir,
-               image=image_name)  # fmt: skip
+        settings = settings.with_(cloud_init=images.read(paths, image_name).cloud_init)
+    else:
+        settings = settings.with_(cloud_init=seed == "on")
+    vm = vms.create(paths, who, identity, settings, _net(req), image_name, parse_size(size) if size else None)
     print(f"created {owner}/{name}: {vm.vmdir}")
     return 0
 
@@ -320,6 +248,18 @@ def show(req: Request, paths: Paths, vm: registry.VM) -> int:
     info["options"] = list(vm.identity.tokens)
     info.update(json.loads(registry.read_settings(vm).to_json()))
     info["identity_components"] = vm.identity.components()
+    made_from = registry.read_settings(vm).template
+    if made_from is not None:  # a user made it from a template: has the template changed since?
+        from kvmgate.store import selfservice
+
+        now = selfservice.load(paths, policy).templates.get(made_from)
+        info["template_drift"] = (
+            "removed: the template no longer exists"
+            if now is None
+            else "none"
+            if now.digest() == info["template_digest"]
+            else "changed: the template was edited since this VM was made; the VM keeps what it was made with"
+        )
     disk = vm.default_disk
     info["default_disk"] = disk if os.path.lexists(disk) else None
     try:
@@ -357,6 +297,7 @@ def default_policy(accel: str) -> str:
         'qemu = "/usr/bin/qemu-system-x86_64"',
         "stop_timeout = 30          # seconds of ACPI power-down before a kill",
         "memory_overhead_mib = 256  # cgroup memory limit = -m + this",
+        "running_memory_budget_mib = 0  # guest RAM running at once on this host (0: no budget; docs/policy.md)",
         "",
         "[lists]",
         '# user = ["-smp"]',
@@ -408,7 +349,7 @@ def init(req: Request, paths: Paths) -> int:
     accel = req.flag("--accel")
     if accel is not None and accel not in ("auto", "kvm", "tcg"):
         raise UsageError("--accel must be auto, kvm or tcg")
-    registry.ensure_layout(paths)
+    define.ensure_layout(paths)
     os.makedirs(paths.etc, 0o755, exist_ok=True)
     os.chmod(paths.etc, 0o755)
     if not os.path.exists(paths.policy):

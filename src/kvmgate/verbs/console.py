@@ -33,7 +33,7 @@ from kvmgate.model.commands import Request
 from kvmgate.model.consolelog import Ring
 from kvmgate.model.terminal import Visible
 from kvmgate.paths import Paths
-from kvmgate.store import config, runtime
+from kvmgate.store import config, note, runtime
 from kvmgate.verbs.common import emit, target
 
 DETACH = b"\x1d"  # Ctrl-]
@@ -76,6 +76,8 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         log = open(vm.sub("log", "console.log"), "rb")  # noqa: SIM115 - lives as long as the relay
     except OSError:
         raise WrongState(f"{vm.identity.name} has no serial console") from None
+    if who.name == vm.identity.owner:
+        note.mark_used(vm)  # the memory budget's "least recently used"
     log.seek(0, os.SEEK_END)
     log.seek(max(0, log.tell() - SCROLLBACK))
     shown = None if who.name == vm.identity.owner else Visible()

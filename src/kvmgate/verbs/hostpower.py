@@ -24,9 +24,9 @@ from kvmgate.host import audit
 from kvmgate.host.caller import Caller
 from kvmgate.model.commands import Request
 from kvmgate.model.settings import parse_seconds
-from kvmgate.ops import lifecycle, power
+from kvmgate.ops import budget, lifecycle, power
 from kvmgate.paths import Paths
-from kvmgate.store import config, critical, every, registry, runtime
+from kvmgate.store import config, critical, every, live, registry, runtime
 from kvmgate.store.files import read_small, write_atomic
 
 PARALLEL = 4  # VMs saved or restored at once (each is mostly disk bandwidth)
@@ -55,7 +55,7 @@ def shutdown(paths: Paths, who: Caller, deadline: float, owner: str | None = Non
     policy = config.load(paths)
 
     def save(vm: registry.VM) -> str:
-        if power.runs_with_snapshot(policy, vm, runtime.read_options(vm)):
+        if power.runs_with_snapshot(policy, vm, live.read_options(vm)):
             left = max(1.0, deadline - time.monotonic() - 5)
             stopped = power.stop(paths, who, vm, timeout=min(float(policy.stop_timeout), left))
             return f"powered down at host shutdown ({stopped.how}): it runs with -snapshot, which cannot hibernate"
@@ -97,7 +97,7 @@ def boot(paths: Paths, who: Caller, deadline: float, only: str | None = None) ->
     def restore(vm: registry.VM) -> str:
         if registry.read_saved(vm) is None:
             return "not hibernated any more: left as it is"
-        started = lifecycle.start(paths, who, vm, [])
+        started = budget.start(paths, who, vm, [])
         return f"restored (pid {started.pid})"
 
     failed = 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 from kvmgate.errors import UsageError
 from kvmgate.host.caller import Caller
 from kvmgate.model.commands import Request
-from kvmgate.ops import lifecycle
+from kvmgate.ops import budget
 from kvmgate.paths import Paths
 from kvmgate.verbs.common import target
 
@@ -16,7 +16,7 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
     vm = target(req, who, paths)
     name = vm.identity.name
     if req.verb == "start":
-        s = lifecycle.start(paths, who, vm, list(req.options), paused=req.has("--paused"))
+        s = budget.start(paths, who, vm, list(req.options), paused=req.has("--paused"))
         print(f"{'restored' if s.restored else 'started'} {name} (pid {s.pid}, accel {s.accel})")
         return 0
     raise UsageError(f"unknown verb {req.verb}")

@@ -39,7 +39,7 @@ from kvmgate.host import audit, audit_rate
 from kvmgate.host.caller import Caller, scrub
 from kvmgate.host.detach import detach
 from kvmgate.model.commands import Request
-from kvmgate.ops import power
+from kvmgate.ops import power, resume
 from kvmgate.paths import Paths, installed
 from kvmgate.store import config, critical, every, registry, runtime
 from kvmgate.store.files import taken
@@ -315,7 +315,7 @@ def apply(paths: Paths, user: str, action: str, only: registry.VM | None = None)
                 continue
             if action == "thaw":
                 if runtime.is_running(vm) or registry.read_saved(vm) is not None:
-                    power.thaw(paths, who, vm, wanted)
+                    resume.thaw(paths, who, vm, wanted)
             else:
                 power.sleep(paths, who, vm, mode, wanted)
         except Exception as err:  # noqa: BLE001 - one VM's trouble never stops the others'

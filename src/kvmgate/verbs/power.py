@@ -7,7 +7,7 @@ from kvmgate.errors import EXIT_FORCED, UsageError
 from kvmgate.host.caller import Caller
 from kvmgate.model.commands import Request
 from kvmgate.model.settings import parse_seconds
-from kvmgate.ops import power
+from kvmgate.ops import power, resume
 from kvmgate.paths import Paths
 from kvmgate.store import registry
 from kvmgate.verbs.common import emit, target
@@ -38,7 +38,7 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         print(f"froze {name}" if power.freeze(paths, who, vm) else f"{name} is already frozen")
         return 0
     if req.verb == "thaw":
-        changed, restored = power.thaw(paths, who, vm)
+        changed, restored = resume.thaw(paths, who, vm)
         if restored is not None:
             print(f"restored {name} (pid {restored.pid}, accel {restored.accel})")
         else:

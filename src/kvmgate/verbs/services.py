@@ -19,9 +19,9 @@ from kvmgate.errors import Busy, UsageError, VMDied, WrongState, one_line
 from kvmgate.host.caller import Caller
 from kvmgate.model import identity as ident
 from kvmgate.model.commands import Request
-from kvmgate.ops import lifecycle, power
+from kvmgate.ops import budget, power
 from kvmgate.paths import Paths
-from kvmgate.store import critical, every, registry, runtime
+from kvmgate.store import critical, every, live, registry, runtime
 
 
 def run(req: Request, who: Caller, paths: Paths) -> int:
@@ -49,7 +49,7 @@ def autostart(who: Caller, paths: Paths) -> int:
                 if supervised:
                     schedule.start_watcher(vm.identity.owner, vm.identity.name)
                 else:
-                    lifecycle.start(paths, who, vm, [])
+                    budget.start(paths, who, vm, [])
         except Busy as err:  # another operation held it too long: that is a failure here
             failed += 1
             sys.stderr.write(f"kvmgate: autostart {vm.identity.owner}/{vm.identity.name}: {err}\n")
@@ -82,7 +82,7 @@ def watch(who: Caller, paths: Paths, target: str) -> int:
     critical.act_on(signal.SIGTERM, on_term)
     if not runtime.is_running(vm):
         try:
-            lifecycle.start(paths, who, vm, [])
+            budget.start(paths, who, vm, [])
         except Busy:
             raise
         except WrongState:
@@ -90,7 +90,7 @@ def watch(who: Caller, paths: Paths, target: str) -> int:
     if signal.SIGTERM in critical.deferred():
         on_term()
     sys.stdout.flush()
-    runtime.wait_exit(vm)
+    live.wait_exit(vm)
     if runtime.take_intended_exit(vm) or registry.read_saved(vm) is not None:
         return 0
     runtime.cleanup(vm)

@@ -3,8 +3,9 @@ daemon, running as the `kvmgate-gated` account) may ask of the helper through
 sudo.
 
 gated may: read the listener table, wake a VM (thaw, restore or start it), hold
-a VM's owner "logged on" while connections are open, and ask for an idle VM to
-be frozen per its policy (refused while the owner has a live session). It acts
+a VM's owner "logged on" while connections are open, say that a connection
+used a VM (for the memory budget's "least recently used"), and ask for an idle
+VM to be frozen per its policy (refused while the owner has a live session). It acts
 only on VMs the admin gave wake ports.
 """
 
@@ -19,7 +20,7 @@ from kvmgate.errors import NoSuchVM, PermissionRefused, UsageError
 from kvmgate.host.caller import Caller
 from kvmgate.model import identity as ident
 from kvmgate.model.commands import Request
-from kvmgate.ops import power
+from kvmgate.ops import power, resume
 from kvmgate.paths import GATED_USER, Paths
 from kvmgate.store import config, every, registry
 from kvmgate.store.sessions import Sessions
@@ -72,7 +73,7 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         raise NoSuchVM(vm.identity.name)  # gated acts only on VMs the admin gave wake ports
     actor = Caller(0, "gated", False)
     if req.verb == "gated-wake":
-        power.wake(paths, actor, vm)
+        resume.wake(paths, actor, vm)
         return 0
     if req.verb == "gated-hold":
         # A session record held by gated itself (its pid and start time): it dies with gated.
@@ -87,6 +88,17 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
                 s.add(pid, tag=f"gated-{vm.key}")
             else:
                 s.remove(pid, tag=f"gated-{vm.key}")
+        return 0
+    if req.verb == "gated-used":
+        # A connection through gated is a use of the VM (the memory budget hibernates
+        # the least recently used). Only the mark's time changes; it is audited.
+        from kvmgate.host import audit
+        from kvmgate.store import note, runtime
+
+        if runtime.is_running(vm):
+            note.mark_used(vm)
+            audit.done(paths.audit_log, actor, "used (a connection through kvmgate-gated)", vm.identity.owner,
+                       vm.identity.name)  # fmt: skip
         return 0
     if req.verb == "gated-idle":
         sessions = Sessions(paths, vm.identity.owner)

@@ -52,6 +52,7 @@ class Policy(NamedTuple):
     console_log_mib: int = 8  # each VM's console log, bounded as it is written (model.consolelog)
     logoff_delay_seconds: int = 60  # --on-logoff acts after this long without a session (per VM: admin set)
     logon_services: tuple[str, ...] = ("sshd", "login")  # logind sessions of these PAM services are logons
+    running_memory_budget_mib: int = 0  # the host's guest RAM running at once (0: no budget; ops.budget)
     net: network.HostNet = network.default()
 
     # ------------------------------------------------------------------ loading
@@ -63,7 +64,7 @@ class Policy(NamedTuple):
         known = {"accel", "qemu", "qemu_data", "stop_timeout", "memory_overhead_mib", "max_open_files"}
         known |= {"lists", "limits"}
         known |= {"audit_burst", "audit_refill_seconds", "console_log_mib", "logoff_delay_seconds", "logon_services"}
-        known |= {"host", "ports", "vnc", "networks"}
+        known |= {"host", "ports", "vnc", "networks", "running_memory_budget_mib"}
         extra = set(data) - known
         if extra:
             raise fail(f"unknown key {sorted(extra)[0]!r}")
@@ -96,6 +97,7 @@ class Policy(NamedTuple):
             ("audit_refill_seconds", 1, 3600),
             ("console_log_mib", 1, 1024),
             ("logoff_delay_seconds", 0, 7 * 86400),
+            ("running_memory_budget_mib", 0, 1 << 30),
         ):
             if key in data:
                 v = data[key]
@@ -193,8 +195,9 @@ class Policy(NamedTuple):
     def list_of(self, option: str) -> ListName:
         return self.lists[option]
 
-    def parse(self, tokens: Sequence[str], who: str) -> list[ParsedOption]:
-        """Parse `tokens` in the note's vocabulary for `who` ("user" or "admin").
+    def parse(self, tokens: Sequence[str], who: str, only: Sequence[str] | None = None) -> list[ParsedOption]:
+        """Parse `tokens` in the note's vocabulary for `who` ("user" or "admin"),
+        and, given `only` (a template's user options), no option outside it.
 
         Only exact option names from the table are options: QEMU's own spellings
         (`--m`, `-m=256`, abbreviations) and a stray `--` are refused, so no token
@@ -216,6 +219,8 @@ class Policy(NamedTuple):
                     raise PolicyError(tok.split("=", 1)[0], "unknown option" + hint)
                 raise PolicyError(tok[:40], "expected an option, got a bare value")
             where = self.lists[tok]
+            if only is not None and tok not in only:
+                raise PolicyError(tok, "this VM's template does not let you set it")
             if where not in allowed:
                 if where == "unused":
                     raise PolicyError(tok, "not used on this host")
