@@ -1,7 +1,7 @@
 #!/bin/sh
 # Install kvmgate's runtime (stdlib-only) into root-owned locations.
 #
-#   ./install.sh [--prefix /usr/local] [--libdir DIR] [--etc /etc/kvmgate]
+#   ./install.sh [--prefix /usr/local] [--libdir DIR] [--etc /etc/kvmgate] [--cockpit DIR]
 #                [--state /var/lib/kvmgate] [--run /run/kvmgate] [--log /var/log/kvmgate]
 #                [--sudoers /etc/sudoers.d/kvmgate] [--unitdir /etc/systemd/system]
 #                [--systemd auto|yes|no] [--test-pause-points CONTROL_FILE]
@@ -17,12 +17,12 @@
 # kvmgate/_install.py, so nothing a caller controls can move them.
 set -eu
 prefix=/usr/local libdir= etc=/etc/kvmgate state=/var/lib/kvmgate run=/run/kvmgate log=/var/log/kvmgate
-sudoers=/etc/sudoers.d/kvmgate pause= unitdir=/etc/systemd/system systemd=auto
+sudoers=/etc/sudoers.d/kvmgate pause= unitdir=/etc/systemd/system systemd=auto cockpit=/usr/share/cockpit/kvmgate
 while [ $# -gt 0 ]; do
     case "$1" in
         --prefix) prefix=$2 ;; --libdir) libdir=$2 ;; --etc) etc=$2 ;; --state) state=$2 ;;
         --run) run=$2 ;; --log) log=$2 ;; --sudoers) sudoers=$2 ;;
-        --unitdir) unitdir=$2 ;; --systemd) systemd=$2 ;;
+        --unitdir) unitdir=$2 ;; --systemd) systemd=$2 ;; --cockpit) cockpit=$2 ;;
         # The test suite's own installation only: the helper stops at named points
         # while root's CONTROL_FILE names them (kvmgate/store/critical.py).
         --test-pause-points) pause=$2 ;;
@@ -31,6 +31,7 @@ while [ $# -gt 0 ]; do
     shift 2
 done
 case "$systemd" in auto | yes | no) ;; *) echo "install.sh: --systemd takes auto, yes or no" >&2; exit 2 ;; esac
+case "$cockpit" in /*/kvmgate) ;; *) echo "install.sh: --cockpit takes a directory named kvmgate (it is replaced whole)" >&2; exit 2 ;; esac
 [ "$(id -u)" = 0 ] || { echo "install.sh: run as root" >&2; exit 3; }
 libdir=${libdir:-$prefix/lib/kvmgate}
 src=$(cd "$(dirname "$0")" && pwd)/src/kvmgate
@@ -51,6 +52,7 @@ PATHS = {
     "helper": "$libdir/kvmgate-helper",
     "sudo": "/usr/bin/sudo",
     "sudoers": "$sudoers",
+    "cockpit": "$cockpit",
 }
 PY
 [ -z "$pause" ] || echo "PAUSE_CONTROL = \"$pause\"  # test installation: pause points" >> "$libdir.new.$$/kvmgate/_install.py"
@@ -113,6 +115,23 @@ rm -rf "$libdir.old.$$"
 # Byte-compile as root, in place, so Python never writes caches at run time.
 "$python" -I -S -m compileall -q -f "$libdir/kvmgate" >/dev/null
 ln -sf "$libdir/kvmgate-frontend" "$prefix/bin/kvmgate"
+# The Cockpit page (docs/cockpit.md): plain files, the front end's path written in, and
+# noVNC and xterm.js copied in where this host has them (admin init --cockpit fetches them).
+rm -rf "$cockpit.new.$$"
+mkdir -p "$cockpit.new.$$"
+cp -R "$src/../../cockpit/kvmgate/." "$cockpit.new.$$/"
+"$python" -I -S - "$libdir" "$cockpit.new.$$" "$prefix/bin/kvmgate" "$log/audit.log" >/dev/null <<'PY'
+import json, sys
+libdir, page, kvmgate, audit = sys.argv[1:]
+sys.path.insert(0, libdir)
+from kvmgate.host.cockpit import vendor
+with open(f"{page}/config.js", "w") as f:
+    f.write(f"export const KVMGATE = {json.dumps(kvmgate)};\nexport const AUDIT_LOG = {json.dumps(audit)};\n")
+vendor(page)
+PY
+chmod -R go-w "$cockpit.new.$$"
+rm -rf "$cockpit"
+mv "$cockpit.new.$$" "$cockpit"
 # The documentation the units and --help point at, and the units and PAM snippet to copy from.
 doc=$prefix/share/doc/kvmgate
 mkdir -p "$doc"

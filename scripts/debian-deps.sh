@@ -10,6 +10,8 @@ test="logrotate python3-venv openssh-server openssh-client procps psmisc iputils
 # check kvmgate's seeds on the host (tests/integration/test_images.py).
 test="$test mmdebstrap syslinux syslinux-common mtools dosfstools fdisk"
 test="$test python3-yaml python3-jsonschema python3-jinja2 python3-configobj python3-jsonpatch python3-netifaces python3-requests"
+# The Cockpit page's real-browser tests (tests/integration/test_cockpit.py).
+test="$test cockpit-ws cockpit-bridge novnc chromium chromium-driver"
 case "${1:-runtime}" in
     runtime) want="$runtime $guest" ;;
     test) want="$runtime $guest $test" ;;

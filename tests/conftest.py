@@ -36,11 +36,12 @@ HELPER = f"{PREFIX}/lib/kvmgate/kvmgate-helper"
 SUDOERS = "/etc/sudoers.d/kvmgate-test"
 LOGROTATE = "/etc/logrotate.d/kvmgate-test"  # install.sh names it after the sudoers drop-in
 PAUSE_CONTROL = f"{PREFIX}/pause-control"  # the helper's test-only pause points (store/critical.py)
+COCKPIT_PAGE = "/usr/local/share/cockpit/kvmgate"  # ahead of /usr/share in Cockpit's search path
 INSTALL_ARGS = ["--prefix", PREFIX, "--etc", ETC, "--state", STATE, "--run", RUN, "--log", LOG, "--sudoers", SUDOERS]
 UNITDIR = f"{PREFIX}/systemd"  # the suite's units go where no systemd reads them
 CRON = "/etc/cron.d/kvmgate-test"  # `admin init --cron` names it after the sudoers drop-in
 # The suite's installation only (older releases' install.sh knows neither option):
-PAUSE_ARGS = ["--test-pause-points", PAUSE_CONTROL, "--unitdir", UNITDIR, "--systemd", "no"]
+PAUSE_ARGS = ["--test-pause-points", PAUSE_CONTROL, "--unitdir", UNITDIR, "--systemd", "no", "--cockpit", COCKPIT_PAGE]
 GUEST = os.environ.get("KVMGATE_GUEST_DIR", "/var/cache/kvmgate-test-guest")
 BOOT_LINE = r"KVMGATE-GUEST-READY[^\r\n]*[\r\n]"
 # ssh(1) options for throwaway test hosts: never prompt, never remember a host key.
@@ -254,6 +255,7 @@ def kg(guest: Path) -> Iterator[Kvmgate]:
     for path in (SUDOERS, LOGROTATE, CRON):
         if os.path.exists(path):
             os.unlink(path)
+    shutil.rmtree(COCKPIT_PAGE, ignore_errors=True)
     shutil.rmtree(RUN, ignore_errors=True)
     shutil.rmtree(PREFIX, ignore_errors=True)
 

@@ -23,6 +23,7 @@ class Paths(NamedTuple):
     helper: str = "/usr/lib/kvmgate/kvmgate-helper"
     sudo: str = "/usr/bin/sudo"
     sudoers: str = "/etc/sudoers.d/kvmgate"
+    cockpit: str = "/usr/share/cockpit/kvmgate"  # the Cockpit page (install.sh --cockpit)
 
     def checked(self) -> Paths:
         # These strings reach QEMU's option syntax (the VNC socket) and sudoers: keep them plain.

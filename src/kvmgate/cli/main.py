@@ -173,6 +173,12 @@ def _helper_command() -> list[str]:
 def exec_helper(argv: list[str]) -> int:
     if os.geteuid() == 0 and os.getuid() == 0:
         # Root needs no sudo hop: run the helper of this same installation in-process.
+        # Root is root: a shell that came from sudo (`sudo -i`, Cockpit's administrative
+        # access) must not make it act as the user who ran sudo. Only root and those the
+        # host's sudoers lets run anything as root get here; the kvmgate drop-in gives
+        # users the helper alone, which still reads SUDO_UID.
+        for key in ("SUDO_UID", "SUDO_GID", "SUDO_USER", "SUDO_COMMAND"):
+            os.environ.pop(key, None)
         from kvmgate.entry import main as helper_main
 
         return helper_main(argv)

@@ -124,6 +124,14 @@ def install_pam(
     return "\n".join(s for s in said if s)
 
 
+def unlist(paths: Paths, services: tuple[str, ...], pam_dir: str = PAM_DIR) -> str:
+    """Remove the hook from stacks that have it but are no longer wanted (the
+    admin took `cockpit` out of logon_services): the hook itself never reads the
+    policy, so a line left in place would go on counting those logons."""
+    stale = [n for n in _files_with_hook(paths, pam_dir) if n not in services and n != LEGACY_FILE]
+    return "\n".join(s for s in (_strip(paths, os.path.join(pam_dir, n), "") for n in stale) if s)
+
+
 def uninstall_pam(paths: Paths, pam_dir: str = PAM_DIR) -> str:
     said = []
     for service in sorted({LEGACY_FILE, *SERVICES, *_files_with_hook(paths, pam_dir)}):

@@ -232,6 +232,11 @@ VERBS: tuple[Verb, ...] = (
             Flag("--no-pam", "remove the PAM session hook"),
             Flag("--cron", "without systemd: install cron lines for what its units run (reap, boot, gated)"),
             Flag("--no-cron", "remove those cron lines"),
+            Flag(
+                "--cockpit",
+                "the web page: install cockpit-ws, cockpit-bridge and novnc, fetch xterm.js (pinned), enable "
+                "cockpit.socket where systemd runs (docs/cockpit.md)",
+            ),
         ),
         target=None,
     ),

@@ -394,8 +394,22 @@ def init(req: Request, paths: Paths) -> int:
 
     for line in network.up(paths, config.load(paths)):
         _say(f"network: {line}")
+    if req.has("--cockpit"):
+        from kvmgate.host import cockpit
+
+        _say(cockpit.install_packages())
+        for line in cockpit.vendor(paths.cockpit, fetch=True):
+            _say(f"cockpit page: {line}")
+        _say(cockpit.enable_socket())
+        _say(f"the page: /cockpit/@localhost/{os.path.basename(paths.cockpit)}/index.html (docs/cockpit.md)")
     if req.has("--pam"):
-        _say(pam.install_pam(paths))
+        # A browser session counts as a logon only if the admin lists cockpit in logon_services.
+        web = "cockpit" in config.load(paths).logon_services and os.path.exists("/etc/pam.d/cockpit")
+        services = pam.SERVICES + (("cockpit",) if web else ())
+        _say(pam.install_pam(paths, services=services))
+        unlisted = pam.unlist(paths, services)
+        if unlisted:
+            _say(unlisted)
         from kvmgate.host import logind
 
         if logind.running():
