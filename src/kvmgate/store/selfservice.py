@@ -189,6 +189,8 @@ def _build(policy: Policy, raw: dict[str, Any]) -> tuple[dict[str, ss.Template],
 
 def load(paths: Paths, policy: Policy) -> Loaded:
     files = all_files(paths)
+    if not files:  # no self-service on this host: nothing granted, and nothing written (no cache)
+        return Loaded({}, EMPTY)
     stamp = _stamp(paths, files)
     cache = os.path.join(paths.run, "selfservice.cache.json")
     entry = _json(cache)
