@@ -29,7 +29,7 @@ from kvmgate.model import selfservice as ss
 from kvmgate.model.digest import sha256
 from kvmgate.model.policy.policy import Policy
 from kvmgate.paths import Paths
-from kvmgate.store.files import flock, read_small, write_atomic
+from kvmgate.store.files import flock, write_atomic
 from kvmgate.store.locks import lock_dir
 
 MAX_FILE = 64 << 10
@@ -187,6 +187,21 @@ def _build(policy: Policy, raw: dict[str, Any]) -> tuple[dict[str, ss.Template],
     return templates, ss.parse_grants(raw["grants"])
 
 
+def parse_files(paths: Paths, policy: Policy, files: list[str]) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Every file read afresh and checked: (the raw set, the errors, the files read)."""
+    texts: dict[str, str] = {}
+    errors = []
+    if sum(1 for p in files if p != grants_file(paths)) > ss.MAX_TEMPLATES:
+        errors.append(f"{templates_dir(paths)}:1: more than {ss.MAX_TEMPLATES} templates")
+    for p in files:
+        try:
+            texts[p] = _read(p)[0]
+        except (OSError, UnicodeDecodeError, PolicyError) as err:
+            errors.append(f"{p}:1: {err}")
+    raw, more = parse_all(policy, texts, grants_file(paths))
+    return raw, errors + more, sorted(texts)
+
+
 def load(paths: Paths, policy: Policy) -> Loaded:
     files = all_files(paths)
     if not files:  # no self-service on this host: nothing granted, and nothing written (no cache)
@@ -198,17 +213,7 @@ def load(paths: Paths, policy: Policy) -> Loaded:
         raw, errors = entry.get("raw"), entry.get("errors")
         errors = [str(e) for e in errors] if isinstance(errors, list) else ["the cache is damaged"]
     else:
-        texts: dict[str, str] = {}
-        errors = []
-        if sum(1 for p in files if p != grants_file(paths)) > ss.MAX_TEMPLATES:
-            errors.append(f"{templates_dir(paths)}:1: more than {ss.MAX_TEMPLATES} templates")
-        for p in files:
-            try:
-                texts[p] = _read(p)[0]
-            except (OSError, UnicodeDecodeError, PolicyError) as err:
-                errors.append(f"{p}:1: {err}")
-        raw, more = parse_all(policy, texts, grants_file(paths))
-        errors += more
+        raw, errors, _ = parse_files(paths, policy, files)
         good = os.path.join(paths.state, "selfservice.good.json")
         if not errors:
             with contextlib.suppress(OSError):
@@ -331,7 +336,3 @@ def budget_lock(paths: Paths, timeout: float) -> Iterator[None]:
     """The host-wide running-memory budget: before any owner's lock."""
     with flock(os.path.join(lock_dir(paths), "budget"), timeout, "the host's memory budget"):
         yield
-
-
-def read_text(path: str) -> str:
-    return read_small(path, MAX_FILE).decode(errors="replace")

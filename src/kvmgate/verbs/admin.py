@@ -34,10 +34,6 @@ from kvmgate.verbs.common import emit
 UDEV_RULE = "/etc/udev/rules.d/65-kvmgate.rules"
 
 
-def parse_size(raw: str) -> int:
-    return ss.parse_size(raw)
-
-
 def run(req: Request, who: Caller, paths: Paths) -> int:
     verb = req.verb.removeprefix("admin-")
     if verb == "init":
@@ -93,7 +89,7 @@ def resize(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
         raise UsageError("DISK is a file name in the VM's disks/ directory, e.g. disk0.qcow2")
     if runtime.is_running(vm) or registry.read_saved(vm) is not None:
         raise WrongState(f"{vm.identity.name} is running or hibernated: stop it (or discard its state) first")
-    new = parse_size(size)
+    new = ss.parse_size(size)
     limit = config.load(paths).limits.image_max_gib << 30
     if new > limit:
         raise PolicyError("SIZE", f"{size} is above this host's image limit")
@@ -237,7 +233,7 @@ def create(req: Request, who: Caller, paths: Paths, owner: str, name: str) -> in
         settings = settings.with_(cloud_init=images.read(paths, image_name).cloud_init)
     else:
         settings = settings.with_(cloud_init=seed == "on")
-    vm = vms.create(paths, who, identity, settings, _net(req), image_name, parse_size(size) if size else None)
+    vm = vms.create(paths, who, identity, settings, _net(req), image_name, ss.parse_size(size) if size else None)
     print(f"created {owner}/{name}: {vm.vmdir}")
     return 0
 

@@ -298,16 +298,7 @@ def template_list(req: Request, paths: Paths) -> int:
 
 def template_check(req: Request, paths: Paths) -> int:
     """Every file parsed afresh (not the cache, not the last good set)."""
-    policy = config.load(paths)
-    texts: dict[str, str] = {}
-    errors: list[str] = []
-    for p in files.all_files(paths):
-        try:
-            texts[p] = files.read_checked(p)
-        except (OSError, UnicodeDecodeError, PolicyError) as err:
-            errors.append(f"{p}:1: {err}")
-    raw, more = files.parse_all(policy, texts, files.grants_file(paths))
-    errors += more
+    raw, errors, read = files.parse_files(paths, config.load(paths), files.all_files(paths))
     warnings = []
     for kind, table in raw.get("grants", {}).items():
         for whom, body in table.items():
@@ -317,14 +308,14 @@ def template_check(req: Request, paths: Paths) -> int:
                         f"{files.grants_file(paths)}: {kind}.{whom} names template {n!r}, which does not exist"
                     )
     if req.as_json:
-        emit({"ok": not errors, "errors": errors, "warnings": warnings, "files": sorted(texts)}, "", True)
+        emit({"ok": not errors, "errors": errors, "warnings": warnings, "files": read}, "", True)
     else:
         for line in errors:
             print(line)
         for line in warnings:
             print(f"warning: {line}")
         if not errors:
-            print(f"ok: {len(texts)} file(s), {len(raw['templates'])} template(s)")
+            print(f"ok: {len(read)} file(s), {len(raw['templates'])} template(s)")
     if errors:
         import sys
 
