@@ -14,6 +14,7 @@ cd "$(dirname "$0")"
 sh scripts/debian-deps.sh test
 sh guest/build-test-guest.sh >/dev/null
 sh guest/build-debian-guest.sh >/dev/null  # the real Debian guest (cached by its recipe; about a minute cold)
+sh guest/build-shares-guest.sh >/dev/null  # the same with NFS and Samba (docs/services.md; cached, about a minute cold)
 sh scripts/fetch-qemu10.sh >/dev/null  # the second QEMU (cached by its recipe; seconds)
 venv=.venv
 [ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv "$venv"

@@ -10,9 +10,21 @@
 #   KVMGATE_DEBIAN_MIRROR=URL overrides the mirror read from /etc/apt/sources.list{,.d} (scripts/host-mirror.sh).
 # prints the cache directory (holding debian.qcow2 and recipe) on success.
 set -eu
-OUT=${1:-${KVMGATE_DEBIAN_DIR:-/var/cache/kvmgate-debian-guest}}
-# Any change to this script changes what it builds, so its hash is the recipe.
-RECIPE="bookworm-$(sha256sum < "$0" | cut -c1-16)"
+here=$(cd "$(dirname "$0")/.." && pwd)
+# KVMGATE_GUEST_FLAVOR=shares (guest/build-shares-guest.sh): the same guest plus an NFS and Samba server
+# driven by kvmgate's owner map (guest/kvmgate-shares, docs/services.md) and their clients.
+FLAVOR=${KVMGATE_GUEST_FLAVOR:-base}
+case $FLAVOR in
+base) OUT=${1:-${KVMGATE_DEBIAN_DIR:-/var/cache/kvmgate-debian-guest}} ;;
+shares) OUT=${1:-/var/cache/kvmgate-shares-guest} ;;
+*) echo "unknown KVMGATE_GUEST_FLAVOR $FLAVOR" >&2; exit 2 ;;
+esac
+# Any change to this script (or, for shares, to the agent) changes what it builds: their hash is the recipe.
+if [ "$FLAVOR" = base ]; then
+    RECIPE="bookworm-$(sha256sum < "$0" | cut -c1-16)"
+else
+    RECIPE="bookworm-$FLAVOR-$(cat "$0" "$here/guest/kvmgate-shares" | sha256sum | cut -c1-16)"
+fi
 if [ "$(cat "$OUT/recipe" 2>/dev/null)" = "$RECIPE" ] && [ -f "$OUT/debian.qcow2" ]; then
     echo "$OUT"; exit 0
 fi
@@ -46,7 +58,6 @@ trap 'rm -rf --one-file-system "$work" "$OUT/debian.qcow2.tmp" "$OUT/recipe.tmp"
 trap 'exit 1' INT TERM HUP
 
 # --- The mirror: the host's own (scripts/host-mirror.sh). ---
-here=$(cd "$(dirname "$0")/.." && pwd)
 mirror=$(sh "$here/scripts/host-mirror.sh")
 security=$(sh "$here/scripts/host-mirror.sh" security)
 set -- "deb $mirror bookworm main" "deb $mirror bookworm-updates main"
@@ -245,10 +256,45 @@ EOF
 chmod 755 "$o/etc/initramfs-tools/hooks/kvmgate" "$o/etc/initramfs/post-update.d/kvmgate-boot" \
     "$o/usr/local/sbin/kvmgate-seed" "$o/usr/local/sbin/kvmgate-growroot"
 
+extra=""
+disable=""
+mask=""
+if [ "$FLAVOR" = shares ]; then
+    # The owner map's reader: started by udev when the map disk (serial kvmgate-ownermap) appears,
+    # so the same image is an ordinary client VM without it (nfs-server and smbd stay off).
+    install -m 755 "$here/guest/kvmgate-shares" "$o/usr/local/sbin/kvmgate-shares"
+    mkdir -p "$o/etc/udev/rules.d" "$o/etc/nfs.conf.d"
+    cat > "$o/etc/udev/rules.d/99-kvmgate-shares.rules" <<'EOF'
+SUBSYSTEM=="block", KERNEL=="vd*[!0-9]", ATTRS{serial}=="kvmgate-ownermap", TAG+="systemd", ENV{SYSTEMD_WANTS}+="kvmgate-shares.service"
+EOF
+    cat > "$o/etc/systemd/system/kvmgate-shares.service" <<'EOF'
+[Unit]
+Description=NFS and Samba shares per owner, from kvmgate's owner map
+After=local-fs.target network.target
+Before=shutdown.target
+
+[Service]
+ExecStart=/usr/local/sbin/kvmgate-shares
+Restart=always
+RestartSec=2
+StandardOutput=journal+console
+EOF
+    # NFSv4 only: no mountd, statd or portmapper on the network, so no export list for anyone to read.
+    cat > "$o/etc/nfs.conf.d/kvmgate.conf" <<'EOF'
+[nfsd]
+vers3=n
+EOF
+    extra=",python3,nfs-kernel-server,nfs-common,samba,smbclient"
+    disable="nfs-server.service smbd.service"  # the agent starts them in a service VM only
+    # NFSv4 needs neither the portmapper nor statd: masked, so nothing but nfsd (2049) and smbd (445)
+    # listens, and there is no export list for anyone to read.
+    mask="nmbd.service samba-ad-dc.service rpcbind.service rpcbind.socket rpc-statd.service"
+fi
+
 # --- The root file system. ---
 # Recommends are off (mmdebstrap's default); docs, man pages and translations are left out.
 mmdebstrap --quiet --variant=apt \
-    --include=systemd,systemd-sysv,udev,dbus,libpam-systemd,systemd-resolved,kmod,passwd,netbase,iproute2,openssh-server,sudo,qemu-guest-agent,jq,e2fsprogs,fdisk,initramfs-tools,zstd,linux-image-cloud-amd64 \
+    --include=systemd,systemd-sysv,udev,dbus,libpam-systemd,systemd-resolved,kmod,passwd,netbase,iproute2,openssh-server,sudo,qemu-guest-agent,jq,e2fsprogs,fdisk,initramfs-tools,zstd,linux-image-cloud-amd64$extra \
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias' \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
@@ -256,6 +302,8 @@ mmdebstrap --quiet --variant=apt \
     --customize-hook='chroot "$1" systemctl enable -q systemd-networkd systemd-resolved kvmgate-seed kvmgate-growroot' \
     --customize-hook='chroot "$1" systemctl mask -q systemd-networkd-wait-online.service systemd-firstboot.service e2scrub_reap.service e2scrub_all.timer' \
     --customize-hook='chroot "$1" passwd -q -l root' \
+    --customize-hook="[ -z '$disable' ] || chroot \"\$1\" systemctl disable -q $disable" \
+    --customize-hook="[ -z '$mask' ] || chroot \"\$1\" systemctl mask -q $mask" \
     --customize-hook='rm -f "$1"/etc/ssh/ssh_host_*' \
     --customize-hook='echo debian > "$1/etc/hostname"; printf "127.0.0.1\tlocalhost\n127.0.1.1\tdebian\n::1\tlocalhost ip6-localhost ip6-loopback\n" > "$1/etc/hosts"' \
     --customize-hook='ln -sf ../run/systemd/resolve/stub-resolv.conf "$1/etc/resolv.conf"' \

@@ -44,6 +44,7 @@ every = st.builds(
     template=st.none(),
     template_digest=st.none(),
     user_options=st.none() | st.lists(st.sampled_from(["-cdrom", "-boot", "-snapshot", "-smp"]), max_size=4).map(tuple),
+    owner_map=st.booleans(),
 ).flatmap(
     lambda base: st.one_of(
         st.just(base),
@@ -89,8 +90,9 @@ def test_a_version_0_file_reads_as_the_same_settings() -> None:
 @pytest.mark.parametrize(
     "change",
     [
-        {"version": 4},
+        {"version": 5},
         {"version": "1"},
+        {"owner_map": 1},
         {"image": "deb", "image_id": None},
         {"image": "deb", "image_id": "../../x"},
         {"image": "../x", "image_id": "0" * 32},

@@ -156,6 +156,8 @@ def open_runtime_resources(plan: Plan, where: Where, lock_fd: int) -> dict[int, 
                 opened[PUMP_LOG] = _console_log(where.logdir, plan.restore)
             elif r.kind == "lock":
                 opened[r.fd] = os.dup(lock_fd)
+            elif r.kind in ("ownermap", "ownerack"):  # root's, made by host.ownermap.prepare
+                opened[r.fd] = os.open(r.path or "", (os.O_RDWR if r.writable else os.O_RDONLY) | os.O_NOFOLLOW)
     except BaseException:
         close_all(opened)
         raise

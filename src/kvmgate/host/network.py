@@ -19,11 +19,13 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from kvmgate.errors import KvmgateError, PolicyError
+from kvmgate.host import ownermap
 from kvmgate.model import allocate, hostnet
 from kvmgate.model.policy.network import ForwardRequest, HostNet, Network, int_to_ip, ip_to_int
 from kvmgate.model.policy.policy import Policy
@@ -99,6 +101,7 @@ def allocate_for(
     taken_macs = {n.mac for s in others for n in s.nics}
     taken_taps = {n.tap for s in others for n in s.nics if n.tap}
     taken_ips = {(n.network, n.ip) for s in others for n in s.nics if n.ip}
+    held: list[set[tuple[str, str]]] = []  # still in service VMs' owner maps, or quarantined: asked when needed
     for p in _redir_ports(vm):
         if not net.ports.in_pool(p) or p in taken_ports:
             why = "is already another VM's" if p in taken_ports else "is outside the pool"
@@ -122,6 +125,9 @@ def allocate_for(
                 taken_taps.add(tap)
             if network.subnet is not None:
                 mine = keep.ip if keep and keep.ip and (name, keep.ip) not in taken_ips else None
+                if not mine and not held:
+                    held.append(ownermap.held(paths, net, vm, everyone))
+                    taken_ips |= held[0]
                 ip = mine or int_to_ip(
                     allocate.first_free(network.subnet.hosts(), {ip_to_int(a) for n, a in taken_ips if n == name})
                 )
@@ -155,11 +161,16 @@ def allocate_for(
     return settings.with_(nics=nics, wake=waking, forwards=tuple(rows))
 
 
-def reclaim_ports(paths: Paths, policy: Policy, vm: registry.VM) -> list[str]:
+def reclaim_ports(paths: Paths, policy: Policy, vm: registry.VM) -> None:
     """Before QEMU binds the VM's forwarded ports: any that another program holds
     now (a user squatting the pool) gets a new port, under the allocation lock,
     so that a squatter can neither stop the start nor receive its connections.
-    Ports kvmgate-gated listens on are gated's and left alone. Returns what moved."""
+    Ports kvmgate-gated listens on are gated's and left alone. Says what moved."""
+    for line in _reclaim(paths, policy, vm):
+        sys.stderr.write(f"kvmgate: {line}\n")
+
+
+def _reclaim(paths: Paths, policy: Policy, vm: registry.VM) -> list[str]:
     settings = registry.read_settings(vm)
     net = policy.net
     # QEMU binds a wake port's internal end on loopback, and a plain forward itself.
@@ -192,7 +203,7 @@ def _uid(name: str) -> int | None:
 
 
 def _rules(
-    paths: Paths, net: HostNet, extra: tuple[tuple[int, int], ...] = ()
+    net: HostNet, everything: list[tuple[registry.VM, Settings]], extra: tuple[tuple[int, int], ...] = ()
 ) -> tuple[str, dict[str, list[tuple[str, str]]]]:
     bridges = {n.bridge for n in net.networks.values() if n.kind == "services"}
     taps: list[hostnet.TapRule] = []
@@ -200,7 +211,7 @@ def _rules(
     dhcp: dict[str, list[tuple[str, str]]] = {n.name: [] for n in net.networks.values() if n.kind == "services"}
     gated = _uid(GATED_USER)
     ports.extend(hostnet.PortRule(port, (uid,)) for port, uid in extra if net.ports.protect)
-    for vm, s in every.all_settings(paths):
+    for vm, s in everything:
         uid = _uid(vm.identity.owner)
         if uid is None:
             continue
@@ -248,7 +259,8 @@ def sync(paths: Paths, policy: Policy, extra: tuple[tuple[int, int], ...] = ()) 
 
 
 def _sync(paths: Paths, policy: Policy, extra: tuple[tuple[int, int], ...] = ()) -> None:
-    text, dhcp = _rules(paths, policy.net, extra)
+    everything = every.all_settings(paths)
+    text, dhcp = _rules(policy.net, everything, extra)
     _run([NFT, "-f", "-"], text)
     d = netrun(paths)
     os.makedirs(d, 0o755, exist_ok=True)
@@ -276,6 +288,10 @@ def _sync(paths: Paths, policy: Policy, extra: tuple[tuple[int, int], ...] = ())
             _start_dnsmasq(paths, policy.net.networks[name])
         else:
             os.kill(pid, signal.SIGHUP)  # re-reads the hosts file
+    if ownermap.in_use(paths, everything):
+        # Last: should it fail, the old record still gives a freed address to its old owner,
+        # so no allocation can take it (host.ownermap.held) until a later sync publishes.
+        ownermap.publish(paths, policy.net, everything)
 
 
 def _stop(pid: int) -> None:
@@ -437,6 +453,9 @@ def open_tap(ifname: str) -> int:
 def attach_taps(paths: Paths, policy: Policy, resources: Sequence[Resource]) -> None:
     """Put freshly opened taps on their bridges, isolated ports set before the link
     is up, so no frame ever crosses a non-isolated port."""
+    if any(r.kind == "ownermap" for r in resources):  # a service VM's owner map (host.ownermap)
+        with _net_lock(paths):
+            ownermap.prepare(paths, policy.net, resources, every.all_settings(paths))
     taps = [r for r in resources if r.kind == "tap" and r.bridge]
     if not taps:
         return

@@ -122,6 +122,13 @@ GUEST_AGENT = Flag(
     "on|off",
     ("on", "off"),
 )
+OWNER_MAP = Flag(
+    "--owner-map",
+    "a service VM reads the owner map of its services networks (which owner holds each address) from a "
+    "read-only disk kvmgate keeps current, and says which map it applied (docs/services.md)",
+    "on|off",
+    ("on", "off"),
+)
 TIMEOUT = Flag("--timeout", "power-down grace time in seconds (default from the policy)", "SECONDS")
 ON_PRESSURE = Flag(
     "--on-pressure",
@@ -265,6 +272,7 @@ VERBS: tuple[Verb, ...] = (
             FORWARD,
             WAKE,
             GUEST_AGENT,
+            OWNER_MAP,
         ),
         options=True,
         usage="kvmgate admin create NAME (--owner USER | --service) [--image IMAGE] [--disk-size SIZE] -- OPTION...",
@@ -293,6 +301,7 @@ VERBS: tuple[Verb, ...] = (
             FORWARD,
             WAKE,
             GUEST_AGENT,
+            OWNER_MAP,
         ),
         options=True,
         usage="kvmgate admin set NAME --owner USER [SETTING...] [-- OPTION...]",
@@ -302,6 +311,13 @@ VERBS: tuple[Verb, ...] = (
         "admin-net-up",
         "idempotent network set-up: services bridges, the nftables rules, dnsmasq (run at boot by "
         "kvmgate-network.service; starts of bridged VMs do it themselves after a reboot)",
+        target=None,
+    ),
+    Verb(
+        "admin-owner-map",
+        "the owner map service VMs read: each services address with its owner and VM, the addresses held "
+        "back until every live service VM has applied a map without them, and which map each has applied",
+        (JSON,),
         target=None,
     ),
     Verb(

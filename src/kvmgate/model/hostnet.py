@@ -148,6 +148,13 @@ def attachments(net: HostNet, settings: Settings, owner_uid: int) -> tuple[Port,
     return tuple(ports)
 
 
+def services_of(net: HostNet, settings: Settings) -> tuple[str, ...]:
+    """The services networks the VM has a NIC on, in its NICs' order."""
+    return tuple(
+        n.network for n in settings.nics if n.network in net.networks and net.network(n.network).kind == "services"
+    )
+
+
 def redirs(tokens: Sequence[str]) -> list[g.Redir]:
     """The note's `-redir`s among a VM's admin options (already validated canonical tokens)."""
     return [g.parse_redir("-redir", tokens[i + 1], g.Limits()) for i in range(len(tokens) - 1) if tokens[i] == "-redir"]

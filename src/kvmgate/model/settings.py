@@ -19,8 +19,9 @@ from typing import Any, NamedTuple
 from kvmgate.errors import KvmgateError, UsageError
 from kvmgate.model.regex import Regex
 
-VERSION = 3  # 2: image, image_id, cloud_init, guest_agent (absent in 1: no image, no seed, no agent)
+VERSION = 4  # 2: image, image_id, cloud_init, guest_agent (absent in 1: no image, no seed, no agent)
 # 3: on_pressure, template, template_digest, user_options (absent in 2: refuse, made by the admin, the policy's list)
+# 4: owner_map (absent in 3: off)
 ON_LOGOFF = ("none", "pause", "hibernate")
 ON_PRESSURE = ("refuse", "hibernate")
 MAX_BYTES = 1 << 20
@@ -63,6 +64,7 @@ class Settings(NamedTuple):
     template: str | None = None  # the template a user made it from (None: the admin made it)
     template_digest: str | None = None  # that template as it was then: a later edit shows as drift
     user_options: tuple[str, ...] | None = None  # the user options its starts take (None: the policy's user list)
+    owner_map: bool = False  # a service VM that reads the owner map (model.ownermap, docs/services.md)
 
     def with_(self, **changes: Any) -> Settings:
         return self._replace(**changes)
@@ -151,7 +153,7 @@ def parse(text: bytes | str) -> Settings:
     on_logoff = data.get("on_logoff", s.on_logoff)
     if on_logoff not in ON_LOGOFF:
         raise CorruptSettings("bad on_logoff")
-    flags = {k: data.get(k, getattr(s, k)) for k in ("service", "autostart", "wake")}
+    flags = {k: data.get(k, getattr(s, k)) for k in ("service", "autostart", "wake", "owner_map")}
     if not all(isinstance(v, bool) for v in flags.values()):
         raise CorruptSettings("bad flag")
     idle = data.get("idle", 0)
@@ -186,6 +188,7 @@ def parse(text: bytes | str) -> Settings:
     return Settings(
         on_logoff, flags["service"], flags["autostart"], flags["wake"], idle, forwards, nics, delay,
         image, image_id, cloud_init, agent, pressure, template, digest, None if user is None else tuple(user),
+        flags["owner_map"],
     )  # fmt: skip
 
 

@@ -33,7 +33,20 @@ TCG_CACHE_MIB = 128  # TCG's translation cache, in the VM's memory cgroup
 
 Accel = Literal["kvm", "tcg"]
 ResourceKind = Literal[
-    "qmp", "console", "console-log", "lock", "disk", "base", "overlay", "blob", "tap", "config", "seed", "agent"
+    "qmp",
+    "console",
+    "console-log",
+    "lock",
+    "disk",
+    "base",
+    "overlay",
+    "blob",
+    "tap",
+    "config",
+    "seed",
+    "agent",
+    "ownermap",
+    "ownerack",
 ]
 
 
@@ -136,6 +149,7 @@ class Context(NamedTuple):
     data_dirs: tuple[str, ...] = ()  # the policy's qemu_data: -L, for a QEMU installed beside the system's
     machine: str | None = None  # a restore: the versioned machine type the state was saved with
     stop_on_write_error: bool = False  # writable disks: werror=stop (a disk quota's bound pauses the VM)
+    owner_map: tuple[str, tuple[str, ...]] | None = None  # (RUN/<key>, services networks): the owner map's disks
 
 
 class Plan(NamedTuple):
@@ -384,6 +398,8 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
         b.add("-device", "virtio-serial-pci,id=kgqgaser")
         b.add("-device", _json({"driver": "virtserialport", "bus": "kgqgaser.0", "chardev": "kgqga",
                                 "name": "org.qemu.guest_agent.0"}))  # fmt: skip
+    if ctx.owner_map:
+        _owner_map(b, *ctx.owner_map)
     pidfiles = tuple(v.canonical for v in by.get("-pidfile", []))
     dirs = tuple((n, v.canonical) for n in ("-tftp", "-smb") for v in by.get(n, []))
     return Plan(
@@ -498,6 +514,22 @@ def _seed(b: _Builder, by: dict[str, list[g.Value]], machine: str, seed: Seed) -
     _file_node(b, r, "seed", True)
     b.add("-blockdev", _json({"driver": "raw", "node-name": "seed-fmt", "file": "seed-file", "read-only": True}))
     b.add("-device", _json({"driver": "ide-cd", "drive": "seed-fmt", "id": "seed", "bus": bus, "unit": unit}))
+
+
+def _owner_map(b: _Builder, rundir: str, networks: tuple[str, ...]) -> None:
+    """A service VM's owner map (model.ownermap): a read-only disk the helper
+    rewrites in place, and a small writable one for the guest's answer. Virtio
+    with fixed serials, so the guest finds them at /dev/disk/by-id/virtio-SERIAL.
+    The helper makes both files, root's, in RUN/<key>/; QEMU gets descriptors."""
+    disks: tuple[tuple[ResourceKind, str, bool], ...] = (("ownermap", "kgmap", False), ("ownerack", "kgack", True))
+    for kind, node, writable in disks:
+        name = kind
+        r = b.resource(kind, path=f"{rundir}/{name}", writable=writable, text=" ".join(networks))
+        _file_node(b, r, node, not writable)
+        b.add("-blockdev", _json({"driver": "raw", "node-name": f"{node}-fmt", "file": f"{node}-file",
+                                  "read-only": not writable}))  # fmt: skip
+        b.add("-device", _json({"driver": "virtio-blk-pci", "drive": f"{node}-fmt", "id": node,
+                                "serial": f"kvmgate-{name}"}))  # fmt: skip
 
 
 def _network(b: _Builder, by: dict[str, list[g.Value]], ctx: Context) -> bool:

@@ -14,7 +14,6 @@ import contextlib
 import contextvars
 import grp
 import os
-import pwd
 import signal
 import sys
 import time
@@ -27,7 +26,7 @@ from kvmgate.host.caller import Caller
 from kvmgate.host.qmp import QMP, wait_ready
 from kvmgate.model.policy.grammar import Limits
 from kvmgate.model.translate import Accel, Plan
-from kvmgate.ops.plan import owner_dir, plan_for
+from kvmgate.ops.plan import owner_dir, owner_pw, plan_for
 from kvmgate.paths import Paths
 from kvmgate.store import config, critical, locks, registry, runs, runtime
 
@@ -106,18 +105,14 @@ def _launch(
         from kvmgate.host import qemu_version
 
         qemu_version.refuse_newer(paths, policy.qemu, vm.identity.name, saved.qemu)
-    try:
-        pw = pwd.getpwnam(vm.identity.owner)
-    except KeyError:
-        raise NoSuchVM(vm.identity.name) from None
+    pw = owner_pw(vm)
     launch.refuse_unless_owner(pw)
     qemu_gid = grp.getgrnam(launch.QEMU_GROUP).gr_gid
     accel = config.accel(policy)
     if registry.read_settings(vm).forwards:  # a port another program took since: a new one, said why
         from kvmgate.host import network
 
-        for line in network.reclaim_ports(paths, policy, vm):
-            sys.stderr.write(f"kvmgate: {line}\n")
+        network.reclaim_ports(paths, policy, vm)
     machine = saved.machine if saved else None  # a restore: the machine type the state was saved with
     quota = None  # self-service: the owner's disk quota bounds the disks' growth (ops.quota)
     if os.path.exists(os.path.join(paths.etc, "grants.toml")):
@@ -149,7 +144,7 @@ def _launch(
             from kvmgate.host import network
 
             network.ensure_up(paths, policy)
-            network.attach_taps(paths, policy, plan.resources)
+            network.attach_taps(paths, policy, plan.resources)  # and a service VM's owner map (host.ownermap)
         if plan.vnc is not None and plan.vnc.mode == "tcp" and policy.net.ports.protect:
             from kvmgate.host import network  # the owner-only rule is in place before QEMU listens
 

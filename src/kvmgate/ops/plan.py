@@ -7,7 +7,7 @@ import os
 import pwd
 
 from kvmgate.errors import IdentityError, NoSuchVM, PolicyError
-from kvmgate.model.hostnet import attachments
+from kvmgate.model.hostnet import attachments, services_of
 from kvmgate.model.policy.policy import Policy
 from kvmgate.model.settings import Settings
 from kvmgate.model.translate import Accel, Context, Plan, Seed, base_image, merge, translate
@@ -20,9 +20,10 @@ def owner_dir(vm: registry.VM) -> str:
     return os.path.join(os.path.dirname(vm.rundir) + "-display", vm.key)
 
 
-def owner_uid(vm: registry.VM) -> int:
+def owner_pw(vm: registry.VM) -> pwd.struct_passwd:
+    """The owner's account; a VM whose owner is gone does not exist for anyone."""
     try:
-        return pwd.getpwnam(vm.identity.owner).pw_uid
+        return pwd.getpwnam(vm.identity.owner)
     except KeyError:
         raise NoSuchVM(vm.identity.name) from None
 
@@ -63,7 +64,7 @@ def plan_for(
         incoming=incoming,
         forwards=settings.forwards,
         forward_bind=policy.net.ports.bind,
-        nics=attachments(policy.net, settings, owner_uid(vm)),
+        nics=attachments(policy.net, settings, owner_pw(vm).pw_uid),
         vnc_socket=os.path.join(d, "vnc.sock") if policy.net.vnc == "unix" else None,
         base_image=base,
         seed=seed,
@@ -71,5 +72,6 @@ def plan_for(
         data_dirs=policy.qemu_data,
         machine=machine,
         stop_on_write_error=stop_on_write_error,
+        owner_map=(vm.rundir, services_of(policy.net, settings)) if settings.owner_map else None,
     )
     return translate(merge(admin_opts, user_opts), ctx)

@@ -20,6 +20,7 @@ from kvmgate.model import identity as ident
 from kvmgate.model import qcow2
 from kvmgate.model import selfservice as ss
 from kvmgate.model.commands import Request
+from kvmgate.model.policy.policy import Policy
 from kvmgate.model.policy.table import OPTIONS
 from kvmgate.model.settings import Settings, check_on_logoff, parse_idle, parse_seconds
 from kvmgate.ops import vms
@@ -55,6 +56,13 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         for line in network.up(paths, policy) if verb == "net-up" else network.down(paths, policy):
             print(f"{verb}: {line}")
         return 0
+    if verb == "owner-map":
+        from kvmgate.host import ownermap
+
+        policy = config.load(paths)
+        info = ownermap.report(paths, policy.net, every.all_settings(paths))
+        emit(info, _owner_map_text(info), req.as_json)
+        return 0
     owner = req.flag("--owner")
     if verb == "create" and not owner and req.has("--service"):
         ensure_system_user(SERVICE_USER)
@@ -76,6 +84,30 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         if verb == "resize":
             return resize(req, who, paths, vm)
     raise UsageError(f"unknown admin verb {verb}")
+
+
+def _owner_map_text(info: dict[str, Any]) -> str:
+    out = [f"generation {info['generation']}\n"]
+    out += [f"{r['network']:<12} {r['ip']:<16} {r['owner']}/{r['name']}\n" for r in info["rows"]]
+    out += [f"{q['network']:<12} {q['ip']:<16} held back until every live server applies {q['generation']}\n"
+            for q in info["quarantine"]]  # fmt: skip
+    out += [f"{f['network']:<12} every free address held back until every live server applies {f['generation']}\n"
+            for f in info["fenced"]]  # fmt: skip
+    out += [f"server {s['server']}: {'applied ' + str(s['applied']) if s['live'] else 'not running'}\n"
+            for s in info["servers"]]  # fmt: skip
+    return "".join(out)
+
+
+def _owner_map(req: Request, policy: Policy, settings: Settings, nets: list[str] | None) -> Settings:
+    """--owner-map: for service VMs with a NIC on a services network only."""
+    flag = req.flag("--owner-map")
+    on = settings.owner_map if flag is None else flag == "on"
+    if on and not settings.service:
+        raise PolicyError("--owner-map", "is for service VMs (admin create --service)")
+    names = nets if nets is not None else [n.network for n in settings.nics]
+    if on and not any(policy.net.network(n).kind == "services" for n in names):
+        raise PolicyError("--owner-map", "needs a NIC on a services network (--network services,...)")
+    return settings.with_(owner_map=on)
 
 
 def resize(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
@@ -153,6 +185,7 @@ def _new_options(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> re
 
 SETTINGS_FLAGS = (
     "--on-logoff", "--logoff-delay", "--on-pressure", "--idle", "--wake", "--forward", "--network", "--guest-agent",
+    "--owner-map",
 )  # fmt: skip
 
 
@@ -173,6 +206,10 @@ def set_settings(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> in
         if runtime.is_running(vm) or registry.read_saved(vm) is not None:  # a device: a saved state needs it as it was
             raise WrongState(f"{vm.identity.name} is running or hibernated: stop it to change its guest agent channel")
         settings = settings.with_(guest_agent=agent == "on")
+    if req.flag("--owner-map") is not None or req.flag("--network") is not None:
+        if req.flag("--owner-map") is not None and (runtime.is_running(vm) or registry.read_saved(vm) is not None):
+            raise WrongState(f"{vm.identity.name} is running or hibernated: stop it to change its owner map disks")
+        settings = _owner_map(req, config.load(paths), settings, _net(req).networks)
     if mode is not None:
         settings = settings.with_(on_logoff=check_on_logoff(mode))
     if req.flag("--on-pressure") is not None:
@@ -220,6 +257,7 @@ def create(req: Request, who: Caller, paths: Paths, owner: str, name: str) -> in
         guest_agent=req.flag("--guest-agent") == "on",
         on_pressure=req.flag("--on-pressure") or "refuse",
     )
+    settings = _owner_map(req, policy, settings, _net(req).networks)
     if req.flag("--logoff-delay") is not None:
         settings = settings.with_(
             logoff_delay=parse_seconds(req.flag("--logoff-delay") or "", "--logoff-delay", "at once")
