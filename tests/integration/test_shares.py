@@ -160,8 +160,12 @@ def test_each_owner_uses_their_own_shares_and_nobody_elses(lab: Lab) -> None:
     r = lab.ssh(lab.bob, "b1", f"smbclient -N -L //{svc}; echo rc=$?")
     assert lab.alice not in r.stdout, "shares are not listed"
     # NFSv4 only: no portmapper, no mountd, so no export list (with its addresses) for anyone.
-    r = lab.ssh(lab.bob, "b1", f"echo have=$(command -v rpcinfo showmount | wc -l); rpcinfo -p {svc}; echo rpc=$?; "
-                f"showmount -e {svc}; echo show=$?")
+    r = lab.ssh(
+        lab.bob,
+        "b1",
+        f"echo have=$(command -v rpcinfo showmount | wc -l); rpcinfo -p {svc}; echo rpc=$?; "
+        f"showmount -e {svc}; echo show=$?",
+    )
     assert "have=2" in r.stdout and "rpc=0" not in r.stdout and "show=0" not in r.stdout, r.stdout
     assert lab.alice not in r.stdout + r.stderr, r.stdout
     r = lab.ssh(lab.bob, "b1", f"smbclient -N //{svc}/{lab.bob} -c ls")
