@@ -164,7 +164,7 @@ def publish(paths: Paths, net: HostNet, everything: Everything) -> om.State:
     VM's disk. Called with the network lock held. A record that is damaged, or
     gone while servers are live, is rebuilt so that no generation goes back and no
     free address of their networks is handed out before they applied the new map."""
-    old = _load(paths)
+    old = recorded = _load(paths)
     live = [srv for srv in servers(paths, net, everything) if srv.live]
     if old is None or (old == om.State() and live):
         old = om.rebuilt(max([_seen(srv) for srv in live] + [0]), time.time_ns() // 1000, _services(net))
@@ -172,7 +172,7 @@ def publish(paths: Paths, net: HostNet, everything: Everything) -> om.State:
                          "until every running server has applied the new map\n")  # fmt: skip
     new = om.publish(old, rows(net, everything))
     new = om.released(new, acks(paths, net, everything, new.generation))
-    if new != old or not os.path.exists(_state_path(paths)):
+    if new != recorded or not os.path.exists(_state_path(paths)):
         write_atomic(_state_path(paths), new.to_json())
     for vm, s in everything:
         if s.service and s.owner_map:
