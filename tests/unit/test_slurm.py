@@ -1,0 +1,87 @@
+"""The Slurm backend's pure parts: the policy table, sbatch's and srun's argv, and
+recognising a job from a process's cgroup or its slurmstepd ancestor."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvmgate.errors import PolicyError
+from kvmgate.model import slurm as sl
+
+BACKEND = sl.parse_backend({"kind": "slurm", "partition": "vms", "account": "lab", "features": ["kvm", "avx2"]})
+
+
+def test_the_backend_table_is_strict() -> None:
+    assert sl.parse_backend({}) == sl.Backend()
+    assert BACKEND.slurm and BACKEND.features == ("kvm", "avx2")
+    for bad in (
+        {"kind": "k8s"},
+        {"kind": "slurm"},
+        {"kind": "slurm", "partition": "vms;rm"},
+        {"kind": "slurm", "partition": "vms", "features": ["a&b"]},
+        {"kind": "slurm", "partition": "vms", "qos": "--uid=0"},
+        {"kind": "slurm", "partition": "vms", "overhead_mib": 1},
+        {"kind": "slurm", "partition": "vms", "cpu_model": "host,+vmx;x"},
+        {"kind": "slurm", "partition": "vms", "extra": 1},
+    ):
+        with pytest.raises(PolicyError):
+            sl.parse_backend(bad)
+
+
+def test_sbatch_runs_the_job_as_the_owner_with_their_group_and_no_environment() -> None:
+    argv = sl.sbatch_argv("/usr/bin/sbatch", BACKEND, sl.Submit("KEY123", 1001, 1001, 512, 2), "/usr/lib/kvmgate/entry")
+    assert argv[0] == "/usr/bin/sbatch" and "--parsable" in argv
+    assert "--uid=1001" in argv and "--gid=1001" in argv, "22.05 would run it with gid 0 otherwise"
+    assert "--export=NONE" in argv and "--chdir=/" in argv and "--time=UNLIMITED" in argv
+    assert "--mem=768M" in argv and "--cpus-per-task=2" in argv and "--no-requeue" in argv
+    assert "--constraint=kvm&avx2" in argv and "--account=lab" in argv and "--partition=vms" in argv
+    assert argv[-1] == "--wrap=exec /usr/lib/kvmgate/entry KEY123"
+    svc = sl.sbatch_argv("sbatch", BACKEND._replace(service_partition="svc"), sl.Submit("K", 1, 1, 64, 1, True), "e")
+    assert "--requeue" in svc and "--partition=svc" in svc
+    pinned = sl.sbatch_argv("sbatch", BACKEND, sl.Submit("K", 1, 1, 64, 1, node="node-b"), "e")
+    assert "--nodelist=node-b" in pinned
+    with pytest.raises(PolicyError):
+        sl.sbatch_argv("sbatch", BACKEND, sl.Submit("K", 1, 1, 64, 1, node="a,b"), "e")
+    with pytest.raises(ValueError):
+        sl.sbatch_argv("sbatch", sl.Backend(), sl.Submit("K", 1, 1, 64, 1), "e")
+
+
+def test_srun_overlaps_the_vms_step() -> None:
+    argv = sl.srun_argv("/usr/bin/srun", 42, ["/usr/lib/kvmgate/node", "console", "K"], pty=True)
+    assert argv[:3] == ["/usr/bin/srun", "--jobid=42", "--overlap"] and "--pty" in argv
+    assert argv[-3:] == ["/usr/lib/kvmgate/node", "console", "K"] and "--export=NONE" in argv
+
+
+@pytest.mark.parametrize(("out", "job"), [("123\n", 123), ("77;cluster\n", 77)])
+def test_the_job_id_sbatch_prints(out: str, job: int) -> None:
+    assert sl.parse_job_id(out) == job
+
+
+@pytest.mark.parametrize("out", ["", "Submitted batch job 5", "-1", "٣", "99999999999"])
+def test_anything_else_is_no_job_id(out: str) -> None:
+    with pytest.raises(ValueError):
+        sl.parse_job_id(out)
+
+
+def test_a_job_from_its_cgroup_v2_and_v1() -> None:
+    v2 = "0::/system.slice/slurmstepd.scope/job_812/step_batch/user/task_0\n"
+    assert sl.job_from_cgroup(v2) == 812
+    v1 = "12:freezer:/slurm/uid_1001/job_9/step_batch\n11:memory:/slurm/uid_1001/job_9/step_batch/task_0\n"
+    assert sl.job_from_cgroup(v1, 1001) == 9
+    assert sl.job_from_cgroup(v1, 1002) is None, "another user's job"
+    assert sl.job_from_cgroup("0::/user.slice/user-1001.slice/session-3.scope\n") is None
+
+
+@given(st.text(max_size=200))
+def test_nothing_but_slurms_shapes_names_a_job(text: str) -> None:
+    got = sl.job_from_cgroup(text)
+    assert got is None or "job_" in text
+
+
+def test_a_job_from_slurmstepds_title() -> None:
+    assert sl.job_from_stepd(b"slurmstepd: [812.batch]\0") == 812
+    assert sl.job_from_stepd(b"slurmstepd: [812.0]") == 812
+    assert sl.job_from_stepd(b"/bin/sh\0-c\0slurmstepd: [1.batch]") is None
+    assert sl.job_from_stepd(b"slurmstepd: [812.batch] extra") is None
