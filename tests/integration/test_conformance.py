@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from qemu.qmp import QMPClient
 
-from ..conftest import RUN, Kvmgate
+from ..conftest import BOOT_LINE, RUN, Kvmgate, boot_options
+from .test_networks import Net, net  # noqa: F401 - the namespace fixture
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +190,29 @@ def test_loadvm(kg: Kvmgate, alice: str, vm_name: str, cleanup_vms: list, files:
     kg.ok("stop", vm_name, "--owner", alice, "--force")
     kg.ok("start", vm_name, "--owner", alice, "--paused", "--", "-hda", disk, "-loadvm", "snap1")
     assert kg.json("status", vm_name, "--owner", alice)["state"] == "paused"
+
+
+def test_owner_map_disks_start_hibernate_and_restore(net: Net, guest: Path, vm_name: str) -> None:  # noqa: F811
+    """A service VM's owner map and answer disks (docs/services.md) on this QEMU: the guest
+    finds both by their serials and reads the map's header, and the VM hibernates and restores."""
+    svc = "kvmgate-svc"
+    net.ok("admin", "create", vm_name, "--service", "--no-autostart", "--owner-map", "on", "--network", "services",
+           "--", *boot_options(guest))  # fmt: skip
+    try:
+        net.ok("start", vm_name, "--owner", svc)
+        net.ok("console", vm_name, "--owner", svc, "--expect", BOOT_LINE, "--timeout", "90")
+        look = (
+            "for d in /sys/block/vd*; do "
+            "echo $(cat $d/serial) $(dd if=/dev/${d##*/} bs=64 count=1 2>/dev/null | head -c 18); done"
+        )
+        out = net.guest(svc, vm_name, look)
+        assert "kvmgate-ownermap kvmgate-ownermap 1" in out and "kvmgate-ownerack" in out, out
+        net.ok("hibernate", vm_name, "--owner", svc)
+        net.ok("start", vm_name, "--owner", svc)
+        assert "kvmgate-ownermap kvmgate-ownermap 1" in net.guest(svc, vm_name, look), "restored with both disks"
+    finally:
+        net.kvmgate("stop", vm_name, "--owner", svc, "--force")
+        net.kvmgate("admin", "delete", vm_name, "--owner", svc)
 
 
 def test_every_note_option_is_covered(files: dict, guest: Path) -> None:

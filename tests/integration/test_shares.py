@@ -163,7 +163,7 @@ def test_each_owner_uses_their_own_shares_and_nobody_elses(lab: Lab) -> None:
     r = lab.ssh(
         lab.bob,
         "b1",
-        f"echo have=$(command -v rpcinfo showmount | wc -l); rpcinfo -p {svc}; echo rpc=$?; "
+        f"PATH=$PATH:/usr/sbin; echo have=$(command -v rpcinfo showmount | wc -l); rpcinfo -p {svc}; echo rpc=$?; "
         f"showmount -e {svc}; echo show=$?",
     )
     assert "have=2" in r.stdout and "rpc=0" not in r.stdout and "show=0" not in r.stdout, r.stdout

@@ -62,6 +62,17 @@ def test_a_read_racing_a_write_sees_the_old_map_or_the_new_never_half(a: list, b
         assert got is not None and got[0] == 2
 
 
+def test_a_header_torn_anywhere_never_passes_with_the_other_body() -> None:
+    """Found by the property test below: a new generation over an old length and checksum."""
+    body = b"services 10.77.0.2 alice a1\n"
+    for old, new in ((om.slot(7, body), om.slot(8, b"")), (om.slot(7, b""), om.slot(8, body))):
+        for cut in range(om.HEADER + 1):
+            torn = new[:cut] + old[cut:]
+            got = agent.read_slot(torn)
+            assert got in (None, om.read_slot(old), om.read_slot(new)), cut
+            assert om.read_slot(torn) == got
+
+
 def _map_file(path: Path, slots: list[bytes]) -> None:
     path.write_bytes(b"".join(slots))
 

@@ -204,8 +204,14 @@ def body(rows: Iterable[Row], networks: Iterable[str]) -> bytes:
     return "".join(lines).encode()
 
 
+def checksum(generation: int, data: bytes) -> int:
+    """CRC-32 of the generation, the length and the body: a header torn between two
+    writes (a new generation, an old length and checksum) never matches an old body."""
+    return zlib.crc32(data, zlib.crc32(f"{generation:020d} {len(data):010d}".encode()))
+
+
 def header(generation: int, data: bytes) -> bytes:
-    h = f"kvmgate-ownermap 1 {generation:020d} {len(data):010d} {zlib.crc32(data):08x}\n".encode()
+    h = f"kvmgate-ownermap 1 {generation:020d} {len(data):010d} {checksum(generation, data):08x}\n".encode()
     return h.ljust(HEADER, b"\0")
 
 
@@ -226,7 +232,7 @@ def read_slot(raw: bytes) -> tuple[int, bytes] | None:
     except ValueError:
         return None
     data = raw[HEADER : HEADER + size]
-    if len(data) != size or zlib.crc32(data) != crc:
+    if len(data) != size or checksum(gen, data) != crc:
         return None
     return gen, data
 
