@@ -85,3 +85,13 @@ def test_a_job_from_slurmstepds_title() -> None:
     assert sl.job_from_stepd(b"slurmstepd: [812.0]") == 812
     assert sl.job_from_stepd(b"/bin/sh\0-c\0slurmstepd: [1.batch]") is None
     assert sl.job_from_stepd(b"slurmstepd: [812.batch] extra") is None
+
+
+def test_the_policy_carries_the_backend() -> None:
+    from kvmgate.model.policy.policy import Policy
+
+    assert Policy.from_dict({}).backend == sl.Backend()
+    p = Policy.from_dict({"backend": {"kind": "slurm", "partition": "vms"}})
+    assert p.backend.slurm and p.backend.partition == "vms"
+    with pytest.raises(PolicyError):
+        Policy.from_dict({"backend": {"kind": "slurm"}})

@@ -18,6 +18,7 @@ from kvmgate.model.policy import grammar as g
 from kvmgate.model.policy import network
 from kvmgate.model.policy.table import LISTS, OPTIONS, ListName, OptionSpec
 from kvmgate.model.regex import Regex
+from kvmgate.model.slurm import Backend, parse_backend
 
 ACCELS = ("auto", "kvm", "tcg")
 
@@ -54,6 +55,7 @@ class Policy(NamedTuple):
     logon_services: tuple[str, ...] = ("sshd", "login")  # logind sessions of these PAM services are logons
     running_memory_budget_mib: int = 0  # the host's guest RAM running at once (0: no budget; ops.budget)
     net: network.HostNet = network.default()
+    backend: Backend = Backend()  # where VMs run: this host, or a Slurm cluster (model.slurm)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -64,7 +66,7 @@ class Policy(NamedTuple):
         known = {"accel", "qemu", "qemu_data", "stop_timeout", "memory_overhead_mib", "max_open_files"}
         known |= {"lists", "limits"}
         known |= {"audit_burst", "audit_refill_seconds", "console_log_mib", "logoff_delay_seconds", "logon_services"}
-        known |= {"host", "ports", "vnc", "networks", "running_memory_budget_mib"}
+        known |= {"host", "ports", "vnc", "networks", "running_memory_budget_mib", "backend"}
         extra = set(data) - known
         if extra:
             raise fail(f"unknown key {sorted(extra)[0]!r}")
@@ -115,6 +117,7 @@ class Policy(NamedTuple):
         kw["lists"] = cls._lists(data.get("lists", {}), fail)
         kw["limits"] = cls._limits(data.get("limits", {}), fail)
         kw["net"] = network.parse(data)
+        kw["backend"] = parse_backend(data.get("backend", {}))
         return cls(**kw)
 
     @staticmethod
