@@ -95,3 +95,29 @@ def test_the_policy_carries_the_backend() -> None:
     assert p.backend.slurm and p.backend.partition == "vms"
     with pytest.raises(PolicyError):
         Policy.from_dict({"backend": {"kind": "slurm"}})
+
+
+REC = sl.JobRecord(812, "KEY", 1001, 1_700_000_000)
+
+
+def test_the_job_record_reads_back_strictly() -> None:
+    assert sl.parse_record(REC.to_json()) == REC
+    for bad in ('{"version": 2}', "[]", "x", REC.to_json().replace('"job": 812', '"job": true')):
+        with pytest.raises(sl.NotThisJob):
+            sl.parse_record(bad)
+
+
+@pytest.mark.parametrize(
+    ("key", "caller", "seen", "job_uid", "why"),
+    [
+        ("OTHER", 1001, 812, 1001, "another VM's"),
+        ("KEY", 1001, None, 1001, "not running inside"),
+        ("KEY", 1001, 813, 1001, "is not the job"),
+        ("KEY", 1002, 812, 1001, "owner"),
+        ("KEY", 1001, 812, 1002, "owner"),
+    ],
+)
+def test_the_node_side_refuses_any_other_job_or_caller(key: str, caller: int, seen, job_uid, why: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(sl.NotThisJob, match=why):
+        sl.check_caller(REC, key, caller, seen, job_uid)
+    sl.check_caller(REC, "KEY", 1001, 812, 1001)

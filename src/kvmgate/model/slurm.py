@@ -14,10 +14,11 @@ the login-side helper wrote when it submitted it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from kvmgate.errors import PolicyError
+from kvmgate.errors import KvmgateError, PolicyError
 from kvmgate.model.regex import Regex
 
 KINDS = ("local", "slurm")
@@ -168,3 +169,55 @@ def job_from_stepd(cmdline: bytes) -> int | None:
     processes below it (read only from a root-owned /usr/sbin/slurmstepd)."""
     m = _STEPD.fullmatch(cmdline.rstrip(b"\0").replace(b"\0", b" ").decode("ascii", "replace").strip())
     return int(m.group(1)) if m else None
+
+
+class JobRecord(NamedTuple):
+    """RUN-shared STATE/vms/<dir>/job.json, root's: the job the login-side helper
+    submitted for this VM. The node-side helper starts QEMU only inside this job."""
+
+    job: int
+    key: str
+    uid: int
+    submitted: int  # Unix time of the submission
+    restore: bool = False  # the job restores the VM's saved state rather than boot it
+    node: str | None = None  # where it runs, once the node side has said so
+
+    def to_json(self) -> str:
+        return json.dumps({"version": 1, **self._asdict()}, sort_keys=True)
+
+
+class NotThisJob(KvmgateError):
+    """The caller does not run in the job kvmgate submitted for this VM."""
+
+
+def parse_record(text: str | bytes) -> JobRecord:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise NotThisJob("the VM's job record is not JSON") from None
+    if not isinstance(data, dict) or data.get("version") != 1 or set(data) != {"version", *JobRecord._fields}:
+        raise NotThisJob("the VM's job record has the wrong shape")
+    ints = ("job", "uid", "submitted")
+    if not all(isinstance(data[k], int) and not isinstance(data[k], bool) and data[k] >= 0 for k in ints):
+        raise NotThisJob("the VM's job record has the wrong shape")
+    node = data["node"]
+    if not isinstance(data["key"], str) or not isinstance(data["restore"], bool):
+        raise NotThisJob("the VM's job record has the wrong shape")
+    if node is not None and not (isinstance(node, str) and _NAME.fullmatch(node)):
+        raise NotThisJob("the VM's job record has the wrong shape")
+    return JobRecord(data["job"], data["key"], data["uid"], data["submitted"], data["restore"], node)
+
+
+def check_caller(record: JobRecord, key: str, caller_uid: int, job_seen: int | None, job_uid: int | None) -> None:
+    """The node side's one question, from sources it trusts: `job_seen`, the job its
+    own process runs in (its cgroup, or its slurmstepd ancestor), and `job_uid`, that
+    job's user as slurmctld says. Refused unless both name the job recorded for this
+    VM, for this VM's owner, who is also the caller."""
+    if record.key != key:
+        raise NotThisJob("the job record is another VM's")
+    if job_seen is None:
+        raise NotThisJob("not running inside a Slurm job")
+    if job_seen != record.job:
+        raise NotThisJob(f"job {job_seen} is not the job kvmgate submitted for this VM")
+    if caller_uid != record.uid or job_uid != record.uid:
+        raise NotThisJob("the job does not run as the VM's owner")
