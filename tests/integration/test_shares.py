@@ -13,12 +13,15 @@ server, restarted by `admin watch` after a crash, serves the same files again.""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import pwd
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,6 +35,7 @@ from .test_networks import Net, net  # noqa: F401 - the namespace fixture
 IMAGE = "kgshares"
 SVC = "kvmgate-svc"
 SERVER = "files"
+BRIDGE = "ktsvc0"  # the services bridge of the suite's policy (conftest.DEFAULT_POLICY)
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +203,78 @@ def test_bob_posing_as_alice_is_dropped_by_the_bridge(lab: Lab) -> None:
         sent, arrived = lab.net.frames(at_bob), lab.net.frames(at_server)
         assert [f for f in sent if f["src"] == alice_mac], "bob's guest did send frames as alice"
         assert not [f for f in arrived if f["ip_src"] == alice_ip or f["src"] == alice_mac], arrived[:5]
+    finally:
+        lab.net.ok("thaw", "a1", "--owner", lab.alice)
+
+
+# A DHCP client message as a guest's root can write it: any chaddr, any type (4 DECLINE, 7 RELEASE, 8 INFORM).
+DHCP_LIE = r"""
+import socket, struct, sys
+dev, src_mac, src_ip, chaddr, asked, server, kind = sys.argv[1:]
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xFFFF); s += s >> 16
+    return ~s & 0xFFFF
+mac, ip = (lambda m: bytes.fromhex(m.replace(":", ""))), socket.inet_aton
+bootp = struct.pack("!BBBBIHH4s4s4s4s16s64s128s", 1, 1, 6, 0, 0x4B474B47, 0, 0, ip(src_ip), bytes(4), bytes(4),
+                    bytes(4), mac(chaddr).ljust(16, b"\0"), bytes(64), bytes(128))
+opts = b"\x63\x82\x53\x63" + bytes([53, 1, int(kind), 50, 4]) + ip(asked) + bytes([54, 4]) + ip(server) + b"\xff"
+udp = struct.pack("!HHHH", 68, 67, 8 + len(bootp) + len(opts), 0) + bootp + opts
+hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, ip(src_ip), ip("255.255.255.255"))
+hdr = hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((dev, 0))
+for _ in range(3):
+    s.send(b"\xff" * 6 + mac(src_mac) + b"\x08\x00" + hdr + udp)
+print("sent", kind)
+"""
+
+# Every DHCP client message the host's side of the bridge (dnsmasq) receives: its chaddr.
+DHCP_SEEN = r"""
+import json, socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind((sys.argv[1], 0))
+s.settimeout(0.2)
+print("ready", flush=True)
+seen, end = [], time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    try:
+        f = s.recv(2048)
+    except TimeoutError:
+        continue
+    if f[12:14] == b"\x08\x00" and f[23] == 17 and f[36:38] == b"\x00\x43":
+        seen.append(f[70:76].hex(":"))
+print(json.dumps(seen), flush=True)
+"""
+
+
+def test_bobs_guest_cannot_take_alices_address_away_through_dhcp(lab: Lab) -> None:
+    """dnsmasq believes a DECLINE or RELEASE about the MAC in its payload: the bridge lets a
+    tap speak only for its own MAC there (found by a trial attack: a DECLINE naming alice's
+    MAC kept her, or the file server, without an address for ten minutes)."""
+    nic = {o: next(n for n in lab.net.json("admin", "show", v, "--owner", o)["nics"]  # type: ignore[index]
+                   if n["network"] == "services") for o, v in ((lab.alice, "a1"), (lab.bob, "b1"))}  # fmt: skip
+    alice, bob = nic[lab.alice], nic[lab.bob]
+    gateway = alice["ip"].rsplit(".", 1)[0] + ".1"
+    script = base64.b64encode(DHCP_LIE.encode()).decode()
+    lab.net.ok("freeze", "a1", "--owner", lab.alice)
+    try:
+        p = subprocess.Popen(
+            lab.net.cmd([sys.executable, "-c", DHCP_SEEN, BRIDGE, "40"]), stdout=subprocess.PIPE, text=True
+        )
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        lie = f"dev=$(ip -o link | awk -F': ' '/{bob['mac']}/{{print $2}}'); echo {script} | base64 -d > /tmp/lie.py"
+        for src, chaddr, kind in (
+            ("0.0.0.0", alice["mac"], 4),
+            (bob["ip"], alice["mac"], 7),
+            (bob["ip"], bob["mac"], 8),
+        ):
+            lie += f"; sudo python3 /tmp/lie.py $dev {bob['mac']} {src} {chaddr} {alice['ip']} {gateway} {kind}"
+        r = lab.ssh(lab.bob, "b1", lie)
+        assert r.stdout.count("sent") == 3, r.stderr + r.stdout
+        out, _ = p.communicate(timeout=120)
+        seen = json.loads(out.strip().splitlines()[-1])
+        assert bob["mac"] in seen, "the sniffer sees what the bridge lets through (bob's INFORM about himself)"
+        assert alice["mac"] not in seen, "a DECLINE or RELEASE naming alice's MAC never reaches dnsmasq"
     finally:
         lab.net.ok("thaw", "a1", "--owner", lab.alice)
 

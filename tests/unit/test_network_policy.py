@@ -148,6 +148,8 @@ def test_ruleset_names_every_tap_mac_address_and_port() -> None:
     for needle in ('"kgt0" . 52:54:00:00:00:01', '"kgt0" . 10.77.0.2', "20000 . 1001", "40000 . 999", '"kgp3e8"'):
         assert needle in text
     assert '"kgt1" . 10' not in text  # private NICs have no kvmgate address: MAC checks only
+    # DHCP speaks for its payload's MAC: it must be the tap's own (a DECLINE for another VM's is dropped).
+    assert 'iifname "kgt0" @th,288,48 != 0x525400000001 drop' in text and '"kgt1" @th' not in text
     assert text.startswith("table bridge kvmgate_kg {}\ndelete table bridge kvmgate_kg\n")  # one atomic replacement
 
 

@@ -7,7 +7,8 @@ loaded. Two tables, both named after the installation's interface prefix:
 
 - `bridge`: every kvmgate tap may send only from the MAC kvmgate gave its NIC.
   On services networks also only from its address (DHCP requests from 0.0.0.0
-  excepted), and only IPv4 and ARP. Isolation between users' VMs is the bridge's
+  excepted), only IPv4 and ARP, and DHCP only about its own MAC (the payload's
+  chaddr, which dnsmasq believes). Isolation between users' VMs is the bridge's
   own `isolated` port flag; these rules stop a VM from posing as another.
 - `inet`: the host serves DHCP on kvmgate bridges and nothing else, routes
   nothing into or out of them, and (`ports.protect`) lets a forwarded port on
@@ -36,6 +37,9 @@ class TapRule(NamedTuple):
 class PortRule(NamedTuple):
     port: int
     uids: tuple[int, ...]  # who may connect, besides root
+
+
+CHADDR = "@th,288,48"  # BOOTP's client hardware address: UDP header (8) + op..giaddr (28) bytes in
 
 
 def _elements(items: Iterable[str]) -> str:
@@ -67,9 +71,18 @@ def ruleset(table: str, bridges: Sequence[str], taps: Sequence[TapRule], ports: 
         "    ether type arp iifname . arp saddr ether != @macs drop\n"
         "    iifname != @iponly accept\n"
         "    ether type arp iifname . arp saddr ip != @ips drop\n"
-        "    ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept\n"
+        "    ether type ip udp sport 68 udp dport 67 jump dhcp\n"
         "    ether type ip iifname . ip saddr != @ips drop\n"
         "    ether type != { ip, arp } drop\n"
+        "  }\n"
+        # A DHCP client message speaks for the MAC in its payload (chaddr), which dnsmasq
+        # believes: a DECLINE or RELEASE naming another VM's MAC would take its address
+        # away. So chaddr must be the tap's own MAC; only a DISCOVER or REQUEST of a VM
+        # that has no address yet may come from 0.0.0.0.
+        "  chain dhcp {\n"
+        "    ip saddr != 0.0.0.0 iifname . ip saddr != @ips drop\n"
+        + "".join(f"    iifname {_q(t.tap)} {CHADDR} != 0x{t.mac.replace(':', '')} drop\n" for t in taps if t.ip)
+        + "    accept\n"
         "  }\n}\n"
     )
     out.append(f"table inet {table} {{}}\ndelete table inet {table}\n")
