@@ -1,0 +1,75 @@
+"""Which Slurm job a process runs in, from what the kernel and Slurm's root-owned
+processes say, never from the environment (model.slurm has the shapes).
+
+Two sources, either enough, both checked where present:
+- its cgroup (`/proc/PID/cgroup`), which Slurm's cgroup plugins make and a user
+  cannot name freely (only sub-cgroups below their own task's);
+- its ancestors: the first one that is root's `/usr/sbin/slurmstepd` says
+  `slurmstepd: [JOB.STEP]` in its title. A process that escaped its step (a
+  double fork to init) has no such ancestor and is in no job.
+
+Called by the node-side helper for its own parent chain (sudo's caller), so the
+pids walked are alive: each is read once, and a pid that vanishes mid-walk ends
+the walk with "no job".
+"""
+
+from __future__ import annotations
+
+import os
+
+from kvmgate.model import slurm
+
+STEPD = "/usr/sbin/slurmstepd"
+MAX_DEPTH = 64
+
+
+def _read(path: str, size: int = 4096) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        return os.read(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _status(pid: int) -> tuple[int, int] | None:
+    """(parent pid, real uid) of pid."""
+    ppid = uid = None
+    for line in _read(f"/proc/{pid}/status", 8192).decode("ascii", "replace").splitlines():
+        if line.startswith("PPid:"):
+            ppid = int(line.split()[1])
+        elif line.startswith("Uid:"):
+            uid = int(line.split()[1])
+    return None if ppid is None or uid is None else (ppid, uid)
+
+
+def job_of_ancestors(pid: int) -> int | None:
+    """The job named by the nearest root-owned slurmstepd above pid, if any."""
+    for _ in range(MAX_DEPTH):
+        st = _status(pid)
+        if st is None:
+            return None
+        ppid, uid = st
+        if uid == 0:
+            try:
+                exe = os.readlink(f"/proc/{pid}/exe")
+            except OSError:
+                exe = ""
+            if exe in (STEPD, os.path.realpath(STEPD)):  # Debian: an alternative, slurmstepd-wlm
+                return slurm.job_from_stepd(_read(f"/proc/{pid}/cmdline"))
+        if ppid <= 1:
+            return None
+        pid = ppid
+    return None
+
+
+def job_of(pid: int, uid: int | None = None) -> int | None:
+    """The job pid runs in: by its cgroup where Slurm put it in one, else by its ancestors.
+    If both answer they must agree (else: none)."""
+    by_cgroup = slurm.job_from_cgroup(_read(f"/proc/{pid}/cgroup", 16384).decode("ascii", "replace"), uid)
+    by_stepd = job_of_ancestors(pid)
+    if by_cgroup is not None and by_stepd is not None and by_cgroup != by_stepd:
+        return None
+    return by_cgroup if by_cgroup is not None else by_stepd
