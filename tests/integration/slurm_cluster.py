@@ -10,6 +10,7 @@ slurmd in its own network namespace as well.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -102,10 +103,19 @@ class Cluster:
         return subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=60)
 
     def stop(self) -> None:
-        for pidfile in sorted((self.d / "run").glob("*.pid")) + [self.d / "munge" / "munged.pid"]:
+        """Every job cancelled, then the daemons ended (SIGKILL after 10 s), then the files."""
+        self.run("scancel", "--full", "--partition=vms")
+        pids = []
+        for pidfile in [*sorted((self.d / "run").glob("*.pid")), self.d / "munge" / "munged.pid"]:
             try:
-                os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
+                pids.append(int(pidfile.read_text().split()[0]))
+                os.kill(pids[-1], signal.SIGTERM)
             except (OSError, ValueError):
                 continue
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for p in pids:
+            with contextlib.suppress(OSError):
+                os.kill(p, signal.SIGKILL)
         shutil.rmtree(self.d, ignore_errors=True)
