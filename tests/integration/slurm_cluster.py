@@ -70,7 +70,7 @@ class Cluster:
         host = os.uname().nodename
         (d / "slurm.conf").write_text(conf(d, host, nodes, ctld_port, node_port))
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
         munge = pwd.getpwnam("munge")
         m = self.d / "munge"
         os.chown(m, munge.pw_uid, munge.pw_gid)
@@ -86,7 +86,11 @@ class Cluster:
         subprocess.run(["/usr/sbin/slurmctld", "-f", self.env["SLURM_CONF"]], check=True, env=self.env)
         for n in self.nodes:
             subprocess.run(["/usr/sbin/slurmd", "-f", self.env["SLURM_CONF"], "-N", n], check=True, env=self.env)
-        deadline = time.monotonic() + 30
+        if wait:
+            self.wait_idle()
+
+    def wait_idle(self, seconds: float = 30) -> None:
+        deadline = time.monotonic() + seconds
         while True:
             out = self.run("sinfo", "-h", "-o", "%t").stdout.split()
             if out and all(s == "idle" for s in out):
