@@ -53,7 +53,9 @@ while time.monotonic() < end:
     except TimeoutError:
         continue
     ip_src = ".".join(str(b) for b in f[26:30]) if f[12:14] == b"\x08\x00" else None
-    seen.append({"src": f[6:12].hex(":"), "type": f[12:14].hex(), "ip_src": ip_src})
+    dhcp = f[12:14] == b"\x08\x00" and f[23] == 17 and f[36:38] == b"\x00\x43"  # to a DHCP server: its chaddr
+    seen.append({"src": f[6:12].hex(":"), "type": f[12:14].hex(), "ip_src": ip_src,
+                 "chaddr": f[70:76].hex(":") if dhcp else None})
 print(json.dumps(seen), flush=True)
 """
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmgate.model import ownermap as om
@@ -77,6 +77,7 @@ def _map_file(path: Path, slots: list[bytes]) -> None:
     path.write_bytes(b"".join(slots))
 
 
+@settings(deadline=None, max_examples=50)  # 2 MiB of files per example: no deadline under a loaded CI machine
 @given(rows, rows, st.integers(0, om.SLOT))
 def test_the_guests_reader_takes_a_whole_map_from_a_file_however_the_write_was_cut(a: list, b: list, torn: int) -> None:
     """The real reader (guest/kvmgate-shares read_map) on a real file, maps far past a page."""

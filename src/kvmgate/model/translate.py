@@ -523,13 +523,12 @@ def _owner_map(b: _Builder, rundir: str, networks: tuple[str, ...]) -> None:
     The helper makes both files, root's, in RUN/<key>/; QEMU gets descriptors."""
     disks: tuple[tuple[ResourceKind, str, bool], ...] = (("ownermap", "kgmap", False), ("ownerack", "kgack", True))
     for kind, node, writable in disks:
-        name = kind
-        r = b.resource(kind, path=f"{rundir}/{name}", writable=writable, text=" ".join(networks))
+        r = b.resource(kind, path=f"{rundir}/{kind}", writable=writable, text=" ".join(networks))
         _file_node(b, r, node, not writable)
         b.add("-blockdev", _json({"driver": "raw", "node-name": f"{node}-fmt", "file": f"{node}-file",
                                   "read-only": not writable}))  # fmt: skip
         b.add("-device", _json({"driver": "virtio-blk-pci", "drive": f"{node}-fmt", "id": node,
-                                "serial": f"kvmgate-{name}"}))  # fmt: skip
+                                "serial": f"kvmgate-{kind}"}))  # fmt: skip
 
 
 def _network(b: _Builder, by: dict[str, list[g.Value]], ctx: Context) -> bool:
