@@ -12,6 +12,8 @@ test="$test mmdebstrap syslinux syslinux-common mtools dosfstools fdisk"
 test="$test python3-yaml python3-jsonschema python3-jinja2 python3-configobj python3-jsonpatch python3-netifaces python3-requests"
 # The Cockpit page's real-browser tests (tests/integration/test_cockpit.py).
 test="$test cockpit-ws cockpit-bridge novnc chromium chromium-driver"
+# The Slurm backend's clusters (tests/integration/test_slurm.py), started by the suite itself.
+test="$test slurm-wlm slurm-client munge"
 case "${1:-runtime}" in
     runtime) want="$runtime $guest" ;;
     test) want="$runtime $guest $test" ;;

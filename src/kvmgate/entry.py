@@ -45,6 +45,7 @@ ROUTES: dict[str, str] = {
     **dict.fromkeys(("admin-reap", "admin-sessions"), "logon"),  # root-only code stays off the users' path
     **dict.fromkeys(("admin-autostart", "admin-watch"), "services"),
     **dict.fromkeys(("admin-shutdown", "admin-boot"), "hostpower"),
+    **dict.fromkeys(("slurm-job", "admin-move", "admin-evacuate"), "cluster"),
 }
 
 

@@ -64,6 +64,7 @@ class Cluster:
     def __init__(self, d: Path, nodes: list[str], ctld_port: int = 26817, node_port: int = 26818) -> None:
         self.d, self.nodes = d, nodes
         self.env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SLURM_CONF": str(d / "slurm.conf")}
+        d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o755)  # munged runs as munge; users reach its socket
         for sub in ("ctld", "spool", "run", "log", "munge"):
             (d / sub).mkdir(parents=True, exist_ok=True)
@@ -83,11 +84,25 @@ class Cluster:
             check=True,
         )  # fmt: skip
         os.chmod(m, 0o755)  # users' srun and sbatch reach the socket
-        subprocess.run(["/usr/sbin/slurmctld", "-f", self.env["SLURM_CONF"]], check=True, env=self.env)
+        self.start_controller()
         for n in self.nodes:
             subprocess.run(["/usr/sbin/slurmd", "-f", self.env["SLURM_CONF"], "-N", n], check=True, env=self.env)
         if wait:
             self.wait_idle()
+
+    def start_controller(self) -> None:
+        subprocess.run(["/usr/sbin/slurmctld", "-f", self.env["SLURM_CONF"]], check=True, env=self.env)
+        deadline = time.monotonic() + 30
+        while self.run("scontrol", "ping").stdout.count("UP") < 1:
+            assert time.monotonic() < deadline, "slurmctld did not come up"
+            time.sleep(0.2)
+
+    def stop_controller(self) -> None:
+        pid = int((self.d / "run" / "slurmctld.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def wait_idle(self, seconds: float = 30) -> None:
         deadline = time.monotonic() + seconds

@@ -31,21 +31,28 @@ def test_the_backend_table_is_strict() -> None:
 
 
 def test_sbatch_runs_the_job_as_the_owner_with_their_group_and_no_environment() -> None:
-    argv = sl.sbatch_argv("/usr/bin/sbatch", BACKEND, sl.Submit("KEY123", 1001, 1001, 512, 2), "/usr/lib/kvmgate/entry")
+    job = ["/usr/bin/sudo", "-n", "/usr/lib/kvmgate/kvmgate-helper", "slurm-job", "web"]
+    argv = sl.sbatch_argv("/usr/bin/sbatch", BACKEND, sl.Submit("KEY123", 1001, 1001, 512, 2), job)
     assert argv[0] == "/usr/bin/sbatch" and "--parsable" in argv
     assert "--uid=1001" in argv and "--gid=1001" in argv, "22.05 would run it with gid 0 otherwise"
     assert "--export=NONE" in argv and "--chdir=/" in argv and "--time=UNLIMITED" in argv
     assert "--mem=768M" in argv and "--cpus-per-task=2" in argv and "--no-requeue" in argv
     assert "--constraint=kvm&avx2" in argv and "--account=lab" in argv and "--partition=vms" in argv
-    assert argv[-1] == "--wrap=exec /usr/lib/kvmgate/entry KEY123"
-    svc = sl.sbatch_argv("sbatch", BACKEND._replace(service_partition="svc"), sl.Submit("K", 1, 1, 64, 1, True), "e")
+    assert argv[-1] == "--wrap=exec /usr/bin/sudo -n /usr/lib/kvmgate/kvmgate-helper slurm-job web"
+    assert "--job-name=kvmgate-KEY123" in argv
+    for bad in (["sh", "-c", "id; rm"], ["a b"], ["$(id)"], []):
+        with pytest.raises(ValueError):
+            sl.sbatch_argv("sbatch", BACKEND, sl.Submit("K", 1, 1, 64, 1), bad)
+    svc = sl.sbatch_argv("sbatch", BACKEND._replace(service_partition="svc"), sl.Submit("K", 1, 1, 64, 1, True), ["e"])
     assert "--requeue" in svc and "--partition=svc" in svc
-    pinned = sl.sbatch_argv("sbatch", BACKEND, sl.Submit("K", 1, 1, 64, 1, node="node-b"), "e")
+    pinned = sl.sbatch_argv("sbatch", BACKEND, sl.Submit("K", 1, 1, 64, 1, node="node-b"), ["e"])
     assert "--nodelist=node-b" in pinned
+    away = sl.sbatch_argv("sbatch", BACKEND, sl.Submit("K", 1, 1, 64, 1, exclude="node-a"), ["e"])
+    assert "--exclude=node-a" in away
     with pytest.raises(PolicyError):
-        sl.sbatch_argv("sbatch", BACKEND, sl.Submit("K", 1, 1, 64, 1, node="a,b"), "e")
+        sl.sbatch_argv("sbatch", BACKEND, sl.Submit("K", 1, 1, 64, 1, node="a,b"), ["e"])
     with pytest.raises(ValueError):
-        sl.sbatch_argv("sbatch", sl.Backend(), sl.Submit("K", 1, 1, 64, 1), "e")
+        sl.sbatch_argv("sbatch", sl.Backend(), sl.Submit("K", 1, 1, 64, 1), ["e"])
 
 
 def test_srun_overlaps_the_vms_step() -> None:
@@ -97,14 +104,49 @@ def test_the_policy_carries_the_backend() -> None:
         Policy.from_dict({"backend": {"kind": "slurm"}})
 
 
-REC = sl.JobRecord(812, "KEY", 1001, 1_700_000_000)
+REC = sl.JobRecord(812, "KEY", 1001, 1_700_000_000, ("-smp", "2"))
 
 
 def test_the_job_record_reads_back_strictly() -> None:
     assert sl.parse_record(REC.to_json()) == REC
-    for bad in ('{"version": 2}', "[]", "x", REC.to_json().replace('"job": 812', '"job": true')):
+    running = REC._replace(state="running", node="node-a", pid=77, accel="tcg")
+    assert sl.parse_record(running.to_json()) == running
+    for bad in (
+        '{"version": 2}', "[]", "x",
+        REC.to_json().replace('"job": 812', '"job": true'),
+        REC.to_json().replace('"state": "submitted"', '"state": "done"'),
+        REC.to_json().replace('"options": ["-smp", "2"]', '"options": ["-smp", 2]'),
+        REC._replace(node="a b").to_json(),
+        REC._replace(options=("x" * 70000,)).to_json(),
+        REC._replace(accel="hvf").to_json(),
+    ):  # fmt: skip
         with pytest.raises(sl.NotThisJob):
             sl.parse_record(bad)
+
+
+def test_a_record_once_claimed_starts_nothing_more() -> None:
+    for state in ("starting", "running", "failed"):
+        with pytest.raises(sl.NotThisJob, match="started this VM already"):
+            sl.check_caller(REC._replace(state=state), "KEY", 1001, 812, 1001)
+
+
+def test_how_a_job_that_ended_without_its_node_ended() -> None:
+    fields = sl.parse_show_job(
+        "JobId=5 JobName=kvmgate-x UserId=alice(1001) JobState=NODE_FAIL Reason=None NodeList=kg-b Command=(null)"
+    )
+    assert fields["JobState"] == "NODE_FAIL" and fields["NodeList"] == "kg-b"
+    assert sl.ending(fields, "kg-b") == "lost on node kg-b: the node failed (job NODE_FAIL)"
+    assert sl.ending({"JobState": "CANCELLED", "Reason": "None"}, None) == "ended by Slurm: job CANCELLED"
+    assert sl.ending({"JobState": "TIMEOUT", "Reason": "TimeLimit"}, "a").startswith("ended by Slurm on node a")
+    assert sl.ending({}, "a") == "lost on node a: Slurm no longer knows its job"
+    assert "RUNNING" in sl.LIVE and "PENDING" in sl.LIVE and "COMPLETED" not in sl.LIVE
+
+
+def test_the_backend_table_admin_init_writes_reads_back() -> None:
+    import tomllib
+
+    for b in (sl.Backend(), BACKEND, BACKEND._replace(conf="/etc/slurm/x.conf", overhead_mib=512, cpu_model="Haswell")):
+        assert sl.parse_backend(tomllib.loads(sl.backend_table(b))["backend"]) == b
 
 
 @pytest.mark.parametrize(

@@ -45,12 +45,12 @@ def _v2_root() -> str | None:
 class Placement:
     """Where a VM's QEMU goes; `place(pid)` is called before QEMU execs."""
 
-    def __init__(self, key: str, limit_bytes: int) -> None:
+    def __init__(self, key: str, limit_bytes: int, own: bool = True) -> None:
         self.key, self.limit = key, limit_bytes
         # A host booted with systemd but without busctl (a minimal container) keeps
         # kvmgate's own group: a start must never fail for want of a D-Bus client.
-        self.scope = systemd_booted() and os.access(BUSCTL, os.X_OK)
-        self.procs = None if self.scope else _own_group(key, limit_bytes)
+        self.scope = own and systemd_booted() and os.access(BUSCTL, os.X_OK)
+        self.procs = None if self.scope or not own else _own_group(key, limit_bytes)
 
     def place(self, pid: int) -> None:
         if self.procs is not None:

@@ -24,7 +24,7 @@ import sys
 from typing import NamedTuple
 
 from kvmgate import paths
-from kvmgate.errors import FileRefused, PermissionRefused, Qcow2Refused
+from kvmgate.errors import FileRefused, Qcow2Refused
 from kvmgate.host import caller, cgroup
 from kvmgate.model import images, qcow2
 from kvmgate.model.policy.grammar import Limits
@@ -337,8 +337,3 @@ def _clear_dir(path: str) -> None:
         else:
             with contextlib.suppress(OSError):
                 os.unlink(p)
-
-
-def refuse_unless_owner(pw: pwd.struct_passwd) -> None:
-    if pw.pw_uid == 0:
-        raise PermissionRefused("VMs never run as root: the owner must be an ordinary user")

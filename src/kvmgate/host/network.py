@@ -32,7 +32,7 @@ from kvmgate.model.policy.policy import Policy
 from kvmgate.model.settings import Forward, Nic, Settings
 from kvmgate.model.translate import Resource
 from kvmgate.paths import GATED_USER, Paths
-from kvmgate.store import critical, display, every, locks, registry, runtime
+from kvmgate.store import critical, define, display, every, locks, registry, runtime
 from kvmgate.store.files import flock, write_atomic
 
 IP = "/usr/sbin/ip"
@@ -184,7 +184,7 @@ def _reclaim(paths: Paths, policy: Policy, vm: registry.VM) -> list[str]:
             ForwardRequest(f.service, f.guest, None if f.port in squatted else f.port) for f in settings.forwards
         ]
         new = allocate_for(paths, net, vm, settings, forwards=requests, avoid=squatted)
-        registry.write_settings(vm, new)
+        define.write_settings(vm, new)
     sync(paths, policy)
     before = {f.service: f for f in settings.forwards}
     return [

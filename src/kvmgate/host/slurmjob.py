@@ -45,24 +45,64 @@ def _status(pid: int) -> tuple[int, int] | None:
     return None if ppid is None or uid is None else (ppid, uid)
 
 
+def _is_stepd(pid: int) -> bool:
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return False
+    return exe in (STEPD, os.path.realpath(STEPD))  # Debian: an alternative, slurmstepd-wlm
+
+
 def job_of_ancestors(pid: int) -> int | None:
     """The job named by the nearest root-owned slurmstepd above pid, if any."""
+    found = job_and_user(pid)
+    return found[0] if found else None
+
+
+def job_and_user(pid: int) -> tuple[int, int] | None:
+    """(job, uid Slurm runs it as): the nearest root-owned slurmstepd above pid
+    names the job; its child, which slurmstepd made, runs as the job's user."""
+    below_uid = -1
     for _ in range(MAX_DEPTH):
         st = _status(pid)
         if st is None:
             return None
         ppid, uid = st
-        if uid == 0:
-            try:
-                exe = os.readlink(f"/proc/{pid}/exe")
-            except OSError:
-                exe = ""
-            if exe in (STEPD, os.path.realpath(STEPD)):  # Debian: an alternative, slurmstepd-wlm
-                return slurm.job_from_stepd(_read(f"/proc/{pid}/cmdline"))
+        if uid == 0 and _is_stepd(pid):
+            job = slurm.job_from_stepd(_read(f"/proc/{pid}/cmdline"))
+            return None if job is None or below_uid < 0 else (job, below_uid)
         if ppid <= 1:
             return None
-        pid = ppid
+        below_uid, pid = uid, ppid
     return None
+
+
+def other_steps(job: int, mine: int) -> int:
+    """How many of job's steps other than the one above pid `mine` still run
+    (srun --overlap steps: kvmgate verbs relayed to this node, consoles)."""
+    own = None
+    for _ in range(MAX_DEPTH):
+        st = _status(mine)
+        if st is None:
+            break
+        if st[1] == 0 and _is_stepd(mine):
+            own = mine
+            break
+        mine = st[0]
+    count = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == own:
+            continue
+        title = _read(f"/proc/{name}/cmdline")
+        if not title.startswith(b"slurmstepd: [") or slurm.job_from_stepd(title) != job:
+            continue
+        if _status(int(name)) is not None and _is_stepd(int(name)) and b".extern]" not in title:
+            count += 1
+    return count
+
+
+def job_of_cgroup(pid: int) -> int | None:
+    return slurm.job_from_cgroup(_read(f"/proc/{pid}/cgroup", 16384).decode("ascii", "replace"))
 
 
 def job_of(pid: int, uid: int | None = None) -> int | None:

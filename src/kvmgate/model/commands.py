@@ -235,6 +235,14 @@ VERBS: tuple[Verb, ...] = (
         "/dev/kvm and /dev/net/tun permissions",
         (
             Flag("--accel", "set the policy's accelerator", "auto|kvm|tcg", ("auto", "kvm", "tcg")),
+            Flag(
+                "--backend",
+                "where VMs run: this host (local, the default) or Slurm jobs on the cluster's nodes (slurm; "
+                "refused while any VM runs or is hibernated; docs/cluster.md)",
+                "local|slurm",
+                ("local", "slurm"),
+            ),
+            Flag("--partition", "with --backend slurm: the partition VMs' jobs go to", "NAME"),
             Flag("--pam", "install the PAM session hook in the sshd and login stacks (docs/logon.md)"),
             Flag("--no-pam", "remove the PAM session hook"),
             Flag("--cron", "without systemd: install cron lines for what its units run (reap, boot, gated)"),
@@ -474,6 +482,18 @@ VERBS: tuple[Verb, ...] = (
         internal=True,
     ),
     Verb("gated-idle", "freeze an idle VM per its logoff policy", target="OWNER:NAME", internal=True),
+    Verb("slurm-job", "the node side of a VM's Slurm job: start it as the job's foreground child", internal=True),
+    Verb(
+        "admin-move",
+        "the Slurm backend: hibernate a running VM and restore it on another node (or NODE)",
+        (OWNER_REQUIRED, Flag("--to", "the node to restore it on (default: the one the scheduler picks)", "NODE")),
+    ),
+    Verb(
+        "admin-evacuate",
+        "the Slurm backend: move every VM off NODE (drain it first: scontrol update nodename=NODE state=drain)",
+        (JSON,),
+        target="NODE",
+    ),
 )
 
 BY_NAME: dict[str, Verb] = {v.name: v for v in VERBS}
@@ -496,6 +516,17 @@ class Request(NamedTuple):
     @property
     def as_json(self) -> bool:
         return "--json" in self.flags
+
+
+def unparse(req: Request, drop: tuple[str, ...] = ()) -> list[str]:
+    """The words that parse back to `req` (without the flags in `drop`)."""
+    verb = BY_NAME[req.verb]
+    words = [*verb.words, *([req.name] if req.name is not None else [])]
+    words += [req.flags[a] for a in verb.args if a in req.flags]
+    for spec in verb.flags:
+        if spec.name in req.flags and spec.name not in drop:
+            words += [spec.name] if spec.metavar is None else [spec.name, req.flags[spec.name]]
+    return words + (["--", *req.options] if req.options else [])
 
 
 def verb_of(argv: list[str]) -> tuple[Verb, list[str]]:

@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from kvmgate.errors import KvmgateError, PolicyError
+from kvmgate.errors import PermissionRefused, PolicyError
 from kvmgate.model.regex import Regex
 
 KINDS = ("local", "slurm")
@@ -30,6 +30,8 @@ _V2 = Regex(r"0::/(?:.*/)?job_([0-9]{1,10})/step_(batch|extern|[0-9]{1,10})(?:/.
 _V1 = Regex(
     r"[0-9]+:(?:[a-z_,=]*,)?freezer(?:,[a-z_,=]*)?:/slurm[^/]*/uid_([0-9]{1,10})/job_([0-9]{1,10})/step_(batch|[0-9]{1,10})(?:/.*)?"
 )
+_PATH = Regex(r"/[A-Za-z0-9_./-]{1,255}")
+_WORD = Regex(r"[A-Za-z0-9_./:=-]{1,255}")  # what the job's one shell line may contain
 _STEPD = Regex(r"slurmstepd: \[([0-9]{1,10})\.(batch|extern|[0-9]{1,10})\]")
 
 
@@ -44,6 +46,7 @@ class Backend(NamedTuple):
     features: tuple[str, ...] = ()  # node features every VM's node must have (--constraint)
     cpu_model: str | None = None  # -cpu for cluster VMs: the same on every node, so a state restores anywhere
     overhead_mib: int = 256  # --mem = the guest's memory + this (QEMU, TCG's cache, the helper)
+    conf: str | None = None  # slurm.conf, if not Slurm's default (SLURM_CONF for every Slurm command kvmgate runs)
 
     @property
     def slurm(self) -> bool:
@@ -58,7 +61,17 @@ def parse_backend(data: Mapping[str, Any]) -> Backend:
 
     if not isinstance(data, Mapping):
         raise fail("must be a table")
-    known = {"kind", "partition", "service_partition", "account", "qos", "features", "cpu_model", "overhead_mib"}
+    known = {
+        "kind",
+        "partition",
+        "service_partition",
+        "account",
+        "qos",
+        "features",
+        "cpu_model",
+        "overhead_mib",
+        "conf",
+    }
     extra = set(data) - known
     if extra:
         raise fail(f"unknown key {sorted(extra)[0]!r}")
@@ -84,12 +97,34 @@ def parse_backend(data: Mapping[str, Any]) -> Backend:
     overhead = data.get("overhead_mib", 256)
     if not isinstance(overhead, int) or isinstance(overhead, bool) or not 64 <= overhead <= 65536:
         raise fail("overhead_mib must be an integer between 64 and 65536")
+    conf = data.get("conf")
+    if conf is not None and not (isinstance(conf, str) and _PATH.fullmatch(conf) and ".." not in conf.split("/")):
+        raise fail("conf must be an absolute path (letters, digits, _ . - /)")
     if kind == "slurm" and names["partition"] is None:
         raise fail("kind = slurm needs a partition")
     return Backend(
         kind, names["partition"], names["service_partition"], names["account"], names["qos"], tuple(features),
-        cpu, overhead,
+        cpu, overhead, conf,
     )  # fmt: skip
+
+
+def backend_table(b: Backend) -> str:
+    """The policy's [backend] table for `b` (admin init --backend), every value already checked."""
+    lines = ["[backend]", f'kind = "{b.kind}"']
+    for key in ("partition", "service_partition", "account", "qos", "cpu_model", "conf"):
+        value = getattr(b, key)
+        if value is not None:
+            lines.append(f'{key} = "{value}"')
+    if b.features:
+        lines.append("features = [" + ", ".join(f'"{f}"' for f in b.features) + "]")
+    if b.overhead_mib != Backend().overhead_mib:
+        lines.append(f"overhead_mib = {b.overhead_mib}")
+    return "\n".join(lines) + "\n"
+
+
+def node_name_ok(node: str) -> bool:
+    """One Slurm node name (what a job that runs has in NodeList)."""
+    return bool(_NAME.fullmatch(node))
 
 
 def job_name(key: str) -> str:
@@ -105,13 +140,17 @@ class Submit(NamedTuple):
     memory_mib: int
     cpus: int
     service: bool = False
-    node: str | None = None  # a pinned node (admin move --to, or the VM's own pin)
+    node: str | None = None  # a pinned node (admin move --to)
+    exclude: str | None = None  # a node it must leave (admin move, admin evacuate)
 
 
-def sbatch_argv(sbatch: str, backend: Backend, s: Submit, entry: str) -> list[str]:
+def sbatch_argv(sbatch: str, backend: Backend, s: Submit, command: Sequence[str]) -> list[str]:
     """Root's submission of the VM's job, run as its owner. No environment crosses
     (--export=NONE), the job's directory is /, and its output goes nowhere (the
-    console log is kvmgate's). The entry point is root's file and takes the key only."""
+    console log is kvmgate's). The job's one line execs `command`: root's helper
+    through sudo, with the VM's name; words that need no quoting only."""
+    if not command or not all(_WORD.fullmatch(w) for w in command):
+        raise ValueError("the job's command must be plain words")
     if not backend.slurm or backend.partition is None:
         raise ValueError("not a Slurm backend")
     partition = (backend.service_partition or backend.partition) if s.service else backend.partition
@@ -131,7 +170,11 @@ def sbatch_argv(sbatch: str, backend: Backend, s: Submit, entry: str) -> list[st
         if not _NAME.fullmatch(s.node):
             raise PolicyError("--to", f"{s.node[:64]!r} is not a node name")
         argv.append(f"--nodelist={s.node}")
-    argv.append(f"--wrap=exec {entry} {s.key}")
+    if s.exclude is not None and s.node is None:
+        if not _NAME.fullmatch(s.exclude):
+            raise PolicyError("node", f"{s.exclude[:64]!r} is not a node name")
+        argv.append(f"--exclude={s.exclude}")
+    argv.append("--wrap=exec " + " ".join(command))
     return argv
 
 
@@ -171,41 +214,76 @@ def job_from_stepd(cmdline: bytes) -> int | None:
     return int(m.group(1)) if m else None
 
 
+STATES = ("submitted", "starting", "running", "failed")
+MAX_OPTIONS = 256
+MAX_OPTIONS_BYTES = 64 << 10
+
+
 class JobRecord(NamedTuple):
-    """RUN-shared STATE/vms/<dir>/job.json, root's: the job the login-side helper
-    submitted for this VM. The node-side helper starts QEMU only inside this job."""
+    """STATE/vms/<dir>/job.json, root's 0600 on the shared state: the job the
+    login-side helper submitted for this VM and what it is to do. The node-side
+    helper starts QEMU only inside this job, for this owner, with these options.
+
+    submitted (by the login side) -> starting (the node side claimed it) ->
+    running (QEMU answered; pid and node known) | failed (message, exit code)."""
 
     job: int
     key: str
     uid: int
     submitted: int  # Unix time of the submission
-    restore: bool = False  # the job restores the VM's saved state rather than boot it
-    node: str | None = None  # where it runs, once the node side has said so
+    options: tuple[str, ...] = ()  # the owner's options, checked on the login node and again on the node
+    paused: bool = False
+    state: str = "submitted"
+    node: str | None = None  # where it runs, once the node side has claimed it
+    pid: int | None = None  # QEMU's pid on that node
+    message: str | None = None  # failed: the node side's refusal, in one line
+    exit: int | None = None  # failed: its exit code
+    accel: str | None = None  # running: the accelerator the node used
 
     def to_json(self) -> str:
-        return json.dumps({"version": 1, **self._asdict()}, sort_keys=True)
+        data = {"version": 1, **self._asdict()}
+        data["options"] = list(self.options)
+        return json.dumps(data, sort_keys=True)
 
 
-class NotThisJob(KvmgateError):
+class NotThisJob(PermissionRefused):
     """The caller does not run in the job kvmgate submitted for this VM."""
 
 
 def parse_record(text: str | bytes) -> JobRecord:
+    """Strictly: a record that does not read is no authority for a node to start anything."""
     try:
         data = json.loads(text)
     except ValueError:
         raise NotThisJob("the VM's job record is not JSON") from None
+    bad = NotThisJob("the VM's job record has the wrong shape")
     if not isinstance(data, dict) or data.get("version") != 1 or set(data) != {"version", *JobRecord._fields}:
-        raise NotThisJob("the VM's job record has the wrong shape")
-    ints = ("job", "uid", "submitted")
-    if not all(isinstance(data[k], int) and not isinstance(data[k], bool) and data[k] >= 0 for k in ints):
-        raise NotThisJob("the VM's job record has the wrong shape")
-    node = data["node"]
-    if not isinstance(data["key"], str) or not isinstance(data["restore"], bool):
-        raise NotThisJob("the VM's job record has the wrong shape")
+        raise bad
+
+    def count(v: object, none: bool = False) -> bool:
+        return (none and v is None) or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63)
+
+    if not all(count(data[k]) for k in ("job", "uid", "submitted")) or not count(data["pid"], True):
+        raise bad
+    if not count(data["exit"], True) or not isinstance(data["key"], str) or not isinstance(data["paused"], bool):
+        raise bad
+    if data["state"] not in STATES or not (data["message"] is None or isinstance(data["message"], str)):
+        raise bad
+    if data["accel"] not in (None, "kvm", "tcg"):
+        raise bad
+    node, options = data["node"], data["options"]
     if node is not None and not (isinstance(node, str) and _NAME.fullmatch(node)):
-        raise NotThisJob("the VM's job record has the wrong shape")
-    return JobRecord(data["job"], data["key"], data["uid"], data["submitted"], data["restore"], node)
+        raise bad
+    if (
+        not isinstance(options, list)
+        or len(options) > MAX_OPTIONS
+        or not all(isinstance(o, str) for o in options)
+        or sum(len(o) for o in options) > MAX_OPTIONS_BYTES
+    ):
+        raise bad
+    fields = {k: data[k] for k in JobRecord._fields}
+    fields["options"] = tuple(options)
+    return JobRecord(**fields)
 
 
 def check_caller(record: JobRecord, key: str, caller_uid: int, job_seen: int | None, job_uid: int | None) -> None:
@@ -215,9 +293,42 @@ def check_caller(record: JobRecord, key: str, caller_uid: int, job_seen: int | N
     VM, for this VM's owner, who is also the caller."""
     if record.key != key:
         raise NotThisJob("the job record is another VM's")
+    if record.state != "submitted":
+        raise NotThisJob(f"job {record.job} has started this VM already")
     if job_seen is None:
         raise NotThisJob("not running inside a Slurm job")
     if job_seen != record.job:
         raise NotThisJob(f"job {job_seen} is not the job kvmgate submitted for this VM")
     if caller_uid != record.uid or job_uid != record.uid:
         raise NotThisJob("the job does not run as the VM's owner")
+
+
+# Job states (squeue/scontrol JobState) in which the job still holds, or will hold, its VM.
+LIVE = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
+                  "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"})  # fmt: skip
+
+
+def parse_show_job(text: str) -> dict[str, str]:
+    """`scontrol show job -o J`: one line of KEY=VALUE words (values without spaces,
+    except the last fields, which are not read)."""
+    fields: dict[str, str] = {}
+    for word in text.split():
+        key, eq, value = word.partition("=")
+        if eq and key.isascii() and key.isalnum() and key not in fields:
+            fields[key] = value
+    return fields
+
+
+def ending(fields: Mapping[str, str], node: str | None) -> str:
+    """How the run ended, in `status`'s words, when the job ended without the node
+    side saying so: the node was lost, or Slurm ended the job (scancel, preemption,
+    a time limit), or Slurm no longer remembers the job."""
+    state = fields.get("JobState", "")
+    where = f" on node {node}" if node else ""
+    if not state:
+        return f"lost{where}: Slurm no longer knows its job"
+    if state in ("NODE_FAIL", "BOOT_FAIL"):
+        return f"lost{where}: the node failed (job {state})"
+    reason = fields.get("Reason", "None")
+    said = f", {reason}" if reason not in ("None", "") else ""
+    return f"ended by Slurm{where}: job {state}{said}"

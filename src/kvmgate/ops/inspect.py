@@ -40,6 +40,8 @@ def describe(vm: registry.VM) -> dict[str, Any]:
         "directory": vm.vmdir,
         "key": vm.key,
     }
+    if not running:
+        _job(vm, info)
     if saved:
         info["saved_at"] = _when(saved.saved_at)
         info["saved_bytes"] = saved.size
@@ -61,6 +63,20 @@ def describe(vm: registry.VM) -> dict[str, Any]:
     return info
 
 
+def _job(vm: registry.VM, info: dict[str, Any]) -> None:
+    """The Slurm backend: a VM in a job on another node (ops.cluster); read from its
+    record, not from QEMU (`status` itself is relayed to the node)."""
+    if not os.path.exists(vm.sub("job.json")):
+        return
+    from kvmgate.store import jobs
+
+    rec = jobs.read_or_damaged(vm)
+    if isinstance(rec, KvmgateError) or rec is None or rec.state == "failed":
+        return
+    info["state"] = "running" if rec.state == "running" else "starting"
+    info["node"], info["job_id"] = rec.node, rec.job
+
+
 def _when(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
@@ -71,6 +87,14 @@ def details(policy: Policy | None, vm: registry.VM) -> dict[str, Any]:
     Without a policy (one kvmgate refuses), what needs it is left out."""
     info = describe(vm)
     running = info["state"] in ("running", "paused")
+    if policy is not None and policy.backend.slurm:
+        info.setdefault("node", None)
+        info.setdefault("job_id", None)
+        from kvmgate.store import jobs
+
+        rec = jobs.read_or_damaged(vm) if running else None
+        if isinstance(rec, tuple) and rec.state == "running":  # status relayed to the node the VM runs on
+            info["node"], info["job_id"] = rec.node, rec.job
     if policy is not None:
         _sizes(policy, vm, info, running)
     _runs(vm, info, running)
@@ -117,11 +141,9 @@ def _ending(vm: registry.VM, run: dict[str, Any]) -> dict[str, Any]:
     if run.get("boot_id") != runs.boot_id():
         return {"how": "killed at host crash (the host went down while it ran)"}
     last = {"how": "QEMU exited by itself (a crash, or the guest powered off)"}
-    with contextlib.suppress(OSError), open(vm.sub("log", "qemu.log"), "rb") as f:
-        f.seek(max(0, os.fstat(f.fileno()).st_size - 2048))
-        lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
-        if lines:
-            last["qemu_said"] = lines[-1][-300:]
+    said = live.log_tail(vm, 1)
+    if said:
+        last["qemu_said"] = said[0][-300:]
     return last
 
 

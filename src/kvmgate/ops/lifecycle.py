@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import grp
 import os
+import pwd
 import signal
 import sys
 import time
@@ -25,6 +26,7 @@ from kvmgate.host import audit, cgroup, launch
 from kvmgate.host.caller import Caller
 from kvmgate.host.qmp import QMP, wait_ready
 from kvmgate.model.policy.grammar import Limits
+from kvmgate.model.policy.policy import Policy
 from kvmgate.model.translate import Accel, Plan
 from kvmgate.ops.plan import owner_dir, owner_pw, plan_for
 from kvmgate.paths import Paths
@@ -34,12 +36,15 @@ START_TIMEOUT = 30.0
 # Set by a running-memory budget (ops.pressure) around a start: called with the
 # planned memory after the last refusal and before anything changes.
 ROOM: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar("room", default=None)
+ON_NODE = contextvars.ContextVar("on_node", default=False)  # the Slurm backend's node side (ops.cluster) starts here
 
 
 class Started(NamedTuple):
     pid: int
     accel: Accel
     restored: bool
+    node: str | None = None  # the Slurm backend: where it runs, and its job
+    job: int | None = None
 
 
 @contextlib.contextmanager
@@ -70,13 +75,18 @@ def start(paths: Paths, who: Caller, vm: registry.VM, options: list[str], paused
 def start_locked(paths: Paths, who: Caller, vm: registry.VM, options: list[str], paused: bool = False) -> Started:
     # The state check comes first, before anything is opened: a start of a running
     # VM changes nothing (no tap opened, no file created) and says so.
+    policy = config.load(paths)
+    if policy.backend.slurm and not ON_NODE.get():  # a job on the node Slurm picks (docs/cluster.md)
+        from kvmgate.ops import cluster
+
+        return Started(*cluster.submit_locked(paths, who, vm, options, paused, policy, checked))  # type: ignore[arg-type]
     if runtime.is_running(vm):
         raise WrongState(f"{vm.identity.name} is already running")
     saved = registry.read_saved(vm)
     if saved is not None and options:
         raise WrongState(f"{vm.identity.name} is hibernated: it resumes with the options it was started with")
     try:
-        pid, accel = _launch(paths, who, vm, saved.options if saved else options, paused, saved)
+        pid, accel = _launch(paths, who, vm, saved.options if saved else options, paused, saved, policy)
     except FileRefused as err:
         if saved is None:
             raise
@@ -97,22 +107,13 @@ def start_locked(paths: Paths, who: Caller, vm: registry.VM, options: list[str],
     return Started(pid, accel, True)
 
 
-def _launch(
-    paths: Paths, who: Caller, vm: registry.VM, options: list[str], paused: bool, saved: registry.Saved | None
-) -> tuple[int, Accel]:
-    policy = config.load(paths)
-    if saved is not None:
-        from kvmgate.host import qemu_version
-
-        qemu_version.refuse_newer(paths, policy.qemu, vm.identity.name, saved.qemu)
+def checked(
+    paths: Paths, who: Caller, vm: registry.VM, options: list[str], paused: bool, saved: registry.Saved | None,
+    policy: Policy, accel: Accel,
+) -> tuple[Plan, pwd.struct_passwd, int, launch.Where, dict[int, int], int | None]:  # fmt: skip
+    """The plan, and the owner's files opened with their rights: the last refusals."""
     pw = owner_pw(vm)
-    launch.refuse_unless_owner(pw)
     qemu_gid = grp.getgrnam(launch.QEMU_GROUP).gr_gid
-    accel = config.accel(policy)
-    if registry.read_settings(vm).forwards:  # a port another program took since: a new one, said why
-        from kvmgate.host import network
-
-        network.reclaim_ports(paths, policy, vm)
     machine = saved.machine if saved else None  # a restore: the machine type the state was saved with
     quota = None  # self-service: the owner's disk quota bounds the disks' growth (ops.quota)
     if os.path.exists(os.path.join(paths.etc, "grants.toml")):
@@ -121,14 +122,30 @@ def _launch(
         quota = disk_quota.disk_left(paths, policy, vm, who)
     plan = plan_for(vm, policy, options, accel, paused=paused, incoming=saved is not None, machine=machine,
                     stop_on_write_error=quota is not None)  # fmt: skip
-    if "-append" in plan.argv:  # what QEMU's config syntax cannot carry (model.translate._append)
-        sys.stderr.write("kvmgate: note: this -append stays on QEMU's command line, which other users can read\n")
     where = launch.Where(vm.rundir, vm.sub("log"), vm.sub("tmp"))
     if plan.dirs:
         from kvmgate.host import userdirs
 
         userdirs.check_dirs(plan, pw, qemu_gid)
-    fds = launch.open_user_resources(plan, pw, qemu_gid, where, policy.limits)  # the last refusals
+    return plan, pw, qemu_gid, where, launch.open_user_resources(plan, pw, qemu_gid, where, policy.limits), quota
+
+
+def _launch(
+    paths: Paths, who: Caller, vm: registry.VM, options: list[str], paused: bool, saved: registry.Saved | None,
+    policy: Policy,
+) -> tuple[int, Accel]:  # fmt: skip
+    if saved is not None:
+        from kvmgate.host import qemu_version
+
+        qemu_version.refuse_newer(paths, policy.qemu, vm.identity.name, saved.qemu)
+    accel = config.accel(policy)
+    if registry.read_settings(vm).forwards:  # a port another program took since: a new one, said why
+        from kvmgate.host import network
+
+        network.reclaim_ports(paths, policy, vm)
+    plan, pw, qemu_gid, where, fds, quota = checked(paths, who, vm, options, paused, saved, policy, accel)
+    if "-append" in plan.argv:  # what QEMU's config syntax cannot carry (model.translate._append)
+        sys.stderr.write("kvmgate: note: this -append stays on QEMU's command line, which other users can read\n")
     try:
         if os.path.isdir(os.path.join(paths.state, "holds")):  # images a hibernated VM holds (host.holds)
             from kvmgate.host import holds
@@ -157,7 +174,7 @@ def _launch(
         fds |= launch.open_runtime_resources(plan, where, lock_fd)
         _prepare_owner_dir(vm, plan, pw.pw_uid)
         limit = (plan.memory_limit_mib + policy.memory_overhead_mib) << 20
-        placement = cgroup.Placement(vm.key, limit)
+        placement = cgroup.Placement(vm.key, limit, own=not policy.backend.slurm)  # Slurm: the job's cgroup
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         fds[-1] = log = os.open(vm.sub("log", "qemu.log"), flags, 0o600)
         qemu_fds = {t: f for t, f in fds.items() if t >= 0}
@@ -190,7 +207,9 @@ def _launch(
     try:
         wait_ready(os.path.join(vm.rundir, "qmp.sock"), time.monotonic() + START_TIMEOUT, alive)
     except QMPError as err:
-        tail = _log_tail(vm.sub("log", "qemu.log"))
+        from kvmgate.store.live import log_tail
+
+        tail = log_tail(vm)
         exited = not alive()
         kill_and_reap(pid)
         if not tail or not exited:  # no refusal from QEMU: it did not answer in time
@@ -249,17 +268,6 @@ def _file_size_limit(plan: Plan, limits: Limits, quota: int | None, fds: dict[in
 
         limit = disk_quota.size_limit(plan, fds, quota, limit, vm)
     return limit
-
-
-def _log_tail(path: str) -> list[str]:
-    """The last lines QEMU logged (its refusal), from at most the last 4 KiB."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
-            lines = [ln.strip() for ln in f.read(4096).decode(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return []
-    return [ln[:600] for ln in lines[-3:]]
 
 
 def kill_and_reap(pid: int) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import pwd
 
-from kvmgate.errors import IdentityError, NoSuchVM, PolicyError
+from kvmgate.errors import IdentityError, NoSuchVM, PermissionRefused, PolicyError
 from kvmgate.model.hostnet import attachments, services_of
 from kvmgate.model.policy.policy import Policy
 from kvmgate.model.settings import Settings
@@ -23,9 +23,12 @@ def owner_dir(vm: registry.VM) -> str:
 def owner_pw(vm: registry.VM) -> pwd.struct_passwd:
     """The owner's account; a VM whose owner is gone does not exist for anyone."""
     try:
-        return pwd.getpwnam(vm.identity.owner)
+        pw = pwd.getpwnam(vm.identity.owner)
     except KeyError:
         raise NoSuchVM(vm.identity.name) from None
+    if pw.pw_uid == 0:
+        raise PermissionRefused("VMs never run as root: the owner must be an ordinary user")
+    return pw
 
 
 def plan_for(

@@ -65,7 +65,7 @@ def stop(paths: Paths, who: Caller, vm: registry.VM, force: bool = False, timeou
             _kill_locked(vm, pid)
             how, forced = "killed after timeout", True
         if live.read_pid(vm) in (pid, None) and not runtime.is_running(vm):
-            _clean_up_run(vm)  # not a new run's files, if someone started it again meanwhile
+            clean_up_run(vm)  # not a new run's files, if someone started it again meanwhile
             runs.end(vm, how)
         audit.done(paths.audit_log, who, "stop", vm.identity.owner, vm.identity.name, how=how)
         return Stopped(how, forced)
@@ -79,7 +79,7 @@ def _kill_locked(vm: registry.VM, pid: int | None) -> None:
         raise KvmgateError(f"{vm.identity.name} did not stop")
 
 
-def _clean_up_run(vm: registry.VM) -> None:
+def clean_up_run(vm: registry.VM) -> None:
     runtime.cleanup(vm)
     remove_tree(owner_dir(vm))
     cgroup.remove(vm.key)
@@ -94,7 +94,7 @@ def end_locked(paths: Paths, who: Caller, vm: registry.VM) -> None:
         q.execute("quit")
     if not live.wait_stopped(vm, 5):
         _kill_locked(vm, pid)
-    _clean_up_run(vm)
+    clean_up_run(vm)
     audit.done(paths.audit_log, who, "stop", vm.identity.owner, vm.identity.name, how="quit (delete --force)")
 
 
@@ -223,7 +223,7 @@ def hibernate_locked(paths: Paths, who: Caller, vm: registry.VM, why: str | None
         raise
     if not live.wait_stopped(vm, 30):
         raise KvmgateError(f"{name} was saved but QEMU did not exit")
-    _clean_up_run(vm)
+    clean_up_run(vm)
     runs.end(vm, f"hibernated {why}" if why else "hibernated")
     if why:
         note.tell(vm, f"hibernated {why}")

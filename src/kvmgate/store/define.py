@@ -90,6 +90,12 @@ def create(
     return vm
 
 
+def write_settings(vm: VM, settings: Settings) -> None:
+    """The admin's settings of an existing VM (a start only reads them: store.registry)."""
+    # fsynced: after a power loss an empty file would free the VM's ports and addresses
+    write_atomic(vm.sub("settings.json"), settings.to_json(), fsync=True)
+
+
 def reidentify(paths: Paths, vm: VM, identity: ident.Identity) -> VM:
     """Give a stopped VM new QEMU options: its directory is renamed to the new
     identity (disks, settings, logs and saved snapshots go with it), its chain of
@@ -153,7 +159,7 @@ def finish_deletes(paths: Paths) -> list[str]:
 def replace_disk(vm: VM, staged: str) -> None:
     """Put a finished disk (on the same filesystem) in place of the VM's default
     disk, under the VM's lock. A standalone disk ends any tie to a library image."""
-    from kvmgate.store.registry import read_settings, write_settings
+    from kvmgate.store.registry import read_settings
 
     os.rename(staged, vm.default_disk)
     fsync_dir(vm.sub("disks"))

@@ -33,6 +33,17 @@ def wait_exit(vm: VM) -> None:
         os.close(fd)
 
 
+def log_tail(vm: VM, lines: int = 3) -> list[str]:
+    """The last lines QEMU logged (its refusal, its last words), from at most the last 4 KiB."""
+    try:
+        with open(vm.sub("log", "qemu.log"), "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            said = [ln.strip() for ln in f.read(4096).decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return []
+    return [ln[:600] for ln in said[-lines:]]
+
+
 def read_pid(vm: VM) -> int | None:
     """QEMU's pid, if the recorded process is still the one kvmgate started."""
     try:

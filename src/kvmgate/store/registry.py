@@ -29,7 +29,7 @@ from kvmgate.model import identity as ident
 from kvmgate.model import settings as settings_model
 from kvmgate.model.settings import Settings
 from kvmgate.paths import Paths
-from kvmgate.store.files import read_small, write_atomic
+from kvmgate.store.files import read_small
 
 DEFAULT_DISK = "disk0.qcow2"
 
@@ -134,11 +134,6 @@ def read_settings(vm: VM) -> Settings:
         return settings_model.parse(text)
     except settings_model.CorruptSettings as err:
         raise KvmgateError(f"{vm.identity.name}: corrupt settings ({err})") from None
-
-
-def write_settings(vm: VM, settings: Settings) -> None:
-    # fsynced: after a power loss an empty file would free the VM's ports and addresses
-    write_atomic(vm.sub("settings.json"), settings.to_json(), fsync=True)
 
 
 # ------------------------------------------------------------------ saved state

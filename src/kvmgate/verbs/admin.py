@@ -218,7 +218,7 @@ def set_settings(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> in
         settings = settings.with_(idle=parse_idle(idle))
     if delay is not None:
         settings = settings.with_(logoff_delay=parse_seconds(delay, "--logoff-delay", "at once"))
-    settings = _allocate(req, paths, vm, settings, lambda s: registry.write_settings(vm, s))
+    settings = _allocate(req, paths, vm, settings, lambda s: define.write_settings(vm, s))
     shown = json.loads(settings.to_json())
     audit.done(paths.audit_log, who, "admin set", vm.identity.owner, vm.identity.name, settings=shown)
     print(f"{vm.identity.owner}/{vm.identity.name}: " + json.dumps(shown, sort_keys=True))
@@ -397,6 +397,8 @@ def init(req: Request, paths: Paths) -> int:
             text = f'accel = "{accel}"\n' + text
         write_atomic(paths.policy, text, 0o644)
         _say(f"set accel = {accel} in {paths.policy}")
+    if req.flag("--backend") is not None or req.flag("--partition") is not None:
+        _backend(paths, req.flag("--backend"), req.flag("--partition"))
     config.load(paths)  # refuse to finish with a policy kvmgate would refuse
     try:
         gid = grp.getgrnam(QEMU_GROUP).gr_gid
@@ -467,6 +469,37 @@ def init(req: Request, paths: Paths) -> int:
         )
     _say("done")
     return 0
+
+
+def _backend(paths: Paths, kind: str | None, partition: str | None) -> None:
+    """Rewrite the policy's [backend] table, keeping what the admin set there. A
+    switch while any VM runs or is hibernated is refused: its state and its job
+    belong to the backend that made them."""
+    from kvmgate.model.slurm import Backend, backend_table
+    from kvmgate.store import every, jobs
+
+    current = config.load(paths).backend
+    kind = kind or current.kind
+    if kind == "local" and partition is not None:
+        raise UsageError("--partition is for --backend slurm")
+    wanted = Backend(kind, partition or current.partition, *current[2:])
+    if kind == "slurm" and wanted.partition is None:
+        raise UsageError("--backend slurm needs --partition NAME (the partition VMs' jobs go to)")
+    if kind != current.kind:
+        for vm in every.each_vm(paths):
+            if runtime.is_running(vm) or registry.read_saved(vm) is not None or jobs.read_or_damaged(vm) is not None:
+                raise WrongState(f"{vm.identity.owner}'s VM {vm.identity.name} runs or is hibernated: stop it "
+                                 f"(or discard its saved state) before switching the backend")  # fmt: skip
+    with open(paths.policy) as f:
+        previous = f.read()
+    text = re.sub(r"(?ms)^\[backend\][^\n]*\n.*?(?=^\[|\Z)", "", previous).rstrip("\n")
+    write_atomic(paths.policy, text + "\n\n" + backend_table(wanted), 0o644)
+    try:
+        config.load(paths)
+    except KvmgateError:
+        write_atomic(paths.policy, previous, 0o644)
+        raise
+    _say(f"backend = {kind}" + (f", partition {wanted.partition} (docs/cluster.md)" if kind == "slurm" else ""))
 
 
 def _proc_hides_pids() -> bool:

@@ -61,6 +61,10 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         except (re.error, OverflowError, RecursionError) as err:  # ("a{4294967296}", deep nesting)
             raise UsageError(f"--expect: {err}") from None
     vm = target(req, who, paths)  # after the arguments are checked: usage errors first
+    from kvmgate.ops import relay as on_node
+
+    if (code := on_node.route(req, who, paths, vm)) is not None:  # the Slurm backend: on the VM's node
+        return code
     if not runtime.is_running(vm):
         raise WrongState(f"{vm.identity.name} is not running")
     lock = os.open(

@@ -11,6 +11,7 @@ from kvmgate.errors import KvmgateError, UsageError, WrongState
 from kvmgate.host import sockets
 from kvmgate.host.caller import Caller
 from kvmgate.model.commands import Request
+from kvmgate.ops import relay
 from kvmgate.ops.inspect import addresses, describe, details, forwarded
 from kvmgate.paths import Paths
 from kvmgate.store import config, display, every, registry, runtime
@@ -21,6 +22,8 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
     if req.verb == "list":
         return services(req, paths) if req.has("--services") else vms(req, who, paths)
     vm = target(req, who, paths)
+    if (code := relay.route(req, who, paths, vm)) is not None:  # the Slurm backend: on the VM's node
+        return code
     if req.verb == "status":
         try:
             policy = config.load(paths)

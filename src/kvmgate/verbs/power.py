@@ -7,7 +7,7 @@ from kvmgate.errors import EXIT_FORCED, UsageError
 from kvmgate.host.caller import Caller
 from kvmgate.model.commands import Request
 from kvmgate.model.settings import parse_seconds
-from kvmgate.ops import power, resume
+from kvmgate.ops import power, relay, resume
 from kvmgate.paths import Paths
 from kvmgate.store import registry
 from kvmgate.verbs.common import emit, target
@@ -16,6 +16,8 @@ from kvmgate.verbs.common import emit, target
 def run(req: Request, who: Caller, paths: Paths) -> int:
     vm = target(req, who, paths)
     name = vm.identity.name
+    if (code := relay.route(req, who, paths, vm)) is not None:  # the Slurm backend: on the VM's node
+        return code
     if req.verb == "stop" and req.has("--discard"):
         if req.has("--force") or req.flag("--timeout") is not None:
             raise UsageError("--discard takes neither --force nor --timeout")

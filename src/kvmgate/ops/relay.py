@@ -1,0 +1,41 @@
+"""The Slurm backend's relay: a verb about a VM that runs in a job on another
+node is run there again, by the VM's owner, inside the VM's job (`srun --jobid
+--overlap`, then sudo and the helper), where it is a local verb (docs/cluster.md).
+
+Called first by each verb that reaches a running VM's QEMU (stop, reset, freeze,
+thaw, hibernate, snapshot, console, status, ports, vnc). On the local backend it
+costs one read of the cached policy and changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+from kvmgate.errors import Busy, KvmgateError
+from kvmgate.host.caller import Caller
+from kvmgate.model.commands import Request, unparse
+from kvmgate.paths import Paths
+from kvmgate.store import config, registry
+
+
+def route(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int | None:
+    """The exit code of the request run on the VM's node, or None: handle it here."""
+    try:
+        policy = config.load(paths)
+    except KvmgateError:
+        return None  # a policy kvmgate refuses: the verb itself says so (status still shows the state)
+    if not policy.backend.slurm:
+        return None
+    from kvmgate.ops import cluster
+
+    try:
+        rec = cluster.running_elsewhere(paths, policy, vm)
+    except Busy:
+        if req.verb == "status":
+            return None  # status shows "starting"
+        raise
+    if rec is None:
+        return None
+    pty = req.verb == "console" and os.isatty(0) and not req.has("--expect")
+    code, _ = cluster.relay(paths, policy, vm, rec, unparse(req, drop=("--owner",)), pty=pty)
+    return code

@@ -1,0 +1,231 @@
+"""The Slurm backend on a one-node cluster the suite starts itself (issue 14):
+munged, slurmctld and slurmd by hand, kvmgate's policy pointing at them. Every
+VM is a job that runs as its owner; the verbs reach it through Slurm; the
+refusals are real attacks by real users (their own job running the node side,
+a forged environment, a second start from inside the VM's own job)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ..conftest import DEFAULT_POLICY, HELPER, Kvmgate, as_user, boot_options
+from .slurm_cluster import Cluster
+
+SLURM_DIR = Path("/opt/kvmgate-slurm-test")
+
+
+def slurm_policy(conf: Path) -> str:
+    return DEFAULT_POLICY + f'[backend]\nkind = "slurm"\npartition = "vms"\nconf = "{conf}"\noverhead_mib = 128\n'
+
+
+@pytest.fixture(scope="module")
+def cluster(kg: Kvmgate) -> Iterator[Cluster]:
+    c = Cluster(SLURM_DIR, ["kg-a"])
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def on_slurm(kg: Kvmgate, cluster: Cluster) -> Iterator[Cluster]:
+    kg.write_policy(slurm_policy(SLURM_DIR / "slurm.conf"))
+    yield cluster
+    # every job of the test ended, and kvmgate saw it: nothing left for the next test
+    cluster.run("scancel", "--full", "--partition=vms")
+
+
+def jobs_of(cluster: Cluster, user: str) -> list[tuple[str, str, str]]:
+    out = cluster.run("squeue", "--noheader", "--user", user, "--format=%i %j %T").stdout
+    return [tuple(line.split()) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
+
+
+def wait_for(what: str, check, seconds: float = 30):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def make_vm(kg: Kvmgate, owner: str, name: str, guest: Path, cleanup_vms: list) -> None:
+    kg.ok("admin", "create", name, "--owner", owner, "--", *boot_options(guest))
+    cleanup_vms.append((owner, name))
+
+
+def guest_run(kg: Kvmgate, user: str, name: str, command: str, expect: str) -> str:
+    r = kg("console", name, "--expect", expect, "--timeout", "60", user=user, input=command + "\n")
+    assert r.returncode == 0, r.stderr + r.stdout
+    return r.stdout
+
+
+def uptime(kg: Kvmgate, user: str, name: str) -> float:
+    out = guest_run(kg, user, name, "echo up=$(cut -d' ' -f1 /proc/uptime)", r"up=[0-9]+\.[0-9]+\s")
+    return float(re.findall(r"up=([0-9]+\.[0-9]+)", out)[-1])
+
+
+def chain(pid: int) -> list[tuple[int, int, str]]:
+    """(pid, real uid, name) from pid up to init."""
+    out = []
+    while pid > 1:
+        status = Path(f"/proc/{pid}/status").read_text()
+        uid = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+        name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        out.append((pid, uid, name))
+        pid = int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+    return out
+
+
+def test_a_vm_is_a_job_of_its_owner_and_every_verb_reaches_it(
+    kg: Kvmgate, on_slurm: Cluster, alice: str, guest: Path, cleanup_vms: list, vm_name: str
+) -> None:
+    make_vm(kg, alice, vm_name, guest, cleanup_vms)
+    out = kg.ok("start", vm_name, user=alice).stdout
+    m = re.match(rf"started {vm_name} on node kg-a \(job (\d+), pid (\d+), accel tcg\)", out)
+    assert m, out
+    job, pid = m.group(1), int(m.group(2))
+    st = kg.json("status", vm_name, user=alice)
+    assert st["state"] == "running" and st["node"] == "kg-a" and st["job_id"] == int(job)
+    assert st["pid"] == pid
+    rows = jobs_of(on_slurm, alice)
+    assert len(rows) == 1 and rows[0][0] == job and rows[0][1].startswith("kvmgate-") and rows[0][2] == "RUNNING"
+    # QEMU is the foreground child of the job's own step, as the owner: sudo's helper, then slurmstepd.
+    up = chain(pid)
+    assert up[0][1] == int(subprocess.run(["id", "-u", alice], capture_output=True, text=True).stdout)
+    assert up[1][2] == HELPER or "python" in up[1][2], up
+    stepd = next(p for p in up if "slurmstepd" in Path(f"/proc/{p[0]}/cmdline").read_text())
+    assert f"[{job}.batch]" in Path(f"/proc/{stepd[0]}/cmdline").read_text()
+    guest_run(kg, alice, vm_name, "echo slurm-marker > /m; echo wr''ote", "wrote")
+    kg.ok("freeze", vm_name, user=alice)
+    assert kg.json("status", vm_name, user=alice)["state"] == "paused"
+    kg.ok("thaw", vm_name, user=alice)
+    assert kg.json("status", vm_name, user=alice)["state"] == "running"
+    assert kg.json("list", user=alice)[0]["state"] == "running"
+    before = uptime(kg, alice, vm_name)
+    assert "hibernated" in kg.ok("hibernate", vm_name, user=alice).stdout
+    wait_for("the job to end", lambda: not jobs_of(on_slurm, alice))
+    st = kg.json("status", vm_name, user=alice)
+    assert st["state"] == "hibernated" and st["node"] is None and st["job_id"] is None
+    out = kg.ok("start", vm_name, user=alice).stdout
+    assert out.startswith(f"restored {vm_name} on node kg-a"), out
+    after = uptime(kg, alice, vm_name)
+    assert before <= after < before + 2.0, (before, after)
+    guest_run(kg, alice, vm_name, "cat /m", "slurm-marker")
+    r = kg("start", vm_name, user=alice)
+    assert r.returncode == 5 and "already running (on node kg-a" in r.stderr
+    assert "stopped" in kg.ok("stop", vm_name, "--force", user=alice).stdout
+    wait_for("the job to end", lambda: not jobs_of(on_slurm, alice))
+    st = kg.json("status", vm_name, user=alice)
+    assert st["state"] == "stopped" and st["last_run"]["how"] == "quit"
+
+
+def test_the_node_side_starts_nothing_outside_the_vms_own_job(
+    kg: Kvmgate, on_slurm: Cluster, alice: str, bob: str, guest: Path, cleanup_vms: list, vm_name: str
+) -> None:
+    make_vm(kg, alice, vm_name, guest, cleanup_vms)
+    entry = ["/usr/bin/sudo", "-n", HELPER, "slurm-job", vm_name]
+    # Outside any job, whatever the environment says.
+    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "1", "SLURM_JOBID": "1", "SLURM_CONF": str(SLURM_DIR / "slurm.conf")}
+    r = as_user(alice, entry, env=env)
+    assert r.returncode == 3 and "no job was submitted" in r.stderr, r.stderr
+    # Her own job running the node side: a job kvmgate did not submit for this VM.
+    out = Path(f"/home/{alice}/own-{vm_name}.out")
+    r = on_slurm.run("sbatch", "--parsable", f"--output={out}", "--wrap", " ".join(entry), user=alice)
+    assert r.returncode == 0, r.stderr
+    wait_for("her job to end", lambda: not jobs_of(on_slurm, alice))
+    assert "no job was submitted" in out.read_text()
+    assert kg.json("status", vm_name, user=alice)["state"] == "stopped"
+    # Inside the VM's real job: the record was claimed once, a second start is refused.
+    kg.ok("start", vm_name, user=alice)
+    job = kg.json("status", vm_name, user=alice)["job_id"]
+    r = on_slurm.run("srun", f"--jobid={job}", "--overlap", "--export=NONE", *entry, user=alice)
+    assert r.returncode != 0 and "started this VM already" in r.stderr, r.stderr
+    # Another user, in the VM's job or his own: the VM is not his.
+    r = as_user(bob, entry, env=env)
+    assert r.returncode == 4 and "no such vm" in r.stderr.lower(), r.stderr
+    r = on_slurm.run("srun", f"--jobid={job}", "--overlap", "--export=NONE", "true", user=bob)
+    assert r.returncode != 0, "Slurm itself keeps bob out of alice's job"
+    assert len(jobs_of(on_slurm, alice)) == 1
+    assert kg.json("status", vm_name, user=alice)["state"] == "running"
+
+
+def test_a_job_slurm_ends_is_recorded(
+    kg: Kvmgate, on_slurm: Cluster, alice: str, guest: Path, cleanup_vms: list, vm_name: str
+) -> None:
+    make_vm(kg, alice, vm_name, guest, cleanup_vms)
+    kg.ok("start", vm_name, user=alice)
+    job = kg.json("status", vm_name, user=alice)["job_id"]
+    on_slurm.run("scancel", str(job))
+    wait_for("the job to end", lambda: not jobs_of(on_slurm, alice))
+    st = wait_for("stopped", lambda: (s := kg.json("status", vm_name, user=alice))["state"] == "stopped" and s)
+    assert "ended by Slurm on node kg-a" in st["last_run"]["how"] and str(job) in st["last_run"]["how"]
+    assert "ended by Slurm" in kg.ok("log", vm_name, user=alice).stdout
+    kg.ok("start", vm_name, user=alice)  # and it starts again
+
+
+def test_one_job_however_many_start_at_once(
+    kg: Kvmgate, on_slurm: Cluster, alice: str, guest: Path, cleanup_vms: list, vm_name: str
+) -> None:
+    make_vm(kg, alice, vm_name, guest, cleanup_vms)
+    results: list[subprocess.CompletedProcess[str]] = []
+
+    def start() -> None:
+        results.append(kg("start", vm_name, user=alice))
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.returncode for r in results) == [0, 5, 5], [(r.returncode, r.stderr) for r in results]
+    assert len(jobs_of(on_slurm, alice)) == 1
+
+
+def test_a_start_while_the_controller_is_down_is_refused_and_changes_nothing(
+    kg: Kvmgate, on_slurm: Cluster, alice: str, guest: Path, cleanup_vms: list, vm_name: str
+) -> None:
+    make_vm(kg, alice, vm_name, guest, cleanup_vms)
+    directory = kg.json("status", vm_name, user=alice)["directory"]
+    on_slurm.stop_controller()
+    try:
+        r = kg("start", vm_name, user=alice, timeout=200)
+        assert r.returncode == 5 and "controller does not answer" in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1
+        assert not os.path.exists(os.path.join(directory, "job.json"))
+        assert kg.json("status", vm_name, user=alice)["state"] == "stopped"
+    finally:
+        on_slurm.start_controller()
+
+
+def test_the_backend_switch_is_refused_while_a_vm_runs(
+    kg: Kvmgate, on_slurm: Cluster, alice: str, guest: Path, cleanup_vms: list, vm_name: str
+) -> None:
+    make_vm(kg, alice, vm_name, guest, cleanup_vms)
+    kg.ok("start", vm_name, user=alice)
+    policy = Path(kg_policy_path()).read_text()
+    r = kg("admin", "init", "--backend", "local")
+    assert r.returncode == 5 and "before switching the backend" in r.stderr
+    assert Path(kg_policy_path()).read_text() == policy
+    kg.ok("stop", vm_name, "--force", user=alice)
+    kg.ok("admin", "init", "--backend", "local")
+    assert 'kind = "local"' in Path(kg_policy_path()).read_text()
+    kg.ok("admin", "init", "--backend", "slurm", "--partition", "vms")
+    text = Path(kg_policy_path()).read_text()
+    assert 'kind = "slurm"' in text and 'partition = "vms"' in text and f'conf = "{SLURM_DIR}/slurm.conf"' in text
+
+
+def kg_policy_path() -> str:
+    from ..conftest import ETC
+
+    return f"{ETC}/policy.toml"
