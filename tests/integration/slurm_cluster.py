@@ -22,13 +22,16 @@ from pathlib import Path
 SLURM_USER = "root"  # the daemons run as root: the suite's own, torn down with it
 
 
-def conf(d: Path, host: str, nodes: list[str], ctld_port: int, node_port: int) -> str:
+BRIDGE, NET = "kgslb0", "10.99.0"  # the two-node cluster's own network: the login host is .1, node i is .(2+i)
+
+
+def conf(d: Path, host: str, nodes: list[str], ctld_port: int, node_port: int, spread: bool = False) -> str:
     """slurm.conf for a test cluster: job start in well under a second
     (batch_sched_delay=0), no cgroup plugin (proctrack/linuxproc: the node-side
     helper recognises its job by its slurmstepd ancestor), an unlimited partition."""
     lines = [
         "ClusterName=kvmgatetest",
-        f"SlurmctldHost={host}",
+        f"SlurmctldHost={host}({NET}.1)" if spread else f"SlurmctldHost={host}",
         f"SlurmUser={SLURM_USER}",
         f"SlurmctldPort={ctld_port}",
         f"SlurmdPort={node_port}",
@@ -53,23 +56,53 @@ def conf(d: Path, host: str, nodes: list[str], ctld_port: int, node_port: int) -
         "SlurmdTimeout=10",
         "KillWait=60",
         "JobAcctGatherType=jobacct_gather/none",
+        "SlurmdParameters=config_overrides",  # 8 CPUs per node on a 2-core machine: jobs share the cores
     ]
     for i, n in enumerate(nodes):
-        lines.append(f"NodeName={n} NodeHostname={host} Port={node_port + i} CPUs=2 RealMemory=8000 State=UNKNOWN")
+        where = f"NodeAddr={NET}.{i + 2} NodeHostname={n} Port={node_port}" if spread else \
+            f"NodeHostname={host} Port={node_port + i}"  # fmt: skip
+        lines.append(f"NodeName={n} {where} CPUs=8 RealMemory=8000 State=UNKNOWN")
     lines.append(f"PartitionName=vms Nodes={','.join(nodes)} Default=YES MaxTime=UNLIMITED State=UP")
     return "\n".join(lines) + "\n"
 
 
+# PID 1 of a node's namespaces: its hostname, a private /run (the kvmgate runtime directory
+# given) and /etc/hosts, slurmd, then reaping orphans until it is killed (which kills the node).
+NODE_INIT = """
+import os, socket, subprocess, sys
+node, conf, run, hosts = sys.argv[1:5]
+socket.sethostname(node)
+subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/run"], check=True)
+subprocess.run(["mount", "--bind", hosts, "/etc/hosts"], check=True)
+os.makedirs(run, 0o700)
+subprocess.run(["/usr/sbin/slurmd", "-f", conf, "-N", node], check=True)
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        import time
+        time.sleep(1)
+"""
+
+
 class Cluster:
-    def __init__(self, d: Path, nodes: list[str], ctld_port: int = 26817, node_port: int = 26818) -> None:
-        self.d, self.nodes = d, nodes
+    def __init__(
+        self, d: Path, nodes: list[str], ctld_port: int = 26817, node_port: int = 26818, spread: bool = False,
+        run: str = "",
+    ) -> None:  # fmt: skip
+        """spread: each node in its own network, UTS, mount and PID namespaces (two-node tests),
+        with `run` (kvmgate's runtime directory) private to it."""
+        self.d, self.nodes, self.spread, self.kvm_run = d, nodes, spread, run
+        self.inits: dict[str, int] = {}
         self.env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SLURM_CONF": str(d / "slurm.conf")}
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o755)  # munged runs as munge; users reach its socket
         for sub in ("ctld", "spool", "run", "log", "munge"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         host = os.uname().nodename
-        (d / "slurm.conf").write_text(conf(d, host, nodes, ctld_port, node_port))
+        (d / "slurm.conf").write_text(conf(d, host, nodes, ctld_port, node_port, spread))
+        os.chmod(d / "slurm.conf", 0o644)
 
     def start(self, wait: bool = True) -> None:
         munge = pwd.getpwnam("munge")
@@ -84,11 +117,63 @@ class Cluster:
             check=True,
         )  # fmt: skip
         os.chmod(m, 0o755)  # users' srun and sbatch reach the socket
+        if self.spread:
+            self._network()
         self.start_controller()
         for n in self.nodes:
-            subprocess.run(["/usr/sbin/slurmd", "-f", self.env["SLURM_CONF"], "-N", n], check=True, env=self.env)
+            if self.spread:
+                self.start_node(n)
+            else:
+                subprocess.run(["/usr/sbin/slurmd", "-f", self.env["SLURM_CONF"], "-N", n], check=True, env=self.env)
         if wait:
             self.wait_idle()
+
+    def _network(self) -> None:
+        ip = ["ip", "link"]
+        subprocess.run([*ip, "add", BRIDGE, "type", "bridge"], check=True)
+        subprocess.run(["ip", "addr", "add", f"{NET}.1/24", "dev", BRIDGE], check=True)
+        subprocess.run([*ip, "set", BRIDGE, "up"], check=True)
+        hosts = "127.0.0.1 localhost\n" + "".join(f"{NET}.{i + 2} {n}\n" for i, n in enumerate(self.nodes))
+        hosts += f"{NET}.1 {os.uname().nodename}\n"
+        (self.d / "hosts").write_text(hosts)
+        os.chmod(self.d / "hosts", 0o644)
+        for i, _ in enumerate(self.nodes):
+            ns = f"kgn{i}"
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            subprocess.run([*ip, "add", f"kgsv{i}", "type", "veth", "peer", "name", "eth0", "netns", ns], check=True)
+            subprocess.run([*ip, "set", f"kgsv{i}", "master", BRIDGE, "up"], check=True)
+            subprocess.run(["ip", "-n", ns, "addr", "add", f"{NET}.{i + 2}/24", "dev", "eth0"], check=True)
+            for dev in ("eth0", "lo"):
+                subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+
+    def start_node(self, node: str) -> None:
+        """The node's namespaces and slurmd; its PID 1 is remembered (kill_node ends it all)."""
+        i = self.nodes.index(node)
+        (self.d / "spool" / node).mkdir(parents=True, exist_ok=True)
+        argv = ["nsenter", f"--net=/run/netns/kgn{i}", "unshare", "--uts", "--mount", "--pid", "--fork",
+                "--mount-proc", "--propagation", "private", "python3", "-I", "-c", NODE_INIT, node,
+                self.env["SLURM_CONF"], self.kvm_run, str(self.d / "hosts")]  # fmt: skip
+        p = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while True:
+            kids = [int(k) for k in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()]
+            if kids:
+                self.inits[node] = kids[0]
+                break
+            assert time.monotonic() < deadline, "the node's namespaces did not start"
+            time.sleep(0.05)
+        self.launchers = [*getattr(self, "launchers", []), p]
+
+    def kill_node(self, node: str) -> None:
+        """The node dies: its PID 1 killed, and with it slurmd, its steps and their QEMUs."""
+        pid = self.inits.pop(node)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def node_state(self, node: str) -> str:
+        return self.run("sinfo", "--noheader", "--nodes", node, "--format=%T").stdout.strip()
 
     def start_controller(self) -> None:
         subprocess.run(["/usr/sbin/slurmctld", "-f", self.env["SLURM_CONF"]], check=True, env=self.env)
@@ -125,7 +210,10 @@ class Cluster:
         """Every job cancelled, then the daemons ended (SIGKILL after 10 s), then the files."""
         self.run("scancel", "--full", "--partition=vms")
         pids = []
-        for pidfile in [*sorted((self.d / "run").glob("*.pid")), self.d / "munge" / "munged.pid"]:
+        own = (
+            ["slurmctld.pid"] if self.spread else [p.name for p in (self.d / "run").glob("*.pid")]
+        )  # nodes: their PID 1
+        for pidfile in [*(self.d / "run" / name for name in sorted(own)), self.d / "munge" / "munged.pid"]:
             try:
                 pids.append(int(pidfile.read_text().split()[0]))
                 os.kill(pids[-1], signal.SIGTERM)
@@ -137,4 +225,12 @@ class Cluster:
         for p in pids:
             with contextlib.suppress(OSError):
                 os.kill(p, signal.SIGKILL)
+        for node in list(self.inits):
+            self.kill_node(node)
+        for launcher in getattr(self, "launchers", []):
+            launcher.wait(timeout=10)
+        if self.spread:
+            for i, _ in enumerate(self.nodes):
+                subprocess.run(["ip", "netns", "del", f"kgn{i}"], capture_output=True)
+            subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
         shutil.rmtree(self.d, ignore_errors=True)

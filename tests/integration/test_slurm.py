@@ -6,6 +6,7 @@ a forged environment, a second start from inside the VM's own job)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -135,25 +136,48 @@ def test_the_node_side_starts_nothing_outside_the_vms_own_job(
 ) -> None:
     make_vm(kg, alice, vm_name, guest, cleanup_vms)
     entry = ["/usr/bin/sudo", "-n", HELPER, "slurm-job", vm_name]
-    # Outside any job, whatever the environment says.
-    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "1", "SLURM_JOBID": "1", "SLURM_CONF": str(SLURM_DIR / "slurm.conf")}
-    r = as_user(alice, entry, env=env)
-    assert r.returncode == 3 and "no job was submitted" in r.stderr, r.stderr
-    # Her own job running the node side: a job kvmgate did not submit for this VM.
-    out = Path(f"/home/{alice}/own-{vm_name}.out")
-    r = on_slurm.run("sbatch", "--parsable", f"--output={out}", "--wrap", " ".join(entry), user=alice)
+    conf = str(SLURM_DIR / "slurm.conf")
+    directory = kg.json("status", vm_name, user=alice)["directory"]
+    # A job that holds nearly all of the node's memory keeps the VM's job pending, its record unclaimed.
+    blocker = on_slurm.run("sbatch", "--parsable", "--mem=7800M", "--output=/dev/null", "--wrap", "sleep 600")
+    assert blocker.returncode == 0, blocker.stderr
+    wait_for("the blocker to run", lambda: "RUNNING" in on_slurm.run("squeue", "-h", "-o", "%T").stdout)
+    # Her own job, which will run the node side as soon as the VM's job waits (it fits beside the blocker).
+    out, go = Path(f"/home/{alice}/own-{vm_name}.out"), Path(f"/home/{alice}/go-{vm_name}")
+    script = f"while [ ! -e {go} ]; do sleep 0.1; done; exec {' '.join(entry)}"
+    r = on_slurm.run("sbatch", "--parsable", "--mem=50M", f"--output={out}", "--wrap", script, user=alice)
     assert r.returncode == 0, r.stderr
-    wait_for("her job to end", lambda: not jobs_of(on_slurm, alice))
-    assert "no job was submitted" in out.read_text()
-    assert kg.json("status", vm_name, user=alice)["state"] == "stopped"
+    own = r.stdout.strip()
+    wait_for(
+        "her job to run", lambda: [row for row in jobs_of(on_slurm, alice) if row[0] == own and row[2] == "RUNNING"]
+    )
+    started: list[subprocess.CompletedProcess[str]] = []
+    t = threading.Thread(target=lambda: started.append(kg("start", vm_name, user=alice)))
+    t.start()
+    try:
+        job = wait_for("the VM's job", lambda: [r[0] for r in jobs_of(on_slurm, alice) if r[2] == "PENDING"])[0]
+        assert json.loads(Path(directory, "job.json").read_text())["state"] == "submitted"
+        # Outside any job, with every variable Slurm sets naming the VM's job.
+        env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": job, "SLURM_JOBID": job, "SLURM_CONF": conf,
+               "SLURM_JOB_USER": alice, "SLURM_STEP_ID": "0"}  # fmt: skip
+        r = as_user(alice, entry, env=env)
+        assert r.returncode == 3 and "not running inside a Slurm job" in r.stderr, r.stderr
+        as_user(alice, ["touch", str(go)])
+        wait_for("her job to end", lambda: own not in [row[0] for row in jobs_of(on_slurm, alice)])
+        assert f"job {own} is not the job kvmgate submitted" in out.read_text()
+        # Bob, with his own job and a forged environment: the VM is not his (and not there).
+        r = as_user(bob, entry, env={**env, "SLURM_JOB_USER": bob})
+        assert r.returncode == 4 and "no such vm" in r.stderr.lower(), r.stderr
+        assert json.loads(Path(directory, "job.json").read_text())["state"] == "submitted", "nothing claimed it"
+        assert kg.json("status", vm_name, user=alice)["state"] == "starting"
+    finally:
+        on_slurm.run("scancel", blocker.stdout.strip())
+        t.join()
+    assert started[0].returncode == 0, started[0].stderr
+    assert kg.json("status", vm_name, user=alice)["state"] == "running"
     # Inside the VM's real job: the record was claimed once, a second start is refused.
-    kg.ok("start", vm_name, user=alice)
-    job = kg.json("status", vm_name, user=alice)["job_id"]
     r = on_slurm.run("srun", f"--jobid={job}", "--overlap", "--export=NONE", *entry, user=alice)
     assert r.returncode != 0 and "started this VM already" in r.stderr, r.stderr
-    # Another user, in the VM's job or his own: the VM is not his.
-    r = as_user(bob, entry, env=env)
-    assert r.returncode == 4 and "no such vm" in r.stderr.lower(), r.stderr
     r = on_slurm.run("srun", f"--jobid={job}", "--overlap", "--export=NONE", "true", user=bob)
     assert r.returncode != 0, "Slurm itself keeps bob out of alice's job"
     assert len(jobs_of(on_slurm, alice)) == 1

@@ -227,6 +227,19 @@ def running_elsewhere(paths: Paths, policy: Policy, vm: registry.VM) -> JobRecor
     return rec
 
 
+def wait_ended(policy: Policy, vm: registry.VM, job: int, seconds: float = 60.0) -> None:
+    """After a relayed stop or hibernate: until the VM's job has let go of its
+    record and Slurm no longer runs it (squeue shows it gone), so that a start
+    right after it is a new job, not "already running"."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        rec = jobs.read_or_damaged(vm)
+        if not (isinstance(rec, JobRecord) and rec.job == job):
+            if hslurm.show_job(policy.backend, job).get("JobState") not in slurm.LIVE:
+                return
+        time.sleep(0.05)
+
+
 def relay(paths: Paths, policy: Policy, vm: registry.VM, rec: JobRecord, argv: list[str], capture: bool = False,
           pty: bool = False) -> tuple[int, str]:  # fmt: skip
     """`argv` (a helper request, without --owner) run by the owner inside the VM's

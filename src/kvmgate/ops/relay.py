@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from kvmgate.errors import Busy, KvmgateError
+from kvmgate.errors import EXIT_FORCED, Busy, KvmgateError
 from kvmgate.host.caller import Caller
 from kvmgate.model.commands import Request, unparse
 from kvmgate.paths import Paths
@@ -38,4 +38,6 @@ def route(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int | Non
         return None
     pty = req.verb == "console" and os.isatty(0) and not req.has("--expect")
     code, _ = cluster.relay(paths, policy, vm, rec, unparse(req, drop=("--owner",)), pty=pty)
+    if req.verb in ("stop", "hibernate") and code in (0, EXIT_FORCED):
+        cluster.wait_ended(policy, vm, rec.job)  # the job is gone once the VM has stopped or hibernated
     return code

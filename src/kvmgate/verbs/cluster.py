@@ -53,6 +53,7 @@ def move(paths: Paths, policy: Policy, who: Caller, vm: registry.VM, to: str | N
         code, _ = cluster.relay(paths, policy, vm, rec, ["hibernate", name], capture=True)
         if code != 0 or registry.read_saved(vm) is None:
             raise KvmgateError(f"{name} could not be hibernated on node {rec.node} (exit {code}); it was not moved")
+        cluster.wait_ended(policy, vm, rec.job)
     to_token = cluster.TO.set(to)
     away_token = cluster.AWAY_FROM.set(rec.node if rec is not None else None)
     try:
