@@ -234,9 +234,9 @@ def wait_ended(policy: Policy, vm: registry.VM, job: int, seconds: float = 60.0)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         rec = jobs.read_or_damaged(vm)
-        if not (isinstance(rec, JobRecord) and rec.job == job):
-            if hslurm.show_job(policy.backend, job).get("JobState") not in slurm.LIVE:
-                return
+        ours = isinstance(rec, JobRecord) and rec.job == job
+        if not ours and hslurm.show_job(policy.backend, job).get("JobState") not in slurm.LIVE:
+            return
         time.sleep(0.05)
 
 
