@@ -9,14 +9,18 @@ node that is left."""
 from __future__ import annotations
 
 import re
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ..conftest import DEFAULT_POLICY, RUN, Kvmgate
+from ..conftest import BOOT_LINE, DEFAULT_POLICY, RUN, STATE, Kvmgate, boot_options
 from .slurm_cluster import Cluster
+from .test_logon import in_session, pam, sshd, wait_state  # noqa: F401 - fixtures
 from .test_slurm import guest_run, jobs_of, make_vm, uptime, wait_for
+from .test_ssh_logon import Sshd
 
 SLURM_DIR = Path("/opt/kvmgate-slurm-test-2")
 NODES = ["kg-a", "kg-b"]
@@ -38,7 +42,9 @@ def on_slurm(kg: Kvmgate, cluster: Cluster) -> Iterator[Cluster]:
         DEFAULT_POLICY + f'[backend]\nkind = "slurm"\npartition = "vms"\nconf = "{SLURM_DIR}/slurm.conf"\n'
         "overhead_mib = 128\n"
     )
+    kg.ok("admin", "init", "--backend", "slurm", "--partition", "vms")  # and logons counted on the shared state
     yield cluster
+    shutil.rmtree(Path(STATE, "sessions"), ignore_errors=True)
     cluster.run("scancel", "--full", "--partition=vms")
     for node in NODES:
         cluster.run("scontrol", "update", f"nodename={node}", "state=resume")
@@ -131,3 +137,35 @@ def test_a_lost_node_leaves_its_vm_recorded_there_and_the_next_start_boots_elsew
     finally:
         on_slurm.start_node(lost)
         wait_for("the node back", lambda: on_slurm.node_state(lost).startswith("idle"), 60)
+
+
+def test_a_logoff_on_the_login_node_freezes_the_vm_on_its_node_and_a_logon_thaws_it(
+    kg: Kvmgate,
+    on_slurm: Cluster,
+    users,
+    sshd: Sshd,  # noqa: F811 - the fixture imported above
+    guest: Path,
+    cleanup_vms: list,
+    vm_name: str,
+) -> None:
+    user = users.make("kgl")
+    sshd.authorize(user)
+    kg.ok("admin", "create", vm_name, "--owner", user, "--on-logoff", "pause", "--logoff-delay", "0",
+          "--", *boot_options(guest))  # fmt: skip
+    cleanup_vms.append((user, vm_name))
+    kg.ok("start", vm_name, "--owner", user)
+    kg.ok("console", vm_name, "--owner", user, "--expect", BOOT_LINE, "--timeout", "90")
+    out = in_session(sshd, user, vm_name, 'echo pam-marker > /m; echo wr""ote', "wrote")
+    assert '"state": "running"' in out and '"node": "kg-' in out
+    st = wait_state(kg, user, vm_name, "paused")
+    assert st["state"] == "paused" and st["qemu_status"] == "paused" and st["node"] in NODES, st
+    assert list(Path(STATE, "sessions", user).iterdir()) == [], "the login node pruned its own record"
+    out = in_session(sshd, user, vm_name, "cat /m", "pam-marker")
+    assert '"state": "running"' in out
+    assert wait_state(kg, user, vm_name, "paused")["state"] == "paused"
+    # A session recorded by another login node counts: no freeze while it lives.
+    Path(STATE, "sessions", user, "login-b@4242-77").touch()
+    kg.ok("thaw", vm_name, "--owner", user)
+    in_session(sshd, user, vm_name, "echo still", "still")
+    time.sleep(3)
+    assert kg.json("status", vm_name, "--owner", user)["state"] == "running"

@@ -130,6 +130,8 @@ def thaw(
 ) -> tuple[bool, Started | None]:
     """Resume the vCPUs, or restore a hibernated VM. (changed, restored-as).
     `wanted` is asked again under the lock (an internal actor's reason to act)."""
+    if (elsewhere := _on_its_node(paths, vm, "thaw", wanted)) is not None:
+        return elsewhere == 0, None
     with lock(paths, who, vm):
         if wanted is not None and not wanted():
             return False, None
@@ -142,6 +144,8 @@ def thaw(
 
 def wake(paths: Paths, who: Caller, vm: registry.VM) -> None:
     """Whatever state the VM is in, make it run: thaw, restore or start (gated)."""
+    if _on_its_node(paths, vm, "thaw") is not None:
+        return
     with lock(paths, who, vm):
         if runtime.is_running(vm):
             _vcpus(paths, who, vm, run=True)
@@ -160,6 +164,26 @@ def reset(paths: Paths, who: Caller, vm: registry.VM) -> None:
         except (OSError, QMPError) as err:
             raise KvmgateError(f"{vm.identity.name}: the monitor refused: {err}") from None
         audit.done(paths.audit_log, who, "reset", vm.identity.owner, vm.identity.name)
+
+
+def _on_its_node(paths: Paths, vm: registry.VM, verb: str, wanted: Callable[[], bool] | None = None) -> int | None:
+    """The Slurm backend, a VM that runs on another node: the verb done there, as
+    its owner (ops.cluster.relay), for kvmgate's own actors (the logoff policy,
+    gated's wake). Its exit code; None: the VM is not elsewhere, act here."""
+    policy = config.load(paths)
+    if not policy.backend.slurm:
+        return None
+    from kvmgate.ops import cluster
+
+    rec = cluster.running_elsewhere(paths, policy, vm)
+    if rec is None:
+        return None
+    if wanted is not None and not wanted():
+        return 1
+    code, _ = cluster.relay(paths, policy, vm, rec, [verb, vm.identity.name], capture=True)
+    if verb == "hibernate" and code == 0:
+        cluster.wait_ended(policy, vm, rec.job)
+    return code
 
 
 def _vcpus(paths: Paths, who: Caller, vm: registry.VM, run: bool) -> bool:
@@ -249,6 +273,10 @@ def sleep(
     """The logoff policy: freeze (`pause`) or hibernate a running VM; nothing for
     `none`, a VM that is not running, or when `wanted()`, asked under the lock,
     says the reason to act is gone (the owner logged on again)."""
+    if mode != "none":
+        verb = "hibernate" if mode == "hibernate" else "freeze"
+        if (elsewhere := _on_its_node(paths, vm, verb, wanted)) is not None:
+            return None if elsewhere else ("hibernated" if mode == "hibernate" else "froze")
     with lock(paths, who, vm):
         if mode == "none" or not runtime.is_running(vm) or (wanted is not None and not wanted()):
             return None

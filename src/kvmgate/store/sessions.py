@@ -1,4 +1,6 @@
-"""Session records: one file per live session of a user in RUN/sessions/<user>/:
+"""Session records: one file per live session of a user in RUN/sessions/<user>/
+(STATE/sessions/<user>/ on a Slurm cluster, shared by every login node, each
+record named `<host>@...` after the login node that made it):
 
 - `<pid>-<starttime>[-tag]`: a login's session leader (the PAM hook), or a
   connection kvmgate-gated holds. A record whose process is gone (crash,
@@ -6,6 +8,9 @@
   never keeps a VM awake, nor asleep.
 - `logind-<id>`: a logind session (`admin sessions --watch`, host.logind).
   Whether it is alive is logind's to say: the caller passes `logind_alive`.
+
+A login node prunes only its own records (another node's processes are not in
+its /proc); another node's records count as live until that node prunes them.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 from collections.abc import Callable, Iterator
 
 from kvmgate.paths import Paths
@@ -33,8 +39,18 @@ class Sessions:
     """RUN/sessions/<user>/<pid>-<starttime>, one file per live session."""
 
     def __init__(self, paths: Paths, user: str) -> None:
-        self.root = os.path.join(paths.run, "sessions")
+        shared = os.path.join(paths.state, "sessions")  # made by `admin init --backend slurm`
+        self.host = socket.gethostname() + "@" if os.path.isdir(shared) else ""
+        self.root = shared if self.host else os.path.join(paths.run, "sessions")
         self.dir = os.path.join(self.root, user)
+
+    def _own(self, name: str) -> str | None:
+        """The record's name without this login node's prefix; None: another node's."""
+        return (
+            name.removeprefix(self.host)
+            if name.startswith(self.host) and "@" not in name.removeprefix(self.host)
+            else None
+        )
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -68,13 +84,17 @@ class Sessions:
         Without `logind_alive`, logind's records are taken as alive."""
         names = self.records()
         live = 0
-        for name in names:
+        for full in names:
+            name = self._own(full)
+            if name is None:
+                live += 1  # another login node's, which only that node can check
+                continue
             if name.startswith(LOGIND):
                 if logind_alive is None or logind_alive(name[len(LOGIND) :]):
                     live += 1
                 else:
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(self.dir, name))
+                        os.unlink(os.path.join(self.dir, full))
                 continue
             pid_s, _, rest = name.partition("-")
             start_s = rest.partition("-")[0]
@@ -82,20 +102,25 @@ class Sessions:
                 live += 1
             else:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.dir, name))
+                    os.unlink(os.path.join(self.dir, full))
         return len(names), live
 
     def logind(self) -> set[str]:
-        return {n[len(LOGIND) :] for n in self.records() if n.startswith(LOGIND)}
+        own = [n for n in map(self._own, self.records()) if n is not None]
+        return {n[len(LOGIND) :] for n in own if n.startswith(LOGIND)}
 
     def set_logind(self, ids: set[str]) -> None:
         """Make the user's logind records exactly `ids` (checked session ids)."""
         old = self.logind()
         for sid in ids - old:
-            os.close(os.open(os.path.join(self.dir, LOGIND + sid), os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            os.close(
+                os.open(
+                    os.path.join(self.dir, self.host + LOGIND + sid), os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600
+                )
+            )
         for sid in old - ids:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.dir, LOGIND + sid))
+                os.unlink(os.path.join(self.dir, self.host + LOGIND + sid))
 
     def add(self, pid: int, tag: str = "", start: int | None = None) -> None:
         """Record the session whose leader is `pid`; `start`: its start time as
@@ -103,12 +128,12 @@ class Sessions:
         pid that is another process now, is pruned at once."""
         start = _leader_start(pid) if start is None else start
         if start is not None:
-            name = f"{pid}-{start}" + (f"-{tag}" if tag else "")
+            name = f"{self.host}{pid}-{start}" + (f"-{tag}" if tag else "")
             os.close(os.open(os.path.join(self.dir, name), os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
 
     def remove(self, pid: int, tag: str = "") -> None:
-        for name in self.records():
-            parts = name.split("-", 2)
+        for full in self.records():
+            parts = (self._own(full) or "@").split("-", 2)
             if parts[0] == str(pid) and (parts[2] if len(parts) > 2 else "") == tag:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.dir, name))
+                    os.unlink(os.path.join(self.dir, full))

@@ -499,6 +499,11 @@ def _backend(paths: Paths, kind: str | None, partition: str | None) -> None:
     except KvmgateError:
         write_atomic(paths.policy, previous, 0o644)
         raise
+    shared = os.path.join(paths.state, "sessions")  # logons counted across login nodes (store.sessions)
+    if kind == "slurm":
+        os.makedirs(shared, 0o700, exist_ok=True)
+    elif os.path.isdir(shared):
+        remove_tree(shared)
     _say(f"backend = {kind}" + (f", partition {wanted.partition} (docs/cluster.md)" if kind == "slurm" else ""))
 
 

@@ -175,11 +175,14 @@ def _has_work(paths: Paths, user: str) -> bool:
         return False
     for vm in every.each_vm(paths, user):
         with contextlib.suppress(Exception):
-            if registry.read_settings(vm).on_logoff != "none" and (
-                runtime.is_running(vm) or registry.read_saved(vm) is not None
-            ):
+            if registry.read_settings(vm).on_logoff != "none" and _asleep_or_awake(vm):
                 return True
     return False
+
+
+def _asleep_or_awake(vm: registry.VM) -> bool:
+    """Runs here (perhaps paused), in a Slurm job on some node, or is hibernated."""
+    return runtime.is_running(vm) or registry.read_saved(vm) is not None or os.path.exists(vm.sub("job.json"))
 
 
 def _count(paths: Paths, user: str, leader: int, start: int, event: str, service: str) -> None:
@@ -314,7 +317,7 @@ def apply(paths: Paths, user: str, action: str, only: registry.VM | None = None)
             if mode == "none":
                 continue
             if action == "thaw":
-                if runtime.is_running(vm) or registry.read_saved(vm) is not None:
+                if _asleep_or_awake(vm):
                     resume.thaw(paths, who, vm, wanted)
             else:
                 power.sleep(paths, who, vm, mode, wanted)
