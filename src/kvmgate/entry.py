@@ -34,7 +34,7 @@ from kvmgate.store import critical
 ROUTES: dict[str, str] = {
     "start": "lifecycle",
     **dict.fromkeys(("stop", "reset", "freeze", "thaw", "hibernate", "snapshot"), "power"),
-    **dict.fromkeys(("status", "list", "ports", "vnc"), "info"),
+    **dict.fromkeys(("status", "list", "ports", "vnc", "tunnel"), "info"),
     **dict.fromkeys(("console", "log"), "console"),
     **dict.fromkeys(
         ("images", "keys", "admin-import", "admin-image-add", "admin-image-list", "admin-image-remove"), "images"

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ..conftest import BOOT_LINE, DEFAULT_POLICY, RUN, STATE, Kvmgate, boot_options
+from ..conftest import BOOT_LINE, DEFAULT_POLICY, RUN, SSH_THROWAWAY, STATE, Kvmgate, boot_options
 from .slurm_cluster import Cluster
 from .test_logon import in_session, pam, sshd, wait_state  # noqa: F401 - fixtures
 from .test_slurm import guest_run, jobs_of, make_vm, uptime, wait_for
@@ -169,3 +170,34 @@ def test_a_logoff_on_the_login_node_freezes_the_vm_on_its_node_and_a_logon_thaws
     in_session(sshd, user, vm_name, "echo still", "still")
     time.sleep(3)
     assert kg.json("status", vm_name, "--owner", user)["state"] == "running"
+
+
+def test_ssh_and_the_display_are_reached_through_the_vms_job(
+    kg: Kvmgate, on_slurm: Cluster, alice: str, bob: str, guest: Path, cleanup_vms: list, vm_name: str
+) -> None:
+    opts = boot_options(guest)
+    opts[opts.index("-append") + 1] += " kvmgate.ssh"
+    kg.ok("admin", "create", vm_name, "--owner", alice, "--forward", "ssh", "--", *opts)
+    cleanup_vms.append((alice, vm_name))
+    kg.ok("start", vm_name, user=alice)
+    node = node_of(kg, alice, vm_name)
+    kg.ok("console", vm_name, "--owner", alice, "--expect", r"KVMGATE-GUEST-NET eth0", "--timeout", "120")
+    rows = kg.json("ports", vm_name, user=alice)
+    assert rows[0]["service"] == "ssh" and rows[0]["node"] == node and rows[0]["held"], rows
+    # kvmgate ssh: ssh(1) as alice, its ProxyCommand through the VM's job to the port on the VM's node.
+    r = kg("ssh", vm_name, "--", "-v", *SSH_THROWAWAY, "true", user=alice, timeout=60)
+    assert "remote software version kvmgate-test-guest" in r.stderr, r.stderr
+    assert re.search(r"Executing proxy command: .*kvmgate tunnel", r.stderr), r.stderr
+    # Nothing listens on the login host for it: the port is the node's own loopback.
+    assert f":{rows[0]['port']} " not in subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout
+    # The display, the same way (the RFB greeting from QEMU's VNC socket on the node).
+    desk = vm_name + "-d"
+    kg.ok("admin", "create", desk, "--owner", alice, "--network", "user", "--", "-m", "128")
+    cleanup_vms.append((alice, desk))
+    kg.ok("start", desk, "--paused", "--", "-vnc", "5", user=alice)
+    assert kg.json("vnc", desk, user=alice)["node"] in NODES
+    r = kg("tunnel", desk, "vnc", user=alice, input="")
+    assert r.returncode == 0 and r.stdout.startswith("RFB 003.008"), (r.returncode, r.stdout, r.stderr)
+    for who, argv in ((bob, ["tunnel", vm_name, "ssh"]), (bob, ["ssh", vm_name])):
+        r = kg(*argv, user=who, input="")
+        assert r.returncode == 4 and "no such VM" in r.stderr, r.stderr

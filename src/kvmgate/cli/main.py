@@ -148,6 +148,11 @@ def ssh(args: list[str], extra: list[str]) -> int:
 
     who = owner[1] if owner else pwd.getpwuid(os.getuid()).pw_name
     argv = ssh_argv(row["port"], host, who, name, extra)
+    if row.get("node"):  # a Slurm node: through the VM's job, never a node's public address
+        import shlex
+
+        proxy = shlex.join([sys.argv[0] if os.path.isabs(sys.argv[0]) else "kvmgate", "tunnel", *owner, name, "ssh"])
+        argv[1:1] = ["-o", f"ProxyCommand={proxy}"]
     try:
         os.execvp(argv[0], argv)
     except OSError as err:

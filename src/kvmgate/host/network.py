@@ -346,7 +346,10 @@ def _pidfile(paths: Paths, name: str) -> str:
 
 
 def _exists(ifname: str) -> bool:
-    return os.path.exists(f"/sys/class/net/{ifname}")
+    """In this process's network namespace (/proc/self/net follows it; /sys shows the
+    namespace it was mounted in, which a Slurm node's namespace may not have remounted)."""
+    with open("/proc/self/net/dev") as f:
+        return any(line.split(":", 1)[0].strip() == ifname for line in f.readlines()[2:])
 
 
 def _write(path: str, value: str) -> None:

@@ -209,6 +209,15 @@ VERBS: tuple[Verb, ...] = (
     ),
     Verb("ports", "show a VM's forwarded host ports (admin create --forward, -redir)", (OWNER, JSON)),
     Verb(
+        "tunnel",
+        "join standard input and output to a running VM's ssh port or display, on whichever node it runs "
+        "(an ssh ProxyCommand: kvmgate ssh uses it on a Slurm cluster)",
+        (OWNER,),
+        args=("SERVICE",),
+        usage="kvmgate tunnel [--owner USER] NAME ssh|vnc",
+        epilog="Example: ssh -o ProxyCommand='kvmgate tunnel dev ssh' -o HostKeyAlias=kvmgate-alice-dev root@dev",
+    ),
+    Verb(
         "ssh",
         "ssh into a VM through its forwarded ssh port",
         (OWNER,),

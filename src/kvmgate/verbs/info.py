@@ -40,10 +40,14 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
         text = "".join(
             f"{r['service']:<12} {r['host']}:{r['port']} -> guest:{r['guest_port']} ({r['via']})\n" for r in rows
         )
+        node = _node(paths, vm)  # the Slurm backend: where they listen (reach them with `kvmgate tunnel`)
+        rows = [{**r, "node": node} for r in rows] if node else rows
         emit(rows, text or f"{vm.identity.name} has no forwarded ports\n", req.as_json)
         return 0
     if req.verb == "vnc":
-        return vnc(req, vm)
+        return vnc(req, paths, vm)
+    if req.verb == "tunnel":
+        return tunnel(req, paths, vm)
     raise UsageError(f"unknown verb {req.verb}")
 
 
@@ -91,7 +95,7 @@ def services(req: Request, paths: Paths) -> int:
     return 0
 
 
-def vnc(req: Request, vm: registry.VM) -> int:
+def vnc(req: Request, paths: Paths, vm: registry.VM) -> int:
     """How the owner reaches the VM's display; nothing listens on a
     public address. Read from the record the start wrote, not from QEMU's argv."""
     if not runtime.is_running(vm):
@@ -123,5 +127,56 @@ def vnc(req: Request, vm: registry.VM) -> int:
             "tunnel": f"ssh -N -L {port}:127.0.0.1:{port} {owner}@{host}",
             "viewer": f"vncviewer 127.0.0.1::{port}",
         }
+    node = _node(paths, vm)
+    if node:  # the Slurm backend: the socket or port is on the VM's node, reached through its job
+        info.update(node=node, tunnel=f"kvmgate tunnel {vm.identity.name} vnc  (a byte stream: e.g. socat "
+                    f"TCP-LISTEN:5900,bind=127.0.0.1,fork EXEC:'kvmgate tunnel {vm.identity.name} vnc')")  # fmt: skip
+        info["viewer"] = "vncviewer localhost:5900 (after the tunnel)"
     emit(info, "".join(f"{k}: {v}\n" for k, v in info.items()), req.as_json)
+    return 0
+
+
+def _node(paths: Paths, vm: registry.VM) -> str | None:
+    from kvmgate.model.slurm import JobRecord
+    from kvmgate.store import jobs
+
+    rec = jobs.read_or_damaged(vm) if config.load(paths).backend.slurm else None
+    return rec.node if isinstance(rec, JobRecord) else None
+
+
+def tunnel(req: Request, paths: Paths, vm: registry.VM) -> int:
+    """The owner's byte stream to the VM's ssh port (checked to be held by its
+    QEMU, as `kvmgate ssh` checks it) or its VNC endpoint, from root on the VM's
+    node: nothing listens on a node's public address for it."""
+    service = req.flag("SERVICE")
+    if not runtime.is_running(vm):
+        raise WrongState(f"{vm.identity.name} is not running")
+    if service == "ssh":
+        rows = forwarded(config.load(paths), vm)
+        row = next((r for r in rows if r["service"] == "ssh"), None) or next(
+            (r for r in rows if r["guest_port"] == 22), None
+        )
+        if row is None:
+            raise WrongState(f"{vm.identity.name} has no forwarded ssh port (the admin adds one with --forward ssh)")
+        if not row["held"]:
+            raise WrongState(f"{vm.identity.name}: its ssh port is not held by the VM; not connecting")
+        sock = socket.create_connection(("127.0.0.1", row["port"]), timeout=10)
+    elif service == "vnc":
+        record = display.read_display(vm).get("vnc")
+        if not isinstance(record, dict):
+            raise WrongState(f"{vm.identity.name} has no display")
+        if record.get("kind") == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.connect(str(record.get("socket")))
+        else:
+            port = record.get("port")
+            if not isinstance(port, int) or not sockets.held_by(port, pwd.getpwnam(vm.identity.owner).pw_uid):
+                raise WrongState(f"{vm.identity.name}: its VNC port is not held by the VM; not connecting")
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    else:
+        raise UsageError("tunnel takes ssh or vnc")
+    sock.settimeout(None)
+    from kvmgate.host.splice import pump
+
+    pump(sock)
     return 0
