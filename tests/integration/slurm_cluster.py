@@ -172,6 +172,11 @@ class Cluster:
         while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
             time.sleep(0.05)
 
+    def on_node(self, node: str, argv: list[str], user: str | None = None) -> list[str]:
+        """argv as run inside the node's namespaces (as `user`, if given)."""
+        enter = ["nsenter", "-t", str(self.inits[node]), "-n", "-m", "-u", "-p"]
+        return [*enter, *(["/usr/sbin/runuser", "-u", user, "--"] if user else []), *argv]
+
     def node_state(self, node: str) -> str:
         return self.run("sinfo", "--noheader", "--nodes", node, "--format=%T").stdout.strip()
 

@@ -8,18 +8,22 @@ node that is left."""
 
 from __future__ import annotations
 
+import json
 import re
+import secrets
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ..conftest import BOOT_LINE, DEFAULT_POLICY, RUN, SSH_THROWAWAY, STATE, Kvmgate, boot_options
+from ..conftest import BOOT_LINE, DEFAULT_POLICY, ETC, RUN, SSH_THROWAWAY, STATE, Kvmgate, boot_options
 from .slurm_cluster import Cluster
 from .test_logon import in_session, pam, sshd, wait_state  # noqa: F401 - fixtures
+from .test_networks import SNIFF
 from .test_slurm import guest_run, jobs_of, make_vm, uptime, wait_for
 from .test_ssh_logon import Sshd
 
@@ -201,3 +205,102 @@ def test_ssh_and_the_display_are_reached_through_the_vms_job(
     for who, argv in ((bob, ["tunnel", vm_name, "ssh"]), (bob, ["ssh", vm_name])):
         r = kg(*argv, user=who, input="")
         assert r.returncode == 4 and "no such VM" in r.stderr, r.stderr
+
+
+# A VXLAN frame from userland: 8 bytes of header (I flag, the id) and an Ethernet frame with an
+# ICMP echo request inside, from the service VM's MAC and address to alice's, sent as UDP to the
+# other node's tunnel port (what an unprivileged user on a node can do without any capability).
+FORGE = r"""
+import socket, struct, sys
+peer, vni, src_mac, dst_mac, src_ip, dst_ip = sys.argv[1:7]
+def csum(b):
+    b += b"\0" * (len(b) % 2)
+    s = sum(struct.unpack(f"!{len(b)//2}H", b)); s = (s >> 16) + (s & 0xFFFF); s += s >> 16
+    return ~s & 0xFFFF
+icmp = struct.pack("!BBHHH", 8, 0, 0, 0x4b47, 1) + b"kvmgate-forged"
+icmp = icmp[:2] + struct.pack("!H", csum(icmp)) + icmp[4:]
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 1, 0, 64, 1, 0,
+                 socket.inet_aton(src_ip), socket.inet_aton(dst_ip))
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+frame = bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", "")) + b"\x08\x00" + ip + icmp
+vxlan = struct.pack("!II", 0x08000000, int(vni) << 8)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(5):
+    try:
+        s.sendto(vxlan + frame, (peer, 4789))
+        print("sent", flush=True)
+    except OSError as e:
+        print("refused", type(e).__name__, flush=True)
+"""
+
+
+def test_the_services_network_spans_the_nodes_and_a_user_cannot_forge_into_it(
+    kg: Kvmgate, on_slurm: Cluster, alice: str, bob: str, guest: Path, cleanup_vms: list
+) -> None:
+    kg.write_policy(
+        Path(ETC, "policy.toml")
+        .read_text()
+        .replace(
+            'subnet = "10.78.0.0/24"\n', 'subnet = "10.78.0.0/24"\nvxlan = 42\npeers = ["10.99.0.2", "10.99.0.3"]\n'
+        )
+    )
+    boot = boot_options(guest)
+    boot[boot.index("-append") + 1] += " kvmgate.httpd"
+    made = {}
+    for owner, tag in (("kvmgate-svc", "svc"), (alice, "a"), (bob, "b")):
+        name = f"x{tag}{secrets.token_hex(3)}"
+        who = ["--service", "--no-autostart"] if owner == "kvmgate-svc" else ["--owner", owner]
+        kg.ok("admin", "create", name, *who, "--network", "services", "--", *boot)
+        cleanup_vms.append((owner, name))
+        made[tag] = (owner, name, kg.json("admin", "show", name, "--owner", owner)["nics"][0])
+    # The service VM and bob's on kg-a, alice's on kg-b.
+    for node, tags in (("kg-a", ("svc", "b")), ("kg-b", ("a",))):
+        drain(on_slurm, other(node))
+        for tag in tags:
+            owner, name, nic = made[tag]
+            kg.ok("start", name, "--owner", owner)
+            assert node_of(kg, owner, name) == node
+        on_slurm.run("scontrol", "update", f"nodename={other(node)}", "state=resume")
+    for owner, name, nic in made.values():
+        kg.ok("console", name, "--owner", owner, "--expect", rf"KVMGATE-GUEST-NET eth0 {re.escape(nic['ip'])}\b",
+              "--timeout", "120")  # fmt: skip
+    (_, svc, snic), (_, a, anic), (_, b, bnic) = made["svc"], made["a"], made["b"]
+
+    def guest(owner: str, name: str, script: str) -> str:
+        n = secrets.randbelow(10**6)
+        r = kg("console", name, "--owner", owner, "--expect", f"KGE-{n + 2}", "--timeout", "60",
+               input=f"echo KGB-$(({n}+1)); {script}; echo KGE-$(({n}+2))\n")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return r.stdout[r.stdout.rfind(f"KGB-{n + 1}") :]  # this script's output only
+
+    get = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {snic['ip']} 80"
+    assert "kvmgate-guest-httpd" in guest(alice, a, get), "a user VM on kg-b reaches the service VM on kg-a"
+    assert "kvmgate-guest-httpd" in guest(bob, b, get), "and on its own node"
+    assert "1 packets received" in guest("kvmgate-svc", svc, f"ping -c 1 -W 5 {anic['ip']}")
+    out = guest(bob, b, f"ping -c 2 -W 2 {anic['ip']}; printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {anic['ip']} 80")
+    assert "0 packets received" in out and "kvmgate-guest-httpd" not in out, "bob's VM never reaches alice's"
+    out = guest(alice, a, f"ping -c 2 -W 2 {bnic['ip']}")
+    assert "0 packets received" in out
+
+    # Bob, an ordinary user on kg-a, forges a frame from the service VM to alice's VM on kg-b.
+    sniff = subprocess.Popen(on_slurm.on_node("kg-b", [sys.executable, "-c", SNIFF, anic["tap"], "8"]),
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert sniff.stdout is not None and sniff.stdout.readline().strip() == "ready"
+    forge = [sys.executable, "-c", FORGE, "10.99.0.3", "42", snic["mac"], anic["mac"], snic["ip"], anic["ip"]]
+    r = subprocess.run(on_slurm.on_node("kg-a", forge, user=bob), capture_output=True, text=True)
+    assert "refused PermissionError" in r.stdout, (
+        r.stdout + r.stderr
+    )  # nft: only root's sockets send to the tunnel port
+    # Root on kg-a sends the same: it arrives (the test sees what it looks for).
+    subprocess.run(on_slurm.on_node("kg-a", forge), capture_output=True, text=True, check=True)
+    out, _ = sniff.communicate(timeout=60)
+    frames = json.loads(out.strip().splitlines()[-1])
+    forged = [f for f in frames if f["src"] == snic["mac"] and f["ip_src"] == snic["ip"]]
+    assert len(forged) == 5, frames  # root's five; none of bob's
+    # From the login host (not a peer), even root's frames are dropped at kg-b.
+    sniff = subprocess.Popen(on_slurm.on_node("kg-b", [sys.executable, "-c", SNIFF, anic["tap"], "5"]),
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert sniff.stdout is not None and sniff.stdout.readline().strip() == "ready"
+    subprocess.run(forge, capture_output=True, text=True, check=True)
+    out, _ = sniff.communicate(timeout=60)
+    assert not [f for f in json.loads(out.strip().splitlines()[-1]) if f["src"] == snic["mac"]]

@@ -32,6 +32,17 @@ class TapRule(NamedTuple):
     tap: str
     mac: str
     ip: str | None  # None: MAC checked only (private networks have no kvmgate addresses)
+    user: bool = False  # a user VM's NIC on a services network (an isolated port)
+    service: bool = False  # a service VM's NIC on a services network
+
+
+class Tunnel(NamedTuple):
+    """A services network's VXLAN device between the VM nodes' bridges (Slurm)."""
+
+    dev: str
+    port: int  # its UDP port
+    peers: tuple[str, ...]  # the other nodes' addresses
+    gateway: str  # every node's own address on the bridge (each serves DHCP to its own VMs only)
 
 
 class PortRule(NamedTuple):
@@ -55,17 +66,34 @@ def _q(name: str) -> str:
     return f'"{name}"'
 
 
-def ruleset(table: str, bridges: Sequence[str], taps: Sequence[TapRule], ports: Sequence[PortRule]) -> str:
-    """The whole kvmgate ruleset, replacing any earlier one atomically."""
+def ruleset(
+    table: str, bridges: Sequence[str], taps: Sequence[TapRule], ports: Sequence[PortRule],
+    tunnels: Sequence[Tunnel] = (),
+) -> str:  # fmt: skip
+    """The whole kvmgate ruleset, replacing any earlier one atomically.
+
+    Tunnels (a services network across a Slurm cluster's nodes): what arrives
+    through one reaches a user VM here only from a service VM's MAC (two users'
+    VMs never meet, on one node or across two); no DHCP and nothing of the nodes'
+    own bridge addresses crosses (each node's dnsmasq serves its own VMs); the host
+    itself never sends into one. Underneath, a node takes the tunnel's UDP port
+    only from the other nodes' addresses, and no process but root's (the kernel's
+    tunnel socket is root's) may send to it: an unprivileged user on a node cannot
+    forge a frame for another node's bridge."""
     out = [f"table bridge {table} {{}}\ndelete table bridge {table}\n"]
     out.append(f"table bridge {table} {{\n")
     out.append(_set("guarded", "ifname", (_q(t.tap) for t in taps)))
     out.append(_set("macs", "ifname . ether_addr", (f"{_q(t.tap)} . {t.mac}" for t in taps)))
     out.append(_set("iponly", "ifname", (_q(t.tap) for t in taps if t.ip)))
     out.append(_set("ips", "ifname . ipv4_addr", (f"{_q(t.tap)} . {t.ip}" for t in taps if t.ip)))
+    out.append(_set("tunnels", "ifname", (_q(t.dev) for t in tunnels)))
+    out.append(_set("usertaps", "ifname", (_q(t.tap) for t in taps if t.user)))
+    out.append(_set("servicemacs", "ether_addr", (t.mac for t in taps if t.service)))
+    out.append(_set("gateways", "ipv4_addr", (t.gateway for t in tunnels)))
     out.append(
         "  chain prerouting {\n"
         "    type filter hook prerouting priority -300; policy accept;\n"
+        "    iifname @tunnels jump from_tunnel\n"
         "    iifname != @guarded accept\n"
         "    iifname . ether saddr != @macs drop\n"
         "    ether type arp iifname . arp saddr ether != @macs drop\n"
@@ -83,6 +111,22 @@ def ruleset(table: str, bridges: Sequence[str], taps: Sequence[TapRule], ports: 
         "    ip saddr != 0.0.0.0 iifname . ip saddr != @ips drop\n"
         + "".join(f"    iifname {_q(t.tap)} {CHADDR} != 0x{t.mac.replace(':', '')} drop\n" for t in taps if t.ip)
         + "    accept\n"
+        "  }\n"
+        "  chain from_tunnel {\n"
+        "    ether type != { ip, arp } drop\n"
+        "    ether type ip udp dport { 67, 68 } drop\n"
+        "    ether type arp arp saddr ip @gateways drop\n"
+        "    ether type ip ip saddr @gateways drop\n"
+        "    accept\n"
+        "  }\n"
+        "  chain forward {\n"
+        "    type filter hook forward priority 0; policy accept;\n"
+        "    iifname @tunnels oifname @usertaps ether saddr != @servicemacs drop\n"
+        "    oifname @tunnels ether type ip udp dport { 67, 68 } drop\n"
+        "  }\n"
+        "  chain output {\n"
+        "    type filter hook output priority 0; policy accept;\n"
+        "    oifname @tunnels drop\n"
         "  }\n}\n"
     )
     out.append(f"table inet {table} {{}}\ndelete table inet {table}\n")
@@ -90,9 +134,13 @@ def ruleset(table: str, bridges: Sequence[str], taps: Sequence[TapRule], ports: 
     out.append(_set("bridges", "ifname", (_q(b) for b in bridges)))
     out.append(_set("guarded", "inet_service", (str(p.port) for p in ports)))
     out.append(_set("allowed", "inet_service . uid", (f"{p.port} . {u}" for p in ports for u in p.uids)))
+    out.append(_set("vxlanports", "inet_service", (str(t.port) for t in tunnels)))
+    out.append(_set("peers", "ipv4_addr", (p for t in tunnels for p in t.peers)))
     out.append(
         "  chain input {\n"
         "    type filter hook input priority 0; policy accept;\n"
+        "    udp dport @vxlanports ip saddr != @peers drop\n"
+        "    udp dport @vxlanports meta nfproto ipv6 drop\n"
         "    iifname @bridges udp dport 67 accept\n"
         "    iifname @bridges drop\n"
         "  }\n"
@@ -104,6 +152,7 @@ def ruleset(table: str, bridges: Sequence[str], taps: Sequence[TapRule], ports: 
         "  chain output {\n"
         "    type filter hook output priority 0; policy accept;\n"
         '    oif "lo" tcp flags & (syn | ack) == syn tcp dport @guarded jump owner_only\n'
+        "    udp dport @vxlanports meta skuid != 0 drop\n"
         "  }\n"
         "  chain owner_only {\n"
         "    meta skuid 0 accept\n"
@@ -139,6 +188,7 @@ def dnsmasq_argv(binary: str, net: Network, pidfile: str, hostsfile: str) -> lis
         "--leasefile-ro",
         "--dhcp-option=3",  # no router
         "--dhcp-option=6",  # no DNS server
+        *(["--dhcp-option=26,1450"] if net.vxlan is not None else []),  # the tunnel's MTU (host.network)
         "--user=nobody",
         "--group=nogroup",
     ]

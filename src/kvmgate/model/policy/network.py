@@ -87,6 +87,13 @@ class Network(NamedTuple):
     kind: NetKind
     bridge: str = ""  # services: the bridge's name
     subnet: Subnet | None = None  # services: addresses handed out by dnsmasq
+    vxlan: int | None = None  # services on a Slurm cluster: the VXLAN id joining the nodes' bridges
+    peers: tuple[str, ...] = ()  # the VM nodes' addresses (each node finds its own among them)
+    vxlan_port: int = 4789
+
+    def tunnel(self, ifprefix: str) -> str | None:
+        """The VXLAN device on this network's bridge (`<ifprefix>v<id in hex>`)."""
+        return None if self.vxlan is None else f"{ifprefix}v{self.vxlan:x}"
 
     def bridge_for(self, ifprefix: str, owner_uid: int) -> str:
         """The bridge a VM of `owner_uid` joins: unique per owner on private networks
@@ -201,20 +208,21 @@ def parse(data: Mapping[str, Any]) -> HostNet:
     networks = dict(DEFAULT_NETWORKS) if "networks" not in data else {"user": DEFAULT_NETWORKS["user"]}
     bridges: dict[str, str] = {}
     subnets: list[tuple[Subnet, str]] = []
+    vnis: set[int] = set()
     for name, spec in nets_t.items():
         where = f"networks.{name}"
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise _fail(f"{where}: names are 1-16 lowercase letters and digits")
         if not isinstance(spec, Mapping):
             raise _fail(f"[{where}] must be a table")
-        _only(spec, where, {"type", "bridge", "subnet"})
+        _only(spec, where, {"type", "bridge", "subnet", "vxlan", "peers", "vxlan_port"})
         kind = spec.get("type")
         if kind not in KINDS:
             raise _fail(f"{where}.type must be one of " + ", ".join(KINDS))
         if name == "user" and kind != "user":
             raise _fail("networks.user is QEMU's user-mode network and cannot be redefined")
-        if kind != "services" and ("bridge" in spec or "subnet" in spec):
-            raise _fail(f"{where}: only services networks take bridge and subnet")
+        if kind != "services" and ({"bridge", "subnet", "vxlan", "peers", "vxlan_port"} & set(spec)):
+            raise _fail(f"{where}: only services networks take bridge, subnet and vxlan")
         if kind != "services":
             networks[name] = Network(name, kind)
             continue
@@ -237,8 +245,39 @@ def parse(data: Mapping[str, Any]) -> HostNet:
             if subnet.network >> (32 - shorter) == other.network >> (32 - shorter):
                 raise _fail(f"{where}.subnet overlaps networks.{oname}.subnet")
         subnets.append((subnet, name))
-        networks[name] = Network(name, "services", bridge, subnet)
+        networks[name] = Network(name, "services", bridge, subnet, *_vxlan(spec, where, subnet, vnis))
     return HostNet(MappingProxyType(networks), ports, vnc, ifprefix)
+
+
+def _vxlan(
+    spec: Mapping[str, Any], where: str, subnet: Subnet, vnis: set[int]
+) -> tuple[int | None, tuple[str, ...], int]:
+    """A services network that spans a Slurm cluster's VM nodes (docs/cluster.md):
+    its VXLAN id, the nodes' addresses, the UDP port."""
+    if "vxlan" not in spec:
+        if "peers" in spec or "vxlan_port" in spec:
+            raise _fail(f"{where}: peers and vxlan_port need vxlan")
+        return None, (), 4789
+    vni, peers, port = spec["vxlan"], spec.get("peers"), spec.get("vxlan_port", 4789)
+    if not isinstance(vni, int) or isinstance(vni, bool) or not 1 <= vni < 1 << 24 or vni in vnis:
+        raise _fail(f"{where}.vxlan must be a VXLAN id (1-16777215), one per network")
+    vnis.add(vni)
+    if not isinstance(port, int) or isinstance(port, bool) or not 1024 <= port <= 65535:
+        raise _fail(f"{where}.vxlan_port must be a UDP port (1024-65535)")
+    if not isinstance(peers, list) or not 2 <= len(peers) <= 256:
+        raise _fail(f"{where}.peers must list the VM nodes' addresses (2 to 256)")
+    canonical = []
+    for peer in peers:
+        try:
+            n = ip_to_int(peer) if isinstance(peer, str) else -1
+        except ValueError:
+            n = -1
+        if n < 0 or int_to_ip(n) != peer or subnet.network <= n < subnet.network + (1 << (32 - subnet.prefix)):
+            raise _fail(f"{where}.peers: {str(peer)[:40]!r} is not a node address (a.b.c.d outside the subnet)")
+        canonical.append(peer)
+    if len(set(canonical)) != len(canonical):
+        raise _fail(f"{where}.peers lists an address twice")
+    return vni, tuple(canonical), port
 
 
 # Named services for `--forward`: what admins type instead of port numbers.
