@@ -37,7 +37,8 @@ def conf(d: Path, host: str, nodes: list[str], ctld_port: int, node_port: int, s
         f"SlurmdPort={node_port}",
         "AuthType=auth/munge",
         "CredType=cred/munge",
-        f"AuthInfo=socket={d}/munge/munge.socket",
+        # cred_expire: a requeued job waits this long (default 120 s) before it runs again
+        f"AuthInfo=cred_expire=10,socket={d}/munge/munge.socket",
         f"StateSaveLocation={d}/ctld",
         f"SlurmdSpoolDir={d}/spool/%n",
         f"SlurmctldPidFile={d}/run/slurmctld.pid",
@@ -63,6 +64,7 @@ def conf(d: Path, host: str, nodes: list[str], ctld_port: int, node_port: int, s
             f"NodeHostname={host} Port={node_port + i}"  # fmt: skip
         lines.append(f"NodeName={n} {where} CPUs=8 RealMemory=8000 State=UNKNOWN")
     lines.append(f"PartitionName=vms Nodes={','.join(nodes)} Default=YES MaxTime=UNLIMITED State=UP")
+    lines.append(f"PartitionName=svc Nodes={','.join(nodes)} MaxTime=UNLIMITED State=UP")  # service VMs
     return "\n".join(lines) + "\n"
 
 

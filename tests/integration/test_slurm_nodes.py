@@ -304,3 +304,38 @@ def test_the_services_network_spans_the_nodes_and_a_user_cannot_forge_into_it(
     subprocess.run(forge, capture_output=True, text=True, check=True)
     out, _ = sniff.communicate(timeout=60)
     assert not [f for f in json.loads(out.strip().splitlines()[-1]) if f["src"] == snic["mac"]]
+
+
+def test_a_service_vm_whose_node_is_lost_runs_again_on_another(
+    kg: Kvmgate, on_slurm: Cluster, guest: Path, cleanup_vms: list, vm_name: str
+) -> None:
+    kg.write_policy(
+        Path(ETC, "policy.toml")
+        .read_text()
+        .replace('partition = "vms"\n', 'partition = "vms"\nservice_partition = "svc"\n')
+    )
+    kg.ok("admin", "create", vm_name, "--service", "--no-autostart", "--", *boot_options(guest))
+    cleanup_vms.append(("kvmgate-svc", vm_name))
+    kg.ok("start", vm_name, "--owner", "kvmgate-svc")
+    rows = on_slurm.run("squeue", "--noheader", "--user", "kvmgate-svc", "--format=%i %P %T").stdout.split()
+    assert rows[1:] == ["svc", "RUNNING"], rows
+    lost = node_of(kg, "kvmgate-svc", vm_name)
+    on_slurm.kill_node(lost)
+    try:
+
+        def moved() -> bool:
+            st = kg("status", vm_name, "--owner", "kvmgate-svc", "--json")
+            got = json.loads(st.stdout) if st.returncode == 0 else {}
+            return got.get("node") == other(lost) and got.get("state") == "running"
+
+        wait_for("the service VM on the other node", moved, 120)
+        assert [
+            r.split()[0] for r in on_slurm.run("squeue", "-h", "-o", "%i", "-u", "kvmgate-svc").stdout.splitlines()
+        ] == [rows[0]], "the same job, requeued"
+        r = kg("console", vm_name, "--owner", "kvmgate-svc", "--expect", "al-ive", "--timeout", "90",
+               input="echo al-''ive\n")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert f"Slurm requeued job {rows[0]}" in kg.json("status", vm_name, "--owner", "kvmgate-svc")["note"]
+    finally:
+        on_slurm.start_node(lost)
+        wait_for("the node back", lambda: on_slurm.node_state(lost).startswith("idle"), 60)

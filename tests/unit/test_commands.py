@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvmgate.cli.help import build_parser
 from kvmgate.errors import UsageError
-from kvmgate.model.commands import VERBS, Request, Verb, parse
+from kvmgate.model.commands import VERBS, Request, Verb, parse, unparse
 
 
 def full_argv(verb: Verb) -> list[str]:
@@ -125,3 +127,35 @@ def test_every_verb_is_routed_to_a_module_that_runs_it(verb: Verb) -> None:
     module = entry.ROUTES.get(verb.name) or ("admin" if verb.name.startswith("admin-") else "")
     assert module, f"{verb.name} has no route"
     assert callable(importlib.import_module(f"kvmgate.verbs.{module}").run)
+
+
+@settings(max_examples=300)
+@given(st.sampled_from([v for v in VERBS if not v.frontend]), st.data())
+def test_every_request_unparses_to_words_that_parse_back(verb, data) -> None:  # type: ignore[no-untyped-def]
+    """The Slurm backend relays a request to the VM's node as words (ops.relay)."""
+    words = list(verb.words)
+    if verb.target is not None:
+        words.append(data.draw(st.from_regex(r"[a-z][a-z0-9]{0,8}", fullmatch=True)))
+    for _ in verb.args:
+        words.append(data.draw(st.from_regex(r"[a-z][a-z0-9]{0,8}", fullmatch=True)))
+    for spec in verb.flags:
+        if spec.required or data.draw(st.booleans()):
+            words += (
+                [spec.name]
+                if spec.metavar is None
+                else [
+                    spec.name,
+                    data.draw(
+                        st.sampled_from(spec.choices)
+                        if spec.choices
+                        else st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True)
+                    ),
+                ]
+            )
+    if verb.options and data.draw(st.booleans()):
+        words += ["--", "-m", "256"]
+    req = parse(words)
+    assert parse(unparse(req)) == req
+    if not (verb.flag("--owner") and verb.flag("--owner").required):  # type: ignore[union-attr]
+        dropped = parse(unparse(req, drop=("--owner",)))
+        assert "--owner" not in dropped.flags and dropped._replace(flags={}) == req._replace(flags={})

@@ -260,3 +260,61 @@ def test_redirs_are_read_from_the_admin_tokens() -> None:
         ("tcp", 21000, 22),
         ("udp", 21001, 53),
     ]
+
+
+SPANNING = {**SERVICES, "vxlan": 42, "peers": ["192.168.5.11", "192.168.5.12"]}
+TUNNEL = hostnet.Tunnel("kgv2a", 4789, ("192.168.5.12",), "10.9.0.1")
+
+
+def test_a_services_network_spans_the_nodes_through_vxlan() -> None:
+    net = parse({"networks": {"svc": SPANNING}}).networks["svc"]
+    assert (net.vxlan, net.peers, net.vxlan_port, net.tunnel("kg")) == (
+        42,
+        ("192.168.5.11", "192.168.5.12"),
+        4789,
+        "kgv2a",
+    )
+    assert parse({"networks": {"svc": SERVICES}}).networks["svc"].tunnel("kg") is None
+    bad = [
+        {"vxlan": 0, "peers": ["1.2.3.4", "1.2.3.5"]},
+        {"vxlan": 1 << 24, "peers": ["1.2.3.4", "1.2.3.5"]},
+        {"vxlan": 1, "peers": ["1.2.3.4"]},
+        {"vxlan": 1, "peers": ["1.2.3.4", "1.2.3.4"]},
+        {"vxlan": 1, "peers": ["1.2.3.4", "10.9.0.7"]},  # inside the network's own subnet
+        {"vxlan": 1, "peers": ["1.2.3.4", "1.2.3.5; drop"]},
+        {"vxlan": 1, "peers": ["1.2.3.4", "01.2.3.5"]},
+        {"vxlan": 1, "peers": ["1.2.3.4", "1.2.3.5"], "vxlan_port": 53},
+        {"peers": ["1.2.3.4", "1.2.3.5"]},
+        {"vxlan": True, "peers": ["1.2.3.4", "1.2.3.5"]},
+    ]
+    for extra in bad:
+        with pytest.raises(PolicyError):
+            parse({"networks": {"svc": {**SERVICES, **extra}}})
+    with pytest.raises(PolicyError, match="one per network"):
+        parse({"networks": {"a": SPANNING, "b": {**SPANNING, "bridge": "kgsvc2", "subnet": "10.10.0.0/24"}}})
+    with pytest.raises(PolicyError, match="only services"):
+        parse({"networks": {"p": {"type": "private", "vxlan": 3}}})
+
+
+def test_a_tunnel_reaches_user_vms_only_from_service_vms_and_only_root_sends_into_it() -> None:
+    taps = [*TAPS, hostnet.TapRule("kgt7", "52:54:00:00:00:07", "10.9.0.7", user=True),
+            hostnet.TapRule("kgt8", "52:54:00:00:00:08", "10.9.0.8", service=True)]  # fmt: skip
+    text = hostnet.ruleset("kvmgate_kg", ["kgsvc1"], taps, PORTS, [TUNNEL])
+    assert "iifname @tunnels oifname @usertaps ether saddr != @servicemacs drop" in text
+    assert 'set usertaps { type ifname; elements = { "kgt7" } }' in text
+    assert "set servicemacs { type ether_addr; elements = { 52:54:00:00:00:08 } }" in text
+    assert "udp dport @vxlanports ip saddr != @peers drop" in text and "elements = { 192.168.5.12 }" in text
+    assert "udp dport @vxlanports meta skuid != 0 drop" in text
+    assert "oifname @tunnels drop" in text and "ether type ip udp dport { 67, 68 } drop" in text
+    assert "--dhcp-option=26,1450" in hostnet.dnsmasq_argv(
+        "dnsmasq", parse({"networks": {"svc": SPANNING}}).networks["svc"], "/p", "/h"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"), reason="needs root and nft")
+def test_a_ruleset_with_tunnels_is_valid_nftables() -> None:
+    taps = [hostnet.TapRule("kgt7", "52:54:00:00:00:07", "10.9.0.7", user=True)]
+    for tunnels in ([TUNNEL], [TUNNEL, TUNNEL._replace(dev="kgv2b", port=4790, gateway="10.10.0.1")]):
+        text = hostnet.ruleset("kvmgate_unit", ["kgsvc1"], taps, PORTS, tunnels)
+        r = subprocess.run(["nft", "--check", "-f", "-"], input=text, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr

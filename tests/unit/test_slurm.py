@@ -124,10 +124,19 @@ def test_the_job_record_reads_back_strictly() -> None:
             sl.parse_record(bad)
 
 
-def test_a_record_once_claimed_starts_nothing_more() -> None:
-    for state in ("starting", "running", "failed"):
+BATCH = sl.Seen(812, "batch", 1001)
+
+
+def test_a_record_once_claimed_is_claimed_again_only_by_a_requeued_batch_step() -> None:
+    assert sl.check_caller(REC, "KEY", 1001, BATCH) is False
+    for state in ("starting", "running"):
         with pytest.raises(sl.NotThisJob, match="started this VM already"):
-            sl.check_caller(REC._replace(state=state), "KEY", 1001, 812, 1001)
+            sl.check_caller(REC._replace(state=state), "KEY", 1001, BATCH._replace(step="0"))
+        assert sl.check_caller(REC._replace(state=state), "KEY", 1001, BATCH) is True
+    with pytest.raises(sl.NotThisJob, match="failed"):
+        sl.check_caller(REC._replace(state="failed"), "KEY", 1001, BATCH)
+    assert sl.step_from_stepd(b"slurmstepd: [812.batch]") == (812, "batch")
+    assert sl.step_from_stepd(b"slurmstepd: [812.3]\0") == (812, "3")
 
 
 def test_how_a_job_that_ended_without_its_node_ended() -> None:
@@ -150,16 +159,18 @@ def test_the_backend_table_admin_init_writes_reads_back() -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "caller", "seen", "job_uid", "why"),
+    ("key", "caller", "seen", "why"),
     [
-        ("OTHER", 1001, 812, 1001, "another VM's"),
-        ("KEY", 1001, None, 1001, "not running inside"),
-        ("KEY", 1001, 813, 1001, "is not the job"),
-        ("KEY", 1002, 812, 1001, "owner"),
-        ("KEY", 1001, 812, 1002, "owner"),
+        ("OTHER", 1001, BATCH, "another VM's"),
+        ("KEY", 1001, None, "not running inside"),
+        ("KEY", 1001, BATCH._replace(job=813), "is not the job"),
+        ("KEY", 1001, BATCH._replace(step="0"), "only the job's own batch step"),
+        ("KEY", 1001, BATCH._replace(step="extern"), "only the job's own batch step"),
+        ("KEY", 1002, BATCH, "owner"),
+        ("KEY", 1001, BATCH._replace(uid=1002), "owner"),
     ],
 )
-def test_the_node_side_refuses_any_other_job_or_caller(key: str, caller: int, seen, job_uid, why: str) -> None:  # type: ignore[no-untyped-def]
+def test_the_node_side_refuses_any_other_job_step_or_caller(key: str, caller: int, seen, why: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(sl.NotThisJob, match=why):
-        sl.check_caller(REC, key, caller, seen, job_uid)
-    sl.check_caller(REC, "KEY", 1001, 812, 1001)
+        sl.check_caller(REC, key, caller, seen)
+    sl.check_caller(REC, "KEY", 1001, BATCH)

@@ -56,12 +56,12 @@ def _is_stepd(pid: int) -> bool:
 def job_of_ancestors(pid: int) -> int | None:
     """The job named by the nearest root-owned slurmstepd above pid, if any."""
     found = job_and_user(pid)
-    return found[0] if found else None
+    return found.job if found else None
 
 
-def job_and_user(pid: int) -> tuple[int, int] | None:
-    """(job, uid Slurm runs it as): the nearest root-owned slurmstepd above pid
-    names the job; its child, which slurmstepd made, runs as the job's user."""
+def job_and_user(pid: int) -> slurm.Seen | None:
+    """The nearest root-owned slurmstepd above pid names the job and step; its
+    child, which slurmstepd made, runs as the job's user."""
     below_uid = -1
     for _ in range(MAX_DEPTH):
         st = _status(pid)
@@ -69,8 +69,8 @@ def job_and_user(pid: int) -> tuple[int, int] | None:
             return None
         ppid, uid = st
         if uid == 0 and _is_stepd(pid):
-            job = slurm.job_from_stepd(_read(f"/proc/{pid}/cmdline"))
-            return None if job is None or below_uid < 0 else (job, below_uid)
+            step = slurm.step_from_stepd(_read(f"/proc/{pid}/cmdline"))
+            return None if step is None or below_uid < 0 else slurm.Seen(*step, below_uid)
         if ppid <= 1:
             return None
         below_uid, pid = uid, ppid

@@ -210,8 +210,23 @@ def job_from_cgroup(text: str, uid: int | None = None) -> int | None:
 def job_from_stepd(cmdline: bytes) -> int | None:
     """`slurmstepd: [J.batch]`, the title slurmstepd gives itself: the job of the
     processes below it (read only from a root-owned /usr/sbin/slurmstepd)."""
+    step = step_from_stepd(cmdline)
+    return step[0] if step else None
+
+
+def step_from_stepd(cmdline: bytes) -> tuple[int, str] | None:
+    """(job, step) from slurmstepd's title: `batch`, `extern` or a step number."""
     m = _STEPD.fullmatch(cmdline.rstrip(b"\0").replace(b"\0", b" ").decode("ascii", "replace").strip())
-    return int(m.group(1)) if m else None
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+class Seen(NamedTuple):
+    """What the node side finds above itself: a root slurmstepd's job and step, and
+    the uid of the process that slurmstepd started (the job's user)."""
+
+    job: int
+    step: str
+    uid: int
 
 
 STATES = ("submitted", "starting", "running", "failed")
@@ -286,21 +301,30 @@ def parse_record(text: str | bytes) -> JobRecord:
     return JobRecord(**fields)
 
 
-def check_caller(record: JobRecord, key: str, caller_uid: int, job_seen: int | None, job_uid: int | None) -> None:
-    """The node side's one question, from sources it trusts: `job_seen`, the job its
-    own process runs in (its cgroup, or its slurmstepd ancestor), and `job_uid`, that
-    job's user as slurmctld says. Refused unless both name the job recorded for this
-    VM, for this VM's owner, who is also the caller."""
+def check_caller(record: JobRecord, key: str, caller_uid: int, seen: Seen | None) -> bool:
+    """The node side's one question, from sources it trusts: `seen`, the job and
+    step its own process runs in (its slurmstepd ancestor, and its cgroup where
+    Slurm made one) and that job's user. Refused unless they name the job recorded
+    for this VM, its batch step (which only Slurm starts: a user's `srun --jobid
+    --overlap` is another step), for this VM's owner, who is also sudo's caller.
+
+    A record already claimed may be claimed again only by the batch step: Slurm
+    runs a job's batch step again only when it requeued the job (a service VM whose
+    node was lost). Returns whether this is such a requeued run."""
     if record.key != key:
         raise NotThisJob("the job record is another VM's")
-    if record.state != "submitted":
-        raise NotThisJob(f"job {record.job} has started this VM already")
-    if job_seen is None:
+    if seen is None:
         raise NotThisJob("not running inside a Slurm job")
-    if job_seen != record.job:
-        raise NotThisJob(f"job {job_seen} is not the job kvmgate submitted for this VM")
-    if caller_uid != record.uid or job_uid != record.uid:
+    if seen.job != record.job:
+        raise NotThisJob(f"job {seen.job} is not the job kvmgate submitted for this VM")
+    if seen.step != "batch":
+        raise NotThisJob(f"job {record.job} has started this VM already" if record.state != "submitted"
+                         else "only the job's own batch step starts the VM")  # fmt: skip
+    if caller_uid != record.uid or seen.uid != record.uid:
         raise NotThisJob("the job does not run as the VM's owner")
+    if record.state == "failed":
+        raise NotThisJob(f"job {record.job} failed to start this VM already")
+    return record.state != "submitted"
 
 
 # Job states (squeue/scontrol JobState) in which the job still holds, or will hold, its VM.

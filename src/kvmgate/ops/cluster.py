@@ -59,19 +59,19 @@ class Failed(KvmgateError):
         self.exit_code = code
 
 
-def here() -> tuple[int, int] | None:
-    """(job, its user) this process runs in, from its slurmstepd ancestor, and its
-    cgroup where Slurm made one (they must agree)."""
+def here() -> slurm.Seen | None:
+    """The job and step this process runs in, and the job's user, from its
+    slurmstepd ancestor and its cgroup where Slurm made one (they must agree)."""
     found = slurmjob.job_and_user(os.getpid())
     by_cgroup = slurmjob.job_of_cgroup(os.getpid())
-    if found is None or (by_cgroup is not None and by_cgroup != found[0]):
+    if found is None or (by_cgroup is not None and by_cgroup != found.job):
         return None
     return found
 
 
 def inside(record: JobRecord) -> bool:
     found = here()
-    return found is not None and found[0] == record.job
+    return found is not None and found.job == record.job
 
 
 # ------------------------------------------------------------------------ settle
@@ -219,8 +219,11 @@ def running_elsewhere(paths: Paths, policy: Policy, vm: registry.VM) -> JobRecor
         return None
     if rec.state != "running":
         raise Busy(f"{vm.identity.name} is starting (job {rec.job})")
-    if hslurm.show_job(policy.backend, rec.job).get("JobState") in slurm.LIVE:
+    state = hslurm.show_job(policy.backend, rec.job).get("JobState")
+    if state == "RUNNING":
         return rec
+    if state in slurm.LIVE:  # requeued (its node was lost), or ending
+        raise Busy(f"{vm.identity.name}'s job {rec.job} is {state.lower()}: try again shortly")
     with locks.vm_lock(paths, vm.identity.owner, vm.identity.name, locks.WAIT):
         if settle(paths, policy, vm) is None:
             return None

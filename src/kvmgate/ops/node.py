@@ -44,9 +44,16 @@ def node_run(paths: Paths, who: Caller, name: str) -> int:
         rec = jobs.read(vm)
         if rec is None:
             raise slurm.NotThisJob(f"no job was submitted for {name}")
-        slurm.check_caller(rec, vm.key, who.uid, found[0] if found else None, found[1] if found else None)
-        node = hslurm.show_job(policy.backend, rec.job).get("NodeList") or os.uname().nodename
-        rec = rec._replace(state="starting", node=node if slurm.node_name_ok(node) else None)
+        requeued = slurm.check_caller(rec, vm.key, who.uid, found)
+        try:
+            node = hslurm.show_job(policy.backend, rec.job).get("NodeList") or os.uname().nodename
+        except KvmgateError:
+            node = os.uname().nodename  # the controller does not answer: the node's own name
+        how = f"lost on node {rec.node}: Slurm requeued job {rec.job}, which runs again on node {node}"
+        if requeued:  # Slurm ran the job again elsewhere: the run on the old node was lost with it
+            runs.end(vm, how)
+            audit.done(paths.audit_log, who, "requeued", vm.identity.owner, vm.identity.name, job=rec.job, how=how)
+        rec = rec._replace(state="starting", node=node if slurm.node_name_ok(node) else None, pid=None)
         jobs.write(vm, rec)
     token = lifecycle.ON_NODE.set(True)
     try:
@@ -60,6 +67,8 @@ def node_run(paths: Paths, who: Caller, name: str) -> int:
         lifecycle.ON_NODE.reset(token)
     with jobs.record_lock(vm):
         jobs.write(vm, rec._replace(state="running", pid=started.pid, accel=started.accel))
+    if requeued:
+        note.write(vm, how)  # `status` says why it runs here (a fresh boot began its console log afresh)
     return _foreground(paths, who, vm, rec, started.pid)
 
 
