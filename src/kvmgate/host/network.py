@@ -513,6 +513,14 @@ def attach_taps(paths: Paths, policy: Policy, resources: Sequence[Resource]) -> 
     if any(r.kind == "ownermap" for r in resources):  # a service VM's owner map (host.ownermap)
         with _net_lock(paths):
             ownermap.prepare(paths, policy.net, resources, every.all_settings(paths))
+    if policy.backend.slurm:
+        # A cluster node: VMs were made and deleted on a login node since, so its rules,
+        # DHCP hosts and tunnels here catch up now, before a tap comes up (docs/cluster.md).
+        with _net_lock(paths):
+            _sync(paths, policy)
+            for network, tunnel, local in tunnels(policy.net):
+                if _exists(network.bridge):
+                    ensure_tunnel(network, tunnel, local)
     taps = [r for r in resources if r.kind == "tap" and r.bridge]
     if not taps:
         return
