@@ -44,7 +44,8 @@ def cluster(kg: Kvmgate) -> Iterator[Cluster]:
 @pytest.fixture
 def on_slurm(kg: Kvmgate, cluster: Cluster) -> Iterator[Cluster]:
     kg.write_policy(
-        DEFAULT_POLICY + f'[backend]\nkind = "slurm"\npartition = "vms"\nconf = "{SLURM_DIR}/slurm.conf"\n'
+        DEFAULT_POLICY
+        + f'[backend]\nkind = "slurm"\npartition = "vms"\nconf = "{SLURM_DIR}/slurm.conf"\ncpu_model = "qemu64"\n'
         "overhead_mib = 128\n"
     )
     kg.ok("admin", "init", "--backend", "slurm", "--partition", "vms")  # and logons counted on the shared state

@@ -418,3 +418,11 @@ def test_the_policys_qemu_data_directories_become_minus_L() -> None:
     for bad in (["relative"], ["/a/../b"], ["/a,b"], "/a", [f"/d{i}" for i in range(9)]):
         with pytest.raises(PolicyError, match="qemu_data"):
             Policy.from_dict({"qemu_data": bad})
+
+
+def test_a_clusters_cpu_model_is_every_vms() -> None:
+    """[backend] cpu_model: one CPU model on every node, so a saved state restores on any."""
+    p = Policy.from_dict({})
+    plan = translate(merge(p.parse(["-m", "256"], "admin"), []), CTX._replace(cpu="Haswell-noTSX"))
+    assert plan.argv[plan.argv.index("-cpu") + 1] == "Haswell-noTSX"
+    assert "-cpu" not in translate(merge(p.parse(["-m", "256"], "admin"), []), CTX).argv

@@ -149,6 +149,7 @@ class Context(NamedTuple):
     data_dirs: tuple[str, ...] = ()  # the policy's qemu_data: -L, for a QEMU installed beside the system's
     machine: str | None = None  # a restore: the versioned machine type the state was saved with
     stop_on_write_error: bool = False  # writable disks: werror=stop (a disk quota's bound pauses the VM)
+    cpu: str | None = None  # the policy's [backend] cpu_model: one CPU model on every node of a cluster
     owner_map: tuple[str, tuple[str, ...]] | None = None  # (RUN/<key>, services networks): the owner map's disks
 
 
@@ -275,6 +276,8 @@ def translate(options: Sequence[ParsedOption], ctx: Context) -> Plan:
     # cgroup (QEMU then thrashes on its own pages and the guest stalls): bounded, and
     # counted in the cgroup's limit (Plan.memory_limit_mib).
     b.add("-accel", f"tcg,tb-size={TCG_CACHE_MIB}" if accel == "tcg" else accel, "-m", str(memory), "-display", "none")
+    if ctx.cpu:
+        b.add("-cpu", ctx.cpu)
     b.add("-sandbox", SANDBOX_SMB if "-smb" in by else SANDBOX, "-msg", "timestamp=on")
     if ctx.paused or ctx.incoming:
         b.add("-S")

@@ -54,7 +54,6 @@ def plan_for(
     # disks/ (that would tell them whether any path exists). The disk is opened
     # later with the owner's own rights, which decides.
     default_disk = vm.default_disk if os.path.lexists(vm.default_disk) else None
-    d = owner_dir(vm)
     base = None
     if settings.image_id and default_disk:  # an overlay of a library image, in STATE/images
         base = base_image(os.path.join(os.path.dirname(os.path.dirname(vm.vmdir)), "images"), settings.image_id)
@@ -68,13 +67,14 @@ def plan_for(
         forwards=settings.forwards,
         forward_bind=policy.net.ports.bind,
         nics=attachments(policy.net, settings, owner_pw(vm).pw_uid),
-        vnc_socket=os.path.join(d, "vnc.sock") if policy.net.vnc == "unix" else None,
+        vnc_socket=os.path.join(owner_dir(vm), "vnc.sock") if policy.net.vnc == "unix" else None,
         base_image=base,
         seed=seed,
         agent=settings.guest_agent,
         data_dirs=policy.qemu_data,
         machine=machine,
         stop_on_write_error=stop_on_write_error,
+        cpu=policy.backend.cpu_model,  # a cluster's one CPU model: a saved state restores on any node
         owner_map=(vm.rundir, services_of(policy.net, settings)) if settings.owner_map else None,
     )
     return translate(merge(admin_opts, user_opts), ctx)
