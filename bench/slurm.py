@@ -47,10 +47,42 @@ def backend(original: str, slurm: bool) -> None:
     POLICY.write_text(original + extra)
 
 
-def node_of() -> str:
+def status() -> dict:
     import json
 
-    return str(json.loads(sh(KVMGATE, "status", VM, "--owner", USER, "--json").stdout)["node"])
+    return json.loads(sh(KVMGATE, "status", VM, "--owner", USER, "--json").stdout)  # type: ignore[no-any-return]
+
+
+def node_of() -> str:
+    return str(status()["node"])
+
+
+def stamp(line: str) -> float:
+    """A Slurm log line's [YYYY-MM-DDTHH:MM:SS.mmm] as seconds."""
+    import datetime
+
+    return datetime.datetime.fromisoformat(line[1:24]).timestamp()
+
+
+def where_time_goes(jobs: dict[str, list[str]]) -> list[str]:
+    """From the daemons' own logs: sbatch's RPC to the allocation (the scheduler), the allocation to
+    slurmd launching the batch script (the node)."""
+    logs = [*CLUSTER.joinpath("log").glob("slurm*.log")]
+    text = "".join(p.read_text(errors="replace") for p in logs)
+    out = []
+    for label, ids in jobs.items():
+        sched, launch = [], []
+        for j in ids:
+            sub = [ln for ln in text.splitlines() if f"_slurm_rpc_submit_batch_job: JobId={j} " in ln]
+            alloc = [ln for ln in text.splitlines() if f"sched: Allocate JobId={j} " in ln]
+            run = [ln for ln in text.splitlines() if f"Launching batch job {j} " in ln]
+            if sub and alloc and run:
+                sched.append((stamp(alloc[0]) - stamp(sub[0])) * 1000)
+                launch.append((stamp(run[0]) - stamp(alloc[0])) * 1000)
+        if sched:
+            out.append(f"{label}: submission to allocation {statistics.median(sched):.0f} ms, "
+                       f"allocation to the batch script on its node {statistics.median(launch):.0f} ms")  # fmt: skip
+    return out
 
 
 def trivial_job(c: Cluster) -> float:
@@ -82,6 +114,7 @@ def main() -> None:
     atexit.register(cluster.stop)
     local, slurm, job = [], [], []
     same, other, local_hib, local_res, hib = [], [], [], [], []
+    jobs: dict[str, list[str]] = {"start": [], "restore, same node": [], "restore, other node": []}
     for _ in range(args.runs):
         backend(original, False)
         local.append(as_user("start", VM))
@@ -93,6 +126,7 @@ def main() -> None:
         backend(original, True)
         job.append(trivial_job(cluster))
         slurm.append(as_user("start", VM))
+        jobs["start"].append(str(status()["job_id"]))
         sh(KVMGATE, "console", VM, "--owner", USER, "--expect", GUEST_BOOT_LINE, "--timeout", "60")
         for bucket, drain_other in ((same, True), (other, False)):
             here = node_of()
@@ -101,6 +135,7 @@ def main() -> None:
             cluster.run("scontrol", "update", f"nodename={drained}", "state=drain", "reason=bench")
             hib.append(as_user("hibernate", VM))
             bucket.append(as_user("start", VM))
+            jobs["restore, same node" if drain_other else "restore, other node"].append(str(status()["job_id"]))
             cluster.run("scontrol", "update", f"nodename={drained}", "state=resume")
             assert (node_of() == here) == drain_other
         sh(KVMGATE, "stop", VM, "--owner", USER, "--force")
@@ -113,6 +148,9 @@ def main() -> None:
     print(f"through Slurm: hibernate {statistics.median(hib):.0f} ms (until the job is gone)")
     print(line("restore, local backend -> through Slurm on the same node", local_res, same))
     print(line("restore through Slurm, same node -> the other node", same, other))
+    print("where the time goes (medians, from slurmctld's and slurmd's logs):")
+    for text in where_time_goes(jobs):
+        print("  " + text)
 
 
 if __name__ == "__main__":

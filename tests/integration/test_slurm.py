@@ -241,6 +241,17 @@ def test_the_backend_switch_is_refused_while_a_vm_runs(
     r = kg("admin", "init", "--backend", "local")
     assert r.returncode == 5 and "before switching the backend" in r.stderr
     assert Path(kg_policy_path()).read_text() == policy
+    # Unknown partitions and nodes: one line each, nothing changed (the VM is not even hibernated).
+    for argv, why in (
+        (["admin", "init", "--backend", "slurm", "--partition", "nosuch"], "Slurm knows no partition 'nosuch'"),
+        (["admin", "init", "--backend", "slurm", "--partition", 'vms"\nqos = "x'], "must be a Slurm name"),
+        (["admin", "move", vm_name, "--owner", alice, "--to", "kg-z"], "Slurm knows no node 'kg-z'"),
+        (["admin", "evacuate", "kg-z"], "Slurm knows no node 'kg-z'"),
+    ):
+        r = kg(*argv)
+        assert r.returncode in (2, 3) and why in r.stderr and r.stderr.count("\n") == 1, (argv, r.stderr)
+    assert Path(kg_policy_path()).read_text() == policy
+    assert kg.json("status", vm_name, user=alice)["state"] == "running"
     kg.ok("stop", vm_name, "--force", user=alice)
     kg.ok("admin", "init", "--backend", "local")
     assert 'kind = "local"' in Path(kg_policy_path()).read_text()

@@ -213,7 +213,7 @@ def test_ssh_and_the_display_are_reached_through_the_vms_job(
 # other node's tunnel port (what an unprivileged user on a node can do without any capability).
 FORGE = r"""
 import socket, struct, sys
-peer, vni, src_mac, dst_mac, src_ip, dst_ip = sys.argv[1:7]
+peer, vni, src_mac, dst_mac, src_ip, dst_ip, sport = sys.argv[1:8]
 def csum(b):
     b += b"\0" * (len(b) % 2)
     s = sum(struct.unpack(f"!{len(b)//2}H", b)); s = (s >> 16) + (s & 0xFFFF); s += s >> 16
@@ -226,9 +226,11 @@ ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
 frame = bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", "")) + b"\x08\x00" + ip + icmp
 vxlan = struct.pack("!II", 0x08000000, int(vni) << 8)
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+if sport != "0":
+    s.bind(("", int(sport)))  # root only: a privileged source port, as the kernel's tunnel sends from
 for _ in range(5):
     try:
-        s.sendto(vxlan + frame, (peer, 4789))
+        s.sendto(vxlan + frame, (peer, 789))
         print("sent", flush=True)
     except OSError as e:
         print("refused", type(e).__name__, flush=True)
@@ -287,22 +289,25 @@ def test_the_services_network_spans_the_nodes_and_a_user_cannot_forge_into_it(
     sniff = subprocess.Popen(on_slurm.on_node("kg-b", [sys.executable, "-c", SNIFF, anic["tap"], "8"]),
                              stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert sniff.stdout is not None and sniff.stdout.readline().strip() == "ready"
-    forge = [sys.executable, "-c", FORGE, "10.99.0.3", "42", snic["mac"], anic["mac"], snic["ip"], anic["ip"]]
+    forge = [sys.executable, "-c", FORGE, "10.99.0.3", "42", snic["mac"], anic["mac"], snic["ip"], anic["ip"], "0"]
     r = subprocess.run(on_slurm.on_node("kg-a", forge, user=bob), capture_output=True, text=True)
     assert "refused PermissionError" in r.stdout, (
         r.stdout + r.stderr
     )  # nft: only root's sockets send to the tunnel port
-    # Root on kg-a sends the same: it arrives (the test sees what it looks for).
+    # Root on kg-a, from an unprivileged source port (what bob could send were kg-a's rules not loaded
+    # yet): kg-b drops it. From a privileged port, as the kernel's tunnel sends: it arrives (the test
+    # sees what it looks for).
     subprocess.run(on_slurm.on_node("kg-a", forge), capture_output=True, text=True, check=True)
+    subprocess.run(on_slurm.on_node("kg-a", [*forge[:-1], "700"]), capture_output=True, text=True, check=True)
     out, _ = sniff.communicate(timeout=60)
     frames = json.loads(out.strip().splitlines()[-1])
     forged = [f for f in frames if f["src"] == snic["mac"] and f["ip_src"] == snic["ip"]]
-    assert len(forged) == 5, frames  # root's five; none of bob's
+    assert len(forged) == 5, frames  # root's five from a privileged port; none of bob's, none from port >= 1024
     # From the login host (not a peer), even root's frames are dropped at kg-b.
     sniff = subprocess.Popen(on_slurm.on_node("kg-b", [sys.executable, "-c", SNIFF, anic["tap"], "5"]),
                              stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert sniff.stdout is not None and sniff.stdout.readline().strip() == "ready"
-    subprocess.run(forge, capture_output=True, text=True, check=True)
+    subprocess.run([*forge[:-1], "700"], capture_output=True, text=True, check=True)
     out, _ = sniff.communicate(timeout=60)
     assert not [f for f in json.loads(out.strip().splitlines()[-1]) if f["src"] == snic["mac"]]
 

@@ -263,7 +263,7 @@ def test_redirs_are_read_from_the_admin_tokens() -> None:
 
 
 SPANNING = {**SERVICES, "vxlan": 42, "peers": ["192.168.5.11", "192.168.5.12"]}
-TUNNEL = hostnet.Tunnel("kgv2a", 4789, ("192.168.5.12",), "10.9.0.1")
+TUNNEL = hostnet.Tunnel("kgv2a", 789, ("192.168.5.12",), "10.9.0.1")
 
 
 def test_a_services_network_spans_the_nodes_through_vxlan() -> None:
@@ -271,7 +271,7 @@ def test_a_services_network_spans_the_nodes_through_vxlan() -> None:
     assert (net.vxlan, net.peers, net.vxlan_port, net.tunnel("kg")) == (
         42,
         ("192.168.5.11", "192.168.5.12"),
-        4789,
+        789,
         "kgv2a",
     )
     assert parse({"networks": {"svc": SERVICES}}).networks["svc"].tunnel("kg") is None
@@ -283,7 +283,8 @@ def test_a_services_network_spans_the_nodes_through_vxlan() -> None:
         {"vxlan": 1, "peers": ["1.2.3.4", "10.9.0.7"]},  # inside the network's own subnet
         {"vxlan": 1, "peers": ["1.2.3.4", "1.2.3.5; drop"]},
         {"vxlan": 1, "peers": ["1.2.3.4", "01.2.3.5"]},
-        {"vxlan": 1, "peers": ["1.2.3.4", "1.2.3.5"], "vxlan_port": 53},
+        {"vxlan": 1, "peers": ["1.2.3.4", "1.2.3.5"], "vxlan_port": 4789},  # any user could bind it
+        {"vxlan": 1, "peers": ["1.2.3.4", "1.2.3.5"], "vxlan_port": 1023},
         {"peers": ["1.2.3.4", "1.2.3.5"]},
         {"vxlan": True, "peers": ["1.2.3.4", "1.2.3.5"]},
     ]
@@ -305,6 +306,7 @@ def test_a_tunnel_reaches_user_vms_only_from_service_vms_and_only_root_sends_int
     assert "set servicemacs { type ether_addr; elements = { 52:54:00:00:00:08 } }" in text
     assert "udp dport @vxlanports ip saddr != @peers drop" in text and "elements = { 192.168.5.12 }" in text
     assert "udp dport @vxlanports meta skuid != 0 drop" in text
+    assert "udp dport @vxlanports udp sport >= 1024 drop" in text
     assert "oifname @tunnels drop" in text and "ether type ip udp dport { 67, 68 } drop" in text
     assert "--dhcp-option=26,1450" in hostnet.dnsmasq_argv(
         "dnsmasq", parse({"networks": {"svc": SPANNING}}).networks["svc"], "/p", "/h"

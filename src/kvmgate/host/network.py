@@ -235,7 +235,7 @@ def ensure_tunnel(network: Network, tunnel: hostnet.Tunnel, local: str) -> None:
     bridge rules keep them from each other)."""
     if not _exists(tunnel.dev):
         _run([IP, "link", "add", tunnel.dev, "type", "vxlan", "id", str(network.vxlan), "dstport", str(tunnel.port),
-              "local", local, "nolearning"])  # fmt: skip
+              "srcport", str(tunnel.port), str(tunnel.port + 1), "local", local, "nolearning"])  # fmt: skip
     for peer in tunnel.peers:
         subprocess.run(
             [BRIDGE, "fdb", "append", "00:00:00:00:00:00", "dev", tunnel.dev, "dst", peer],

@@ -88,6 +88,14 @@ def cancel(backend: Backend, job: int, signal: str | None = None) -> None:
         raise KvmgateError(f"scancel {job}: {_said(p)}")
 
 
+def known(backend: Backend, kind: str, name: str) -> bool:
+    """Does Slurm know this partition or node (`scontrol show partition|node NAME`)?"""
+    p = _run(backend, [f"{BIN}/scontrol", "--oneliner", "show", kind, name], f"scontrol show {kind}")
+    if p.returncode != 0 and _down(_said(p)):
+        raise ClusterDown(f"Slurm's controller does not answer ({_said(p)})")
+    return p.returncode == 0 and f"{kind.capitalize()}Name={name} " in p.stdout + " "
+
+
 def drained(backend: Backend, node: str) -> bool:
     """Is the node draining or drained (`scontrol update nodename=X state=drain`)?"""
     p = _run(backend, [f"{BIN}/sinfo", "--noheader", "--nodes", node, "--format=%T"], "sinfo")

@@ -77,6 +77,19 @@ def job_and_user(pid: int) -> slurm.Seen | None:
     return None
 
 
+def under_a_step(pid: int) -> bool:
+    """Is any ancestor of pid named slurmstepd (by its comm, which anyone can set)?
+    Used only to refuse: a relay never starts a relay."""
+    for _ in range(MAX_DEPTH):
+        st = _status(pid)
+        if st is None or st[0] <= 1:
+            return False
+        pid = st[0]
+        if _read(f"/proc/{pid}/comm", 64).strip() in (b"slurmstepd", b"slurmstepd-wlm"):
+            return True
+    return False
+
+
 def other_steps(job: int, mine: int) -> int:
     """How many of job's steps other than the one above pid `mine` still run
     (srun --overlap steps: kvmgate verbs relayed to this node, consoles)."""
@@ -96,8 +109,9 @@ def other_steps(job: int, mine: int) -> int:
         title = _read(f"/proc/{name}/cmdline")
         if not title.startswith(b"slurmstepd: [") or slurm.job_from_stepd(title) != job:
             continue
-        if _status(int(name)) is not None and _is_stepd(int(name)) and b".extern]" not in title:
-            count += 1
+        st = _status(int(name))
+        if st is not None and st[1] == 0 and _is_stepd(int(name)) and b".extern]" not in title:
+            count += 1  # root's slurmstepd only: a user's process can take any title
     return count
 
 

@@ -140,6 +140,7 @@ def ruleset(
         "  chain input {\n"
         "    type filter hook input priority 0; policy accept;\n"
         "    udp dport @vxlanports ip saddr != @peers drop\n"
+        "    udp dport @vxlanports udp sport >= 1024 drop\n"
         "    udp dport @vxlanports meta nfproto ipv6 drop\n"
         "    iifname @bridges udp dport 67 accept\n"
         "    iifname @bridges drop\n"

@@ -217,6 +217,8 @@ def running_elsewhere(paths: Paths, policy: Policy, vm: registry.VM) -> JobRecor
         return None
     if inside(rec):
         return None
+    if slurmjob.under_a_step(os.getpid()):
+        raise WrongState("this runs inside a Slurm job that is not the VM's: run kvmgate on a login node")
     if rec.state != "running":
         raise Busy(f"{vm.identity.name} is starting (job {rec.job})")
     state = hslurm.show_job(policy.backend, rec.job).get("JobState")

@@ -24,7 +24,7 @@ from kvmgate.model.policy.policy import Policy
 from kvmgate.model.translate import Plan
 from kvmgate.ops.plan import plan_for
 from kvmgate.paths import Paths
-from kvmgate.store import every, live, registry, runtime
+from kvmgate.store import every, jobs, live, registry
 
 MAX_ENTRIES = 4096  # files and directories looked at in one VM's disks/
 MAX_OPEN = 64  # directories open at once while measuring it
@@ -132,7 +132,7 @@ def use_of(paths: Paths, policy: Policy, owner: str) -> ss.Use:
         try:
             settings = registry.read_settings(vm)
             defined = memory_of(policy, vm, [])
-            running = memory_of(policy, vm) if runtime.is_running(vm) else 0
+            running = memory_of(policy, vm) if jobs.running(vm) else 0
         except KvmgateError:
             settings, defined, running = None, 0, 0
         virtual, real = disk_use(vm)

@@ -18,7 +18,7 @@ from kvmgate.model import qcow2
 from kvmgate.model.settings import Settings
 from kvmgate.ops.plan import owner_dir, plan_for
 from kvmgate.paths import Paths
-from kvmgate.store import config, define, locks, registry, runtime
+from kvmgate.store import config, define, jobs, locks, registry, runtime
 from kvmgate.store.trees import remove_tree
 
 
@@ -135,6 +135,10 @@ def delete(paths: Paths, who: Caller, vm: registry.VM, keep_disks: bool, force: 
     from kvmgate.ops import power
 
     owner, name = vm.identity.owner, vm.identity.name
+    if jobs.active(vm) is not None:  # in a Slurm job on some node: a stop there ends it first
+        raise WrongState(f"{name} runs in a Slurm job: stop it first (kvmgate stop {name} --force)")
+    if jobs.active(vm) is not None:  # in a Slurm job on some node: a stop there ends it first
+        raise WrongState(f"{name} runs in a Slurm job: stop it first (kvmgate stop {name} --force)")
     if runtime.is_running(vm):
         if not force:
             raise WrongState(f"{name} is running: stop it first, or delete it with --force")

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from kvmgate.model.slurm import JobRecord, NotThisJob, parse_record
 from kvmgate.store.files import flock, read_small, write_atomic
 from kvmgate.store.registry import VM
+from kvmgate.store.runtime import is_running
 
 RECORD = "job.json"
 
@@ -36,6 +37,19 @@ def read_or_damaged(vm: VM) -> JobRecord | NotThisJob | None:
         return read(vm)
     except NotThisJob as err:
         return err
+
+
+def active(vm: VM) -> JobRecord | None:
+    """The VM's job, if it has one that started or may start it (not failed)."""
+    rec = read_or_damaged(vm)
+    return rec if isinstance(rec, JobRecord) and rec.state != "failed" else None
+
+
+def running(vm: VM) -> bool:
+    """Does QEMU run here, or in a Slurm job on some node? What a login node must
+    ask before it changes or deletes a VM (a stale record of a lost node is settled
+    by `status` or `start`)."""
+    return is_running(vm) or active(vm) is not None
 
 
 def write(vm: VM, record: JobRecord) -> None:

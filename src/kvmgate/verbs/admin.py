@@ -27,7 +27,7 @@ from kvmgate.ops import vms
 from kvmgate.ops.inspect import describe
 from kvmgate.ops.plan import plan_for
 from kvmgate.paths import GATED_USER, QEMU_GROUP, SERVICE_USER, Paths
-from kvmgate.store import config, define, every, locks, registry, runtime
+from kvmgate.store import config, define, every, jobs, locks, registry
 from kvmgate.store.files import write_atomic
 from kvmgate.store.trees import remove_tree
 from kvmgate.verbs.common import emit
@@ -119,7 +119,7 @@ def resize(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
         raise UsageError("admin resize needs NAME DISK SIZE")
     if "/" in disk or disk.startswith("."):
         raise UsageError("DISK is a file name in the VM's disks/ directory, e.g. disk0.qcow2")
-    if runtime.is_running(vm) or registry.read_saved(vm) is not None:
+    if jobs.running(vm) or registry.read_saved(vm) is not None:
         raise WrongState(f"{vm.identity.name} is running or hibernated: stop it (or discard its state) first")
     new = ss.parse_size(size)
     limit = config.load(paths).limits.image_max_gib << 30
@@ -169,7 +169,7 @@ def delete(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
 
 def _new_options(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> registry.VM:
     """`admin set NAME -- OPTION...`: the options are the identity, so the VM gets a new one."""
-    if runtime.is_running(vm) or registry.read_saved(vm) is not None:
+    if jobs.running(vm) or registry.read_saved(vm) is not None:
         raise WrongState(f"{vm.identity.name} is running or hibernated: stop it (or discard its state) first")
     opts = config.load(paths).parse(list(req.options), "admin")
     if registry.read_settings(vm).nics and any(o.name == "-net" for o in opts):
@@ -197,17 +197,17 @@ def set_settings(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> in
     if req.options:
         vm = _new_options(req, who, paths, vm)
         settings = registry.read_settings(vm)
-    if runtime.is_running(vm) and any(req.flag(f) is not None for f in ("--network", "--forward", "--wake")):
+    if jobs.running(vm) and any(req.flag(f) is not None for f in ("--network", "--forward", "--wake")):
         # Its taps, guarded ports and addresses are in use: changing them under it would
         # drop its anti-spoofing rules and hand its address to another VM.
         raise WrongState(f"{vm.identity.name} is running: stop it to change its networks or ports")
     agent = req.flag("--guest-agent")
     if agent is not None:
-        if runtime.is_running(vm) or registry.read_saved(vm) is not None:  # a device: a saved state needs it as it was
+        if jobs.running(vm) or registry.read_saved(vm) is not None:  # a device: a saved state needs it as it was
             raise WrongState(f"{vm.identity.name} is running or hibernated: stop it to change its guest agent channel")
         settings = settings.with_(guest_agent=agent == "on")
     if req.flag("--owner-map") is not None or req.flag("--network") is not None:
-        if req.flag("--owner-map") is not None and (runtime.is_running(vm) or registry.read_saved(vm) is not None):
+        if req.flag("--owner-map") is not None and (jobs.running(vm) or registry.read_saved(vm) is not None):
             raise WrongState(f"{vm.identity.name} is running or hibernated: stop it to change its owner map disks")
         settings = _owner_map(req, config.load(paths), settings, _net(req).networks)
     if mode is not None:
@@ -475,7 +475,7 @@ def _backend(paths: Paths, kind: str | None, partition: str | None) -> None:
     """Rewrite the policy's [backend] table, keeping what the admin set there. A
     switch while any VM runs or is hibernated is refused: its state and its job
     belong to the backend that made them."""
-    from kvmgate.model.slurm import Backend, backend_table
+    from kvmgate.model.slurm import Backend, backend_table, parse_backend
     from kvmgate.store import every, jobs
 
     current = config.load(paths).backend
@@ -483,11 +483,22 @@ def _backend(paths: Paths, kind: str | None, partition: str | None) -> None:
     if kind == "local" and partition is not None:
         raise UsageError("--partition is for --backend slurm")
     wanted = Backend(kind, partition or current.partition, *current[2:])
+    if partition is not None:
+        parse_backend({"kind": kind, "partition": partition})  # a plain Slurm name, or a one-line refusal
     if kind == "slurm" and wanted.partition is None:
         raise UsageError("--backend slurm needs --partition NAME (the partition VMs' jobs go to)")
+    if kind == "slurm":
+        from kvmgate.host import slurm as hslurm
+
+        if not os.access(f"{hslurm.BIN}/sbatch", os.X_OK):
+            raise WrongState("Slurm's client is not installed here (sbatch, srun, scontrol): install slurm-client")
+        for part in {wanted.partition, wanted.service_partition} - {None}:
+            assert part is not None
+            if not hslurm.known(wanted, "partition", part):
+                raise UsageError(f"--partition: Slurm knows no partition {part!r} (docs/cluster.md)")
     if kind != current.kind:
         for vm in every.each_vm(paths):
-            if runtime.is_running(vm) or registry.read_saved(vm) is not None or jobs.read_or_damaged(vm) is not None:
+            if jobs.running(vm) or registry.read_saved(vm) is not None or jobs.read_or_damaged(vm) is not None:
                 raise WrongState(f"{vm.identity.owner}'s VM {vm.identity.name} runs or is hibernated: stop it "
                                  f"(or discard its saved state) before switching the backend")  # fmt: skip
     with open(paths.policy) as f:

@@ -43,6 +43,10 @@ def move(paths: Paths, policy: Policy, who: Caller, vm: registry.VM, to: str | N
         raise PermissionRefused("admin move is for root only")
     if to is not None and not slurm.node_name_ok(to):
         raise UsageError(f"--to: {to[:64]!r} is not a node name")
+    from kvmgate.host import slurm as hslurm
+
+    if to is not None and not hslurm.known(policy.backend, "node", to):  # before anything is hibernated
+        raise UsageError(f"--to: Slurm knows no node {to!r}")
     name = vm.identity.name
     rec = cluster.running_elsewhere(paths, policy, vm)
     if rec is None and registry.read_saved(vm) is None:
@@ -65,8 +69,10 @@ def move(paths: Paths, policy: Policy, who: Caller, vm: registry.VM, to: str | N
 
 def evacuate(req: Request, paths: Paths, policy: Policy, who: Caller) -> int:
     node = req.name or ""
-    if not slurm.node_name_ok(node):
-        raise UsageError(f"{node[:64]!r} is not a node name")
+    from kvmgate.host import slurm as hslurm
+
+    if not slurm.node_name_ok(node) or not hslurm.known(policy.backend, "node", node):
+        raise UsageError(f"Slurm knows no node {node[:64]!r}")
     rows: list[dict[str, Any]] = []
     for vm in every.each_vm(paths):
         rec = jobs.read_or_damaged(vm)

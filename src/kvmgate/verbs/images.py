@@ -25,7 +25,7 @@ from kvmgate.host.caller import Caller
 from kvmgate.model import images as model
 from kvmgate.model.commands import Request
 from kvmgate.paths import IMAGE_USER, Paths
-from kvmgate.store import config, locks, registry, runtime
+from kvmgate.store import config, jobs, locks, registry
 from kvmgate.store import images as library
 from kvmgate.verbs.common import emit, target
 
@@ -216,7 +216,7 @@ def import_disk(req: Request, who: Caller, paths: Paths) -> int:
     owner, name = vm.identity.owner, vm.identity.name
     pw = pwd.getpwnam(owner)
     with locks.vm_lock(paths, owner, name, locks.INTERNAL_WAIT):
-        if runtime.is_running(vm) or registry.read_saved(vm) is not None:
+        if jobs.running(vm) or registry.read_saved(vm) is not None:
             raise WrongState(f"{name} is running or hibernated: stop it (or discard its state) first")
         if os.path.lexists(vm.default_disk) and not req.has("--replace"):
             raise WrongState(f"{name} already has a disk ({registry.DEFAULT_DISK}): give --replace to replace it")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import pwd
 import socket
+import stat
 from typing import Any
 
 from kvmgate.errors import KvmgateError, UsageError, WrongState
 from kvmgate.host import sockets
-from kvmgate.host.caller import Caller
+from kvmgate.host.caller import Caller, as_user
 from kvmgate.model.commands import Request
 from kvmgate.ops import relay
 from kvmgate.ops.inspect import addresses, describe, details, forwarded
@@ -147,10 +148,13 @@ def _node(paths: Paths, vm: registry.VM) -> str | None:
 def tunnel(req: Request, paths: Paths, vm: registry.VM) -> int:
     """The owner's byte stream to the VM's ssh port (checked to be held by its
     QEMU, as `kvmgate ssh` checks it) or its VNC endpoint, from root on the VM's
-    node: nothing listens on a node's public address for it."""
+    node: nothing listens on a node's public address for it. Root connects with
+    the owner's uid and groups (`as_user`): a socket the owner replaced by a link
+    to another (D-Bus, munge, another VM's) is reached as the owner, or not at all."""
     service = req.flag("SERVICE")
     if not runtime.is_running(vm):
         raise WrongState(f"{vm.identity.name} is not running")
+    pw = pwd.getpwnam(vm.identity.owner)
     if service == "ssh":
         rows = forwarded(config.load(paths), vm)
         row = next((r for r in rows if r["service"] == "ssh"), None) or next(
@@ -160,19 +164,26 @@ def tunnel(req: Request, paths: Paths, vm: registry.VM) -> int:
             raise WrongState(f"{vm.identity.name} has no forwarded ssh port (the admin adds one with --forward ssh)")
         if not row["held"]:
             raise WrongState(f"{vm.identity.name}: its ssh port is not held by the VM; not connecting")
-        sock = socket.create_connection(("127.0.0.1", row["port"]), timeout=10)
+        with as_user(pw):
+            sock = socket.create_connection(("127.0.0.1", row["port"]), timeout=10)
     elif service == "vnc":
         record = display.read_display(vm).get("vnc")
         if not isinstance(record, dict):
             raise WrongState(f"{vm.identity.name} has no display")
         if record.get("kind") == "unix":
+            path = str(record.get("socket"))
+            st = os.lstat(path)
+            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != pw.pw_uid:
+                raise WrongState(f"{vm.identity.name}: its display socket is not QEMU's; not connecting")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            sock.connect(str(record.get("socket")))
+            with as_user(pw):
+                sock.connect(path)
         else:
             port = record.get("port")
-            if not isinstance(port, int) or not sockets.held_by(port, pwd.getpwnam(vm.identity.owner).pw_uid):
+            if not isinstance(port, int) or not sockets.held_by(port, pw.pw_uid):
                 raise WrongState(f"{vm.identity.name}: its VNC port is not held by the VM; not connecting")
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            with as_user(pw):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     else:
         raise UsageError("tunnel takes ssh or vnc")
     sock.settimeout(None)

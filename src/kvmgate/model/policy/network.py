@@ -82,6 +82,12 @@ class Subnet(NamedTuple):
         return f"{int_to_ip(self.network)}/{self.prefix}"
 
 
+# VXLAN's own port (4789) is one any user may bind: a user on a node would hear the
+# tunnel, or keep the kernel from binding it. kvmgate's tunnels use a privileged one,
+# as source and destination, and a node drops tunnel packets from unprivileged ports.
+VXLAN_PORT = 789
+
+
 class Network(NamedTuple):
     name: str
     kind: NetKind
@@ -89,7 +95,7 @@ class Network(NamedTuple):
     subnet: Subnet | None = None  # services: addresses handed out by dnsmasq
     vxlan: int | None = None  # services on a Slurm cluster: the VXLAN id joining the nodes' bridges
     peers: tuple[str, ...] = ()  # the VM nodes' addresses (each node finds its own among them)
-    vxlan_port: int = 4789
+    vxlan_port: int = VXLAN_PORT
 
     def tunnel(self, ifprefix: str) -> str | None:
         """The VXLAN device on this network's bridge (`<ifprefix>v<id in hex>`)."""
@@ -257,13 +263,13 @@ def _vxlan(
     if "vxlan" not in spec:
         if "peers" in spec or "vxlan_port" in spec:
             raise _fail(f"{where}: peers and vxlan_port need vxlan")
-        return None, (), 4789
-    vni, peers, port = spec["vxlan"], spec.get("peers"), spec.get("vxlan_port", 4789)
+        return None, (), VXLAN_PORT
+    vni, peers, port = spec["vxlan"], spec.get("peers"), spec.get("vxlan_port", VXLAN_PORT)
     if not isinstance(vni, int) or isinstance(vni, bool) or not 1 <= vni < 1 << 24 or vni in vnis:
         raise _fail(f"{where}.vxlan must be a VXLAN id (1-16777215), one per network")
     vnis.add(vni)
-    if not isinstance(port, int) or isinstance(port, bool) or not 1024 <= port <= 65535:
-        raise _fail(f"{where}.vxlan_port must be a UDP port (1024-65535)")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 1022:
+        raise _fail(f"{where}.vxlan_port must be a privileged UDP port (1-1022): no user can bind it")
     if not isinstance(peers, list) or not 2 <= len(peers) <= 256:
         raise _fail(f"{where}.peers must list the VM nodes' addresses (2 to 256)")
     canonical = []
