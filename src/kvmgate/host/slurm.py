@@ -9,9 +9,12 @@ is bounded in time; a controller that does not answer is one clear refusal.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
+import select
 import subprocess
+import time
 from collections.abc import Sequence
 
 from kvmgate.errors import KvmgateError, WrongState
@@ -106,24 +109,32 @@ def drained(backend: Backend, node: str) -> bool:
 
 
 def srun_as(
-    backend: Backend, pw: pwd.struct_passwd, job: int, command: Sequence[str], capture: bool = False, pty: bool = False
-) -> tuple[int, str]:
+    backend: Backend, pw: pwd.struct_passwd, job: int, command: Sequence[str], *, capture: bool = False,
+    pty: bool = False, stdin: bool = True, timeout: float | None = None,
+) -> tuple[int, str, str]:  # fmt: skip
     """A step in the VM's job, as its owner: fork, drop for good to the owner's
-    uid and groups, exec srun with a clean environment. Its streams are the
-    helper's (the caller's, through host.output) unless captured. Returns
-    (exit code, captured stdout)."""
+    uid and groups, exec srun with a clean environment. Returns (exit code,
+    captured stdout, captured stderr).
+
+    Not captured (the owner's own verb): its streams are the helper's, which are
+    the owner's own (their terminal, through sudo). Captured (root or kvmgate's
+    own actors acting on the owner's VM): a new session with no terminal, stdout
+    and stderr into pipes root reads (at most 1 MiB of each kept), stdin /dev/null
+    unless `stdin` (a pipe or file the caller gave, never a terminal): the owner's
+    process never holds root's terminal. `timeout` (captured only): then it is
+    killed (exit 124)."""
     argv = slurm.srun_argv(f"{BIN}/srun", job, command, pty)
     e = {**env(backend), "HOME": "/", "USER": pw.pw_name, "LOGNAME": pw.pw_name}
-    read_end = write_end = -1
-    if capture:
-        read_end, write_end = os.pipe()
+    pipes = [os.pipe(), os.pipe()] if capture else []
     pid = os.fork()
     if pid == 0:  # the child: never returns into the helper
         try:
             if capture:
-                os.dup2(write_end, 1)
-                null = os.open("/dev/null", os.O_RDONLY)
-                os.dup2(null, 0)
+                os.setsid()
+                os.dup2(pipes[0][1], 1)
+                os.dup2(pipes[1][1], 2)
+                if not stdin or os.isatty(0):
+                    os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
             os.setgroups(os.getgrouplist(pw.pw_name, pw.pw_gid))
             os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
             os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
@@ -133,15 +144,42 @@ def srun_as(
             os.execve(argv[0], argv, e)
         except BaseException:  # noqa: BLE001 - a forked child must never return
             os._exit(127)
-    out = b""
-    if capture:
-        os.close(write_end)
-        chunks, kept = [], 0
-        while chunk := os.read(read_end, 65536):  # read to the end; keep the first MiB
-            if kept < 1 << 20:
-                chunks.append(chunk)
-                kept += len(chunk)
-        os.close(read_end)
-        out = b"".join(chunks)[: 1 << 20]
+    if not capture:
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status), "", ""
+    for _, w in pipes:
+        os.close(w)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    out, err = _drain([r for r, _ in pipes], deadline)
+    if deadline is not None and time.monotonic() > deadline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        return 124, out, err + f"kvmgate: the relay to job {job} took longer than {int(timeout or 0)} s; ended\n"
     _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+    return os.waitstatus_to_exitcode(status), out, err
+
+
+def _drain(fds: list[int], deadline: float | None) -> tuple[str, str]:
+    """Read the pipes to their ends, or to the deadline; keep the first MiB of each."""
+    got: dict[int, list[bytes]] = {fd: [] for fd in fds}
+    kept = dict.fromkeys(fds, 0)
+    open_fds = list(fds)
+    try:
+        while open_fds:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select(open_fds, [], [], wait)
+            if not ready:
+                break  # the deadline: the caller kills it
+            for fd in ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    open_fds.remove(fd)
+                elif kept[fd] < 1 << 20:
+                    got[fd].append(chunk)
+                    kept[fd] += len(chunk)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    out, err = (b"".join(got[fd])[: 1 << 20].decode(errors="replace") for fd in fds)
+    return out, err

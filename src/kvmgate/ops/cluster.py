@@ -245,9 +245,17 @@ def wait_ended(policy: Policy, vm: registry.VM, job: int, seconds: float = 60.0)
         time.sleep(0.05)
 
 
+RELAY_TIMEOUT = 3600.0  # a relay for anyone but the owner: the bound of the longest operation (a hibernate)
+
+
 def relay(paths: Paths, policy: Policy, vm: registry.VM, rec: JobRecord, argv: list[str], capture: bool = False,
-          pty: bool = False) -> tuple[int, str]:  # fmt: skip
+          pty: bool = False, stdin: bool = False) -> tuple[int, str, str]:  # fmt: skip
     """`argv` (a helper request, without --owner) run by the owner inside the VM's
-    job on its node, where it is a local request."""
+    job on its node, where it is a local request. `capture` for anyone but the
+    owner (root, kvmgate's own actors): the owner's process gets no terminal of
+    theirs, and is bounded in time (host.slurm.srun_as)."""
     pw = owner_pw(vm)
-    return hslurm.srun_as(policy.backend, pw, rec.job, [paths.sudo, "-n", paths.helper, *argv], capture, pty)
+    command = [paths.sudo, "-n", paths.helper, *argv]
+    if capture:
+        return hslurm.srun_as(policy.backend, pw, rec.job, command, capture=True, stdin=stdin, timeout=RELAY_TIMEOUT)
+    return hslurm.srun_as(policy.backend, pw, rec.job, command, pty=pty)

@@ -180,7 +180,7 @@ def _on_its_node(paths: Paths, vm: registry.VM, verb: str, wanted: Callable[[], 
         return None
     if wanted is not None and not wanted():
         return 1
-    code, _ = cluster.relay(paths, policy, vm, rec, [verb, vm.identity.name], capture=True)
+    code, _, _ = cluster.relay(paths, policy, vm, rec, [verb, vm.identity.name], capture=True)
     if verb == "hibernate" and code == 0:
         cluster.wait_ended(policy, vm, rec.job)
     return code

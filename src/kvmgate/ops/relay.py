@@ -10,10 +10,12 @@ costs one read of the cached policy and changes nothing.
 from __future__ import annotations
 
 import os
+import sys
 
 from kvmgate.errors import EXIT_FORCED, Busy, KvmgateError
 from kvmgate.host.caller import Caller
 from kvmgate.model.commands import Request, unparse
+from kvmgate.ops.plan import owner_pw
 from kvmgate.paths import Paths
 from kvmgate.store import config, registry
 
@@ -36,8 +38,14 @@ def route(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int | Non
         raise
     if rec is None:
         return None
-    pty = req.verb == "console" and os.isatty(0) and not req.has("--expect")
-    code, _ = cluster.relay(paths, policy, vm, rec, unparse(req, drop=("--owner",)), pty=pty)
+    argv = unparse(req, drop=("--owner",))
+    if who.uid == owner_pw(vm).pw_uid:  # the owner's own streams and terminal
+        pty = req.verb == "console" and os.isatty(0) and not req.has("--expect")
+        code, _, _ = cluster.relay(paths, policy, vm, rec, argv, pty=pty)
+    else:  # root for the owner: the owner's process never holds root's terminal (output relayed after)
+        code, out, err = cluster.relay(paths, policy, vm, rec, argv, capture=True, stdin=True)  # a pipe, not a tty
+        sys.stdout.write(out)
+        sys.stderr.write(err)
     if req.verb in ("stop", "hibernate") and code in (0, EXIT_FORCED):
         cluster.wait_ended(policy, vm, rec.job)  # the job is gone once the VM has stopped or hibernated
     return code

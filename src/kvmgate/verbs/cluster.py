@@ -54,9 +54,10 @@ def move(paths: Paths, policy: Policy, who: Caller, vm: registry.VM, to: str | N
     if rec is not None:
         if to is not None and rec.node == to:
             raise WrongState(f"{name} runs on node {to} already")
-        code, _ = cluster.relay(paths, policy, vm, rec, ["hibernate", name], capture=True)
+        code, _, err = cluster.relay(paths, policy, vm, rec, ["hibernate", name], capture=True)
         if code != 0 or registry.read_saved(vm) is None:
-            raise KvmgateError(f"{name} could not be hibernated on node {rec.node} (exit {code}); it was not moved")
+            said = one_line(err.strip().splitlines()[-1] if err.strip() else f"exit {code}")
+            raise KvmgateError(f"{name} could not be hibernated on node {rec.node} ({said}); it was not moved")
         cluster.wait_ended(policy, vm, rec.job)
     to_token = cluster.TO.set(to)
     away_token = cluster.AWAY_FROM.set(rec.node if rec is not None else None)
