@@ -124,26 +124,26 @@ def test_the_job_record_reads_back_strictly() -> None:
             sl.parse_record(bad)
 
 
-BATCH = sl.Seen(812, "batch", 1001)
+BATCH = sl.Seen(812, "batch", 1001, ("/usr/bin/sudo",))
 
 
 def test_a_record_once_claimed_is_claimed_again_only_by_a_requeued_batch_step() -> None:
-    assert sl.check_caller(REC, "KEY", 1001, BATCH) is False
+    assert sl.check_caller(REC, "KEY", 1001, BATCH, "/usr/bin/sudo") is False
     for state in ("starting", "running"):
         with pytest.raises(sl.NotThisJob, match="started this VM already"):
-            sl.check_caller(REC._replace(state=state), "KEY", 1001, BATCH._replace(step="0"))
-        assert sl.check_caller(REC._replace(state=state), "KEY", 1001, BATCH) is True
+            sl.check_caller(REC._replace(state=state), "KEY", 1001, BATCH._replace(step="0"), "/usr/bin/sudo")
+        assert sl.check_caller(REC._replace(state=state), "KEY", 1001, BATCH, "/usr/bin/sudo") is True
     with pytest.raises(sl.NotThisJob, match="failed"):
-        sl.check_caller(REC._replace(state="failed"), "KEY", 1001, BATCH)
+        sl.check_caller(REC._replace(state="failed"), "KEY", 1001, BATCH, "/usr/bin/sudo")
     assert sl.step_from_stepd(b"slurmstepd: [812.batch]") == (812, "batch")
     assert sl.step_from_stepd(b"slurmstepd: [812.3]\0") == (812, "3")
 
 
 def test_how_a_job_that_ended_without_its_node_ended() -> None:
-    fields = sl.parse_show_job(
-        "JobId=5 JobName=kvmgate-x UserId=alice(1001) JobState=NODE_FAIL Reason=None NodeList=kg-b Command=(null)"
-    )
-    assert fields["JobState"] == "NODE_FAIL" and fields["NodeList"] == "kg-b"
+    fields = sl.parse_squeue("NODE_FAIL|kg-b|None|vms|1001\n")
+    assert fields["JobState"] == "NODE_FAIL" and fields["NodeList"] == "kg-b" and fields["UserId"] == "1001"
+    for bad in ("", "RUNNING|a|b\n", "RUNNING|a|b|c|d\nPENDING|a|b|c|d\n", "running|a|b|c|d", "X JobState=Y|a|b|c|d"):
+        assert sl.parse_squeue(bad) == {}
     assert sl.ending(fields, "kg-b") == "lost on node kg-b: the node failed (job NODE_FAIL)"
     assert sl.ending({"JobState": "CANCELLED", "Reason": "None"}, None) == "ended by Slurm: job CANCELLED"
     assert sl.ending({"JobState": "TIMEOUT", "Reason": "TimeLimit"}, "a").startswith("ended by Slurm on node a")
@@ -168,9 +168,25 @@ def test_the_backend_table_admin_init_writes_reads_back() -> None:
         ("KEY", 1001, BATCH._replace(step="extern"), "only the job's own batch step"),
         ("KEY", 1002, BATCH, "owner"),
         ("KEY", 1001, BATCH._replace(uid=1002), "owner"),
+        ("KEY", 1001, BATCH._replace(via=("/bin/dash", "/usr/bin/sudo")), "only the job's own command"),
+        ("KEY", 1001, BATCH._replace(via=()), "only the job's own command"),
     ],
 )
 def test_the_node_side_refuses_any_other_job_step_or_caller(key: str, caller: int, seen, why: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(sl.NotThisJob, match=why):
-        sl.check_caller(REC, key, caller, seen)
-    sl.check_caller(REC, "KEY", 1001, BATCH)
+        sl.check_caller(REC, key, caller, seen, "/usr/bin/sudo")
+    sl.check_caller(REC, "KEY", 1001, BATCH, "/usr/bin/sudo")
+
+
+def test_the_node_side_takes_slurms_word_on_the_jobs_owner_and_partition() -> None:
+    rec = REC
+    sl.check_placement(BACKEND, {"UserId": "1001", "Partition": "vms"}, rec)
+    sl.check_placement(BACKEND._replace(service_partition="svc"), {"UserId": "1001", "Partition": "svc"}, rec)
+    with pytest.raises(sl.NotThisJob, match="moved out"):
+        sl.check_placement(BACKEND, {"UserId": "1001", "Partition": "debug"}, rec)
+    with pytest.raises(sl.NotThisJob, match="owner"):
+        sl.check_placement(BACKEND, {"UserId": "0", "Partition": "vms"}, rec)
+    claimed = rec._replace(state="running", claim="0123456789abcdef")
+    assert sl.parse_record(claimed.to_json()) == claimed
+    with pytest.raises(sl.NotThisJob):
+        sl.parse_record(rec._replace(claim="x; rm").to_json())

@@ -236,13 +236,12 @@ def ensure_tunnel(network: Network, tunnel: hostnet.Tunnel, local: str) -> None:
     if not _exists(tunnel.dev):
         _run([IP, "link", "add", tunnel.dev, "type", "vxlan", "id", str(network.vxlan), "dstport", str(tunnel.port),
               "srcport", str(tunnel.port), str(tunnel.port + 1), "local", local, "nolearning"])  # fmt: skip
-    for peer in tunnel.peers:
-        subprocess.run(
-            [BRIDGE, "fdb", "append", "00:00:00:00:00:00", "dev", tunnel.dev, "dst", peer],
-            env=_ENV,
-            capture_output=True,
-            check=False,
-        )  # fmt: skip  (already there: fine)
+    fdb = subprocess.run([BRIDGE, "fdb", "show", "dev", tunnel.dev], env=_ENV, capture_output=True, text=True)
+    flooded = {w[2] for w in (ln.split() for ln in fdb.stdout.splitlines()) if w[:2] == ["00:00:00:00:00:00", "dst"]}
+    for peer in flooded - set(tunnel.peers):  # a node the policy no longer lists hears nothing more
+        _run([BRIDGE, "fdb", "del", "00:00:00:00:00:00", "dev", tunnel.dev, "dst", peer])
+    for peer in set(tunnel.peers) - flooded:
+        _run([BRIDGE, "fdb", "append", "00:00:00:00:00:00", "dev", tunnel.dev, "dst", peer])
     _run([IP, "-batch", "-"], f"link set dev {tunnel.dev} mtu {TUNNEL_MTU}\n"
          f"link set dev {tunnel.dev} master {network.bridge}\nlink set dev {tunnel.dev} up\n")  # fmt: skip
 

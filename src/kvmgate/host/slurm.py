@@ -1,6 +1,6 @@
 """Slurm's commands, as kvmgate runs them (the argv is `model.slurm`'s).
 
-Root runs `sbatch --uid --gid`, `scontrol show job` and `scancel` on a login
+Root runs `sbatch --uid --gid`, `squeue`, `scontrol show partition|node` and `scancel` on a login
 node, with an environment of two variables (PATH, and SLURM_CONF when the policy
 names one). Steps inside a VM's job (`srun --jobid --overlap`) run as the VM's
 owner: root cannot step into another user's job, and should not. Every command
@@ -72,16 +72,18 @@ def submit(backend: Backend, sub: slurm.Submit, command: Sequence[str]) -> int:
 
 
 def show_job(backend: Backend, job: int) -> dict[str, str]:
-    """The job's fields; {} when Slurm no longer knows it (ended long enough ago)."""
-    p = _run(backend, [f"{BIN}/scontrol", "--oneliner", "show", "job", str(job)], "scontrol show job")
+    """The job's state, nodes, reason, partition and user (model.slurm.parse_squeue);
+    {} when Slurm no longer knows it (ended long enough ago)."""
+    argv = [f"{BIN}/squeue", "--noheader", f"--jobs={job}", "--states=all", f"--format={slurm.SQUEUE_FORMAT}"]
+    p = _run(backend, argv, "squeue")
     if p.returncode != 0:
         said = _said(p)
         if "invalid job id" in said.lower():
             return {}
         if _down(said):
             raise ClusterDown(f"Slurm's controller does not answer ({said})")
-        raise KvmgateError(f"scontrol show job {job}: {said}")
-    return slurm.parse_show_job(p.stdout)
+        raise KvmgateError(f"squeue --jobs={job}: {said}")
+    return slurm.parse_squeue(p.stdout)
 
 
 def cancel(backend: Backend, job: int, signal: str | None = None) -> None:
@@ -97,15 +99,6 @@ def known(backend: Backend, kind: str, name: str) -> bool:
     if p.returncode != 0 and _down(_said(p)):
         raise ClusterDown(f"Slurm's controller does not answer ({_said(p)})")
     return p.returncode == 0 and f"{kind.capitalize()}Name={name} " in p.stdout + " "
-
-
-def drained(backend: Backend, node: str) -> bool:
-    """Is the node draining or drained (`scontrol update nodename=X state=drain`)?"""
-    p = _run(backend, [f"{BIN}/sinfo", "--noheader", "--nodes", node, "--format=%T"], "sinfo")
-    states = p.stdout.split()
-    if p.returncode != 0 or not states:
-        raise WrongState(f"Slurm knows no node {node[:64]!r}")
-    return all(s.rstrip("*~#!%$@^-").startswith(("drain", "draining", "drained")) for s in states)
 
 
 def srun_as(

@@ -61,8 +61,11 @@ def job_of_ancestors(pid: int) -> int | None:
 
 def job_and_user(pid: int) -> slurm.Seen | None:
     """The nearest root-owned slurmstepd above pid names the job and step; its
-    child, which slurmstepd made, runs as the job's user."""
+    child, which slurmstepd made, runs as the job's user; `via` are the programs
+    between pid and slurmstepd (for the node side: exactly sudo)."""
     below_uid = -1
+    via: list[str] = []
+    first = pid
     for _ in range(MAX_DEPTH):
         st = _status(pid)
         if st is None:
@@ -70,9 +73,14 @@ def job_and_user(pid: int) -> slurm.Seen | None:
         ppid, uid = st
         if uid == 0 and _is_stepd(pid):
             step = slurm.step_from_stepd(_read(f"/proc/{pid}/cmdline"))
-            return None if step is None or below_uid < 0 else slurm.Seen(*step, below_uid)
+            return None if step is None or below_uid < 0 else slurm.Seen(*step, below_uid, tuple(via))
         if ppid <= 1:
             return None
+        if pid != first:
+            try:
+                via.append(os.readlink(f"/proc/{pid}/exe"))
+            except OSError:
+                via.append("?")
         below_uid, pid = uid, ppid
     return None
 

@@ -32,6 +32,8 @@ _V1 = Regex(
 )
 _PATH = Regex(r"/[A-Za-z0-9_./-]{1,255}")
 _WORD = Regex(r"[A-Za-z0-9_./:=-]{1,255}")  # what the job's one shell line may contain
+_STATE = Regex(r"[A-Z_]{1,32}")
+_CLAIM = Regex(r"[0-9a-f]{16}")
 _STEPD = Regex(r"slurmstepd: \[([0-9]{1,10})\.(batch|extern|[0-9]{1,10})\]")
 
 
@@ -227,6 +229,7 @@ class Seen(NamedTuple):
     job: int
     step: str
     uid: int
+    via: tuple[str, ...] = ()  # the programs between the helper and slurmstepd
 
 
 STATES = ("submitted", "starting", "running", "failed")
@@ -254,6 +257,7 @@ class JobRecord(NamedTuple):
     message: str | None = None  # failed: the node side's refusal, in one line
     exit: int | None = None  # failed: its exit code
     accel: str | None = None  # running: the accelerator the node used
+    claim: str | None = None  # the node side's token once it claimed the record: its run's, not a later one's
 
     def to_json(self) -> str:
         data = {"version": 1, **self._asdict()}
@@ -286,6 +290,8 @@ def parse_record(text: str | bytes) -> JobRecord:
         raise bad
     if data["accel"] not in (None, "kvm", "tcg"):
         raise bad
+    if data["claim"] is not None and not (isinstance(data["claim"], str) and _CLAIM.fullmatch(data["claim"])):
+        raise bad
     node, options = data["node"], data["options"]
     if node is not None and not (isinstance(node, str) and _NAME.fullmatch(node)):
         raise bad
@@ -301,12 +307,15 @@ def parse_record(text: str | bytes) -> JobRecord:
     return JobRecord(**fields)
 
 
-def check_caller(record: JobRecord, key: str, caller_uid: int, seen: Seen | None) -> bool:
+def check_caller(record: JobRecord, key: str, caller_uid: int, seen: Seen | None, sudo: str = "") -> bool:
     """The node side's one question, from sources it trusts: `seen`, the job and
     step its own process runs in (its slurmstepd ancestor, and its cgroup where
     Slurm made one) and that job's user. Refused unless they name the job recorded
     for this VM, its batch step (which only Slurm starts: a user's `srun --jobid
-    --overlap` is another step), for this VM's owner, who is also sudo's caller.
+    --overlap` is another step), for this VM's owner, who is also sudo's caller,
+    and nothing but `sudo` (its real path) runs between slurmstepd and the helper:
+    the batch script exec'd it, so no process of the owner's is left in the step
+    that could run the node side again.
 
     A record already claimed may be claimed again only by the batch step: Slurm
     runs a job's batch step again only when it requeued the job (a service VM whose
@@ -322,9 +331,21 @@ def check_caller(record: JobRecord, key: str, caller_uid: int, seen: Seen | None
                          else "only the job's own batch step starts the VM")  # fmt: skip
     if caller_uid != record.uid or seen.uid != record.uid:
         raise NotThisJob("the job does not run as the VM's owner")
+    if seen.via != (sudo,):  # the batch script exec'd sudo: nothing of the owner's runs between
+        raise NotThisJob("only the job's own command starts the VM (slurmstepd, then sudo, then kvmgate)")
     if record.state == "failed":
         raise NotThisJob(f"job {record.job} failed to start this VM already")
     return record.state != "submitted"
+
+
+def check_placement(backend: Backend, fields: Mapping[str, str], record: JobRecord) -> None:
+    """Slurm's word on the job, before the node side claims it: still the owner's,
+    still in kvmgate's partition (an owner may move a pending job of theirs)."""
+    allowed = {backend.partition, backend.service_partition or backend.partition}
+    if fields.get("UserId") != str(record.uid):
+        raise NotThisJob(f"job {record.job} does not run as the VM's owner")
+    if fields.get("Partition") not in allowed:
+        raise NotThisJob(f"job {record.job} was moved out of kvmgate's partition")
 
 
 # Job states (squeue/scontrol JobState) in which the job still holds, or will hold, its VM.
@@ -332,15 +353,21 @@ LIVE = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED"
                   "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"})  # fmt: skip
 
 
-def parse_show_job(text: str) -> dict[str, str]:
-    """`scontrol show job -o J`: one line of KEY=VALUE words (values without spaces,
-    except the last fields, which are not read)."""
-    fields: dict[str, str] = {}
-    for word in text.split():
-        key, eq, value = word.partition("=")
-        if eq and key.isascii() and key.isalnum() and key not in fields:
-            fields[key] = value
-    return fields
+SQUEUE_FORMAT = "%T|%N|%r|%P|%U"  # nothing a job's owner may set freely (not its name, not its comment)
+_SQUEUE_FIELDS = ("JobState", "NodeList", "Reason", "Partition", "UserId")
+
+
+def parse_squeue(text: str) -> dict[str, str]:
+    """`squeue --noheader --jobs=J --states=all --format=SQUEUE_FORMAT`: one line.
+    Not `scontrol show job`, whose KEY=VALUE words a job name with spaces (the
+    owner's to choose) could imitate. {} unless exactly one well-formed line."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) != 1:
+        return {}
+    values = lines[0].strip().split("|")
+    if len(values) != len(_SQUEUE_FIELDS) or not _STATE.fullmatch(values[0]):
+        return {}
+    return dict(zip(_SQUEUE_FIELDS, values, strict=True))
 
 
 def ending(fields: Mapping[str, str], node: str | None) -> str:

@@ -239,9 +239,10 @@ def wait_ended(policy: Policy, vm: registry.VM, job: int, seconds: float = 60.0)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         rec = jobs.read_or_damaged(vm)
-        ours = isinstance(rec, JobRecord) and rec.job == job
-        if not ours and hslurm.show_job(policy.backend, job).get("JobState") not in slurm.LIVE:
-            return
+        if not (isinstance(rec, JobRecord) and rec.job == job):  # the node side let go: now ask Slurm
+            if hslurm.show_job(policy.backend, job).get("JobState") not in slurm.LIVE:
+                return
+            time.sleep(0.2)
         time.sleep(0.05)
 
 

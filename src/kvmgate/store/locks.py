@@ -55,6 +55,10 @@ def vm_lock(paths: Paths, owner: str, name: str, timeout: float = WAIT) -> Itera
         yield
 
 
+ALLOC_WAIT = 300.0  # a holder stopped for good (a job's owner can SIGSTOP a node's helper) fails others with "busy"
+
+
 def alloc_lock(paths: Paths) -> contextlib.AbstractContextManager[int]:
-    """The host-wide network allocation lock (ports, MACs, addresses, taps)."""
-    return flock(os.path.join(paths.state, ".alloc.lock"))
+    """The network allocation lock (ports, MACs, addresses, taps): host-wide, and
+    cluster-wide on a Slurm cluster, whose nodes share the state directory."""
+    return flock(os.path.join(paths.state, ".alloc.lock"), ALLOC_WAIT, "the network allocation")
