@@ -88,6 +88,13 @@ while True:
 """
 
 
+def _zombie(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+
+
 class Cluster:
     def __init__(
         self, d: Path, nodes: list[str], ctld_port: int = 26817, node_port: int = 26818, spread: bool = False,
@@ -169,9 +176,18 @@ class Cluster:
     def kill_node(self, node: str) -> None:
         """The node dies: its PID 1 killed, and with it slurmd, its steps and their QEMUs."""
         pid = self.inits.pop(node)
-        os.kill(pid, signal.SIGKILL)
+        ns = os.readlink(f"/proc/{pid}/ns/pid")
+        members = []
+        for p in Path("/proc").iterdir():  # everything in the node's PID namespace: slurmd, steps, QEMUs
+            with contextlib.suppress(OSError, ValueError):
+                if p.name.isdigit() and os.readlink(p / "ns" / "pid") == ns:
+                    members.append(int(p.name))
+        for member in [pid, *members]:
+            with contextlib.suppress(OSError):
+                os.kill(member, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        while any(os.path.exists(f"/proc/{m}") and not _zombie(m) for m in [pid, *members]):
+            assert time.monotonic() < deadline, "the node's processes did not die"
             time.sleep(0.05)
 
     def on_node(self, node: str, argv: list[str], user: str | None = None) -> list[str]:
@@ -180,7 +196,15 @@ class Cluster:
         return [*enter, *(["/usr/sbin/runuser", "-u", user, "--"] if user else []), *argv]
 
     def node_state(self, node: str) -> str:
-        return self.run("sinfo", "--noheader", "--nodes", node, "--format=%T").stdout.strip()
+        # Every node's line (sinfo --nodes X aggregates what X shares with others: "mixed*" for a down node)
+        rows = [ln.split() for ln in self.run("sinfo", "--Node", "--noheader", "--format=%N %T").stdout.splitlines()]
+        return next((r[1] for r in rows if len(r) == 2 and r[0] == node), "")
+
+    def diagnose(self) -> str:
+        """What the daemons say, for a failing test's message."""
+        info = self.run("sinfo", "-N", "-o", "%N %T %E").stdout
+        log = (self.d / "log" / "slurmctld.log").read_text(errors="replace").splitlines()[-15:]
+        return info + "\n".join(log)
 
     def start_controller(self) -> None:
         subprocess.run(["/usr/sbin/slurmctld", "-f", self.env["SLURM_CONF"]], check=True, env=self.env)

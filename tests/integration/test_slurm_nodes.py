@@ -133,7 +133,16 @@ def test_a_lost_node_leaves_its_vm_recorded_there_and_the_next_start_boots_elsew
     on_slurm.kill_node(lost)
     try:
         # Slurm sees the node gone after SlurmdTimeout (10 s here); then so does kvmgate.
-        wait_for("Slurm to see the node down", lambda: "down" in on_slurm.node_state(lost), 60)
+        seen: list[tuple[float, str]] = []
+
+        def down() -> bool:
+            seen.append((round(time.monotonic(), 1), on_slurm.node_state(lost)))
+            return "down" in seen[-1][1]
+
+        try:
+            wait_for("Slurm to see the node down", down, 120)
+        except AssertionError:
+            raise AssertionError(f"{seen[:3]} ... {seen[-3:]}\n{on_slurm.diagnose()}") from None
         st = wait_for("stopped", lambda: (s := kg.json("status", vm_name, user=alice))["state"] == "stopped" and s, 30)
         assert st["last_run"]["how"].startswith(f"lost on node {lost}"), st
         assert f"lost on node {lost}" in kg.ok("log", vm_name, user=alice).stdout
@@ -142,7 +151,7 @@ def test_a_lost_node_leaves_its_vm_recorded_there_and_the_next_start_boots_elsew
         guest_run(kg, alice, vm_name, "echo alive", "alive")
     finally:
         on_slurm.start_node(lost)
-        wait_for("the node back", lambda: on_slurm.node_state(lost).startswith("idle"), 60)
+        wait_for("the node back", lambda: on_slurm.node_state(lost).startswith("idle"), 90)
 
 
 def test_a_logoff_on_the_login_node_freezes_the_vm_on_its_node_and_a_logon_thaws_it(
@@ -344,4 +353,4 @@ def test_a_service_vm_whose_node_is_lost_runs_again_on_another(
         assert f"Slurm requeued job {rows[0]}" in kg.json("status", vm_name, "--owner", "kvmgate-svc")["note"]
     finally:
         on_slurm.start_node(lost)
-        wait_for("the node back", lambda: on_slurm.node_state(lost).startswith("idle"), 60)
+        wait_for("the node back", lambda: on_slurm.node_state(lost).startswith("idle"), 90)
