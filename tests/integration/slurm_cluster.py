@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 SLURM_USER = "root"  # the daemons run as root: the suite's own, torn down with it
@@ -112,6 +113,20 @@ class Cluster:
         host = os.uname().nodename
         (d / "slurm.conf").write_text(conf(d, host, nodes, ctld_port, node_port, spread))
         os.chmod(d / "slurm.conf", 0o644)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Cluster]:
+        """Started, and stopped (jobs, daemons, namespaces, files) however the tests end."""
+        try:
+            self.start()
+            yield self
+        finally:
+            self.stop()
+
+    def policy(self, base: str, *extra: str) -> str:
+        """A kvmgate policy whose VMs run on this cluster."""
+        lines = ['kind = "slurm"', 'partition = "vms"', f'conf = "{self.d}/slurm.conf"', "overhead_mib = 128", *extra]
+        return base + "[backend]\n" + "".join(f"{ln}\n" for ln in lines)
 
     def start(self, wait: bool = True) -> None:
         munge = pwd.getpwnam("munge")

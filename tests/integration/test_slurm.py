@@ -19,27 +19,20 @@ import pytest
 
 from ..conftest import DEFAULT_POLICY, HELPER, Kvmgate, as_user, boot_options
 from .slurm_cluster import Cluster
+from .test_hibernate import guest_run, uptime
 
 SLURM_DIR = Path("/opt/kvmgate-slurm-test")
 
 
-def slurm_policy(conf: Path) -> str:
-    return DEFAULT_POLICY + f'[backend]\nkind = "slurm"\npartition = "vms"\nconf = "{conf}"\noverhead_mib = 128\n'
-
-
 @pytest.fixture(scope="module")
 def cluster(kg: Kvmgate) -> Iterator[Cluster]:
-    c = Cluster(SLURM_DIR, ["kg-a"])
-    try:
-        c.start()
+    with Cluster(SLURM_DIR, ["kg-a"]).running() as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture
 def on_slurm(kg: Kvmgate, cluster: Cluster) -> Iterator[Cluster]:
-    kg.write_policy(slurm_policy(SLURM_DIR / "slurm.conf"))
+    kg.write_policy(cluster.policy(DEFAULT_POLICY))
     yield cluster
     # every job of the test ended, and kvmgate saw it: nothing left for the next test
     cluster.run("scancel", "--full", "--partition=vms")
@@ -63,17 +56,6 @@ def wait_for(what: str, check, seconds: float = 30):  # type: ignore[no-untyped-
 def make_vm(kg: Kvmgate, owner: str, name: str, guest: Path, cleanup_vms: list) -> None:
     kg.ok("admin", "create", name, "--owner", owner, "--", *boot_options(guest))
     cleanup_vms.append((owner, name))
-
-
-def guest_run(kg: Kvmgate, user: str, name: str, command: str, expect: str) -> str:
-    r = kg("console", name, "--expect", expect, "--timeout", "60", user=user, input=command + "\n")
-    assert r.returncode == 0, r.stderr + r.stdout
-    return r.stdout
-
-
-def uptime(kg: Kvmgate, user: str, name: str) -> float:
-    out = guest_run(kg, user, name, "echo up=$(cut -d' ' -f1 /proc/uptime)", r"up=[0-9]+\.[0-9]+\s")
-    return float(re.findall(r"up=([0-9]+\.[0-9]+)", out)[-1])
 
 
 def chain(pid: int) -> list[tuple[int, int, str]]:

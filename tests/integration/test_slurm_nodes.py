@@ -22,9 +22,10 @@ import pytest
 
 from ..conftest import BOOT_LINE, DEFAULT_POLICY, ETC, RUN, SSH_THROWAWAY, STATE, Kvmgate, boot_options
 from .slurm_cluster import Cluster
+from .test_hibernate import guest_run, uptime
 from .test_logon import in_session, pam, sshd, wait_state  # noqa: F401 - fixtures
 from .test_networks import SNIFF
-from .test_slurm import guest_run, jobs_of, make_vm, uptime, wait_for
+from .test_slurm import jobs_of, make_vm, wait_for
 from .test_ssh_logon import Sshd
 
 SLURM_DIR = Path("/opt/kvmgate-slurm-test-2")
@@ -33,21 +34,13 @@ NODES = ["kg-a", "kg-b"]
 
 @pytest.fixture(scope="module")
 def cluster(kg: Kvmgate) -> Iterator[Cluster]:
-    c = Cluster(SLURM_DIR, NODES, ctld_port=26917, node_port=26918, spread=True, run=RUN)
-    try:
-        c.start()
+    with Cluster(SLURM_DIR, NODES, ctld_port=26917, node_port=26918, spread=True, run=RUN).running() as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture
 def on_slurm(kg: Kvmgate, cluster: Cluster) -> Iterator[Cluster]:
-    kg.write_policy(
-        DEFAULT_POLICY
-        + f'[backend]\nkind = "slurm"\npartition = "vms"\nconf = "{SLURM_DIR}/slurm.conf"\ncpu_model = "qemu64"\n'
-        "overhead_mib = 128\n"
-    )
+    kg.write_policy(cluster.policy(DEFAULT_POLICY, 'cpu_model = "qemu64"'))
     kg.ok("admin", "init", "--backend", "slurm", "--partition", "vms")  # and logons counted on the shared state
     yield cluster
     shutil.rmtree(Path(STATE, "sessions"), ignore_errors=True)
