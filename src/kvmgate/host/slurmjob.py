@@ -1,12 +1,11 @@
 """Which Slurm job a process runs in, from what the kernel and Slurm's root-owned
 processes say, never from the environment (model.slurm has the shapes).
 
-Two sources, either enough, both checked where present:
-- its cgroup (`/proc/PID/cgroup`), which Slurm's cgroup plugins make and a user
-  cannot name freely (only sub-cgroups below their own task's);
-- its ancestors: the first one that is root's `/usr/sbin/slurmstepd` says
-  `slurmstepd: [JOB.STEP]` in its title. A process that escaped its step (a
-  double fork to init) has no such ancestor and is in no job.
+- its ancestors (required): the first one that is root's `/usr/sbin/slurmstepd`
+  says `slurmstepd: [JOB.STEP]` in its title. A process that escaped its step (a
+  double fork to init) has no such ancestor and is in no job;
+- its cgroup (`/proc/PID/cgroup`), where Slurm's cgroup plugins made one: it must
+  name the same job (ops.cluster.here).
 
 Called by the node-side helper for its own parent chain (sudo's caller), so the
 pids walked are alive: each is read once, and a pid that vanishes mid-walk ends
@@ -52,11 +51,6 @@ def _is_stepd(pid: int) -> bool:
         return False
     return exe in (STEPD, os.path.realpath(STEPD))  # Debian: an alternative, slurmstepd-wlm
 
-
-def job_of_ancestors(pid: int) -> int | None:
-    """The job named by the nearest root-owned slurmstepd above pid, if any."""
-    found = job_and_user(pid)
-    return found.job if found else None
 
 
 def job_and_user(pid: int) -> slurm.Seen | None:
@@ -125,13 +119,3 @@ def other_steps(job: int, mine: int) -> int:
 
 def job_of_cgroup(pid: int) -> int | None:
     return slurm.job_from_cgroup(_read(f"/proc/{pid}/cgroup", 16384).decode("ascii", "replace"))
-
-
-def job_of(pid: int, uid: int | None = None) -> int | None:
-    """The job pid runs in: by its cgroup where Slurm put it in one, else by its ancestors.
-    If both answer they must agree (else: none)."""
-    by_cgroup = slurm.job_from_cgroup(_read(f"/proc/{pid}/cgroup", 16384).decode("ascii", "replace"), uid)
-    by_stepd = job_of_ancestors(pid)
-    if by_cgroup is not None and by_stepd is not None and by_cgroup != by_stepd:
-        return None
-    return by_cgroup if by_cgroup is not None else by_stepd
