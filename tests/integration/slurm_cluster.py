@@ -57,6 +57,7 @@ def conf(d: Path, host: str, nodes: list[str], ctld_port: int, node_port: int, s
         "SelectTypeParameters=CR_CPU_Memory",
         "SlurmdTimeout=10",
         "KillWait=60",
+        "PrivateData=jobs",  # docs/cluster.md: users see only their own jobs (and so not others' VMs)
         "JobAcctGatherType=jobacct_gather/none",
         "SlurmdParameters=config_overrides",  # 8 CPUs per node on a 2-core machine: jobs share the cores
     ]

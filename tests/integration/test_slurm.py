@@ -90,6 +90,12 @@ def test_a_vm_is_a_job_of_its_owner_and_every_verb_reaches_it(
     stepd = next(p for p in up if "slurmstepd" in Path(f"/proc/{p[0]}/cmdline").read_text())
     assert f"[{job}.batch]" in Path(f"/proc/{stepd[0]}/cmdline").read_text()
     guest_run(kg, alice, vm_name, "echo slurm-marker > /m; echo wr''ote", "wrote")
+    # Root's console of her VM, relayed through her job: the guest's control bytes reach root's terminal
+    # shown, not obeyed (an OSC title sequence here), as on the local backend.
+    r = kg("console", "--owner", alice, vm_name, "--expect", "osc-done", "--timeout", "30",
+           input="printf 'x\\033]0;owned\\007y'; echo osc''-done\n")  # fmt: skip
+    assert r.returncode == 0 and "osc-done" in r.stdout, r.stderr + r.stdout
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout, repr(r.stdout[-300:])
     kg.ok("freeze", vm_name, user=alice)
     assert kg.json("status", vm_name, user=alice)["state"] == "paused"
     kg.ok("thaw", vm_name, user=alice)
@@ -162,6 +168,8 @@ def test_the_node_side_starts_nothing_outside_the_vms_own_job(
     assert r.returncode != 0 and "started this VM already" in r.stderr, r.stderr
     r = on_slurm.run("srun", f"--jobid={job}", "--overlap", "--export=NONE", "true", user=bob)
     assert r.returncode != 0, "Slurm itself keeps bob out of alice's job"
+    seen = on_slurm.run("squeue", "--noheader", "--all", "--format=%i", user=bob)
+    assert seen.returncode == 0 and job not in seen.stdout.split(), "PrivateData=jobs: bob sees none of her jobs"
     assert len(jobs_of(on_slurm, alice)) == 1
     assert kg.json("status", vm_name, user=alice)["state"] == "running"
 

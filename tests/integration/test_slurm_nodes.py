@@ -9,6 +9,8 @@ node that is left."""
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import re
 import secrets
 import shutil
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import BOOT_LINE, DEFAULT_POLICY, ETC, RUN, SSH_THROWAWAY, STATE, Kvmgate, boot_options
+from ..conftest import BOOT_LINE, DEFAULT_POLICY, ETC, HELPER, KVMGATE, RUN, SSH_THROWAWAY, STATE, Kvmgate, boot_options
 from .slurm_cluster import Cluster
 from .test_hibernate import guest_run, uptime
 from .test_logon import in_session, pam, sshd, wait_state  # noqa: F401 - fixtures
@@ -205,9 +207,35 @@ def test_ssh_and_the_display_are_reached_through_the_vms_job(
     assert kg.json("vnc", desk, user=alice)["node"] in NODES
     r = kg("tunnel", desk, "vnc", user=alice, input="")
     assert r.returncode == 0 and r.stdout.startswith("RFB 003.008"), (r.returncode, r.stdout, r.stderr)
+    # While a tunnel is open, the node side's helper that copies its bytes is hers, not root's.
+    held = subprocess.Popen(["runuser", "-u", alice, "--", KVMGATE, "tunnel", desk, "vnc"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert held.stdout is not None and held.stdout.read(12) == b"RFB 003.008\n"
+        here = os.readlink("/proc/self/ns/pid")
+        copiers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _helper_on_a_node(p, here, desk)]
+        assert copiers and all(_uids(p) == {pwd.getpwnam(alice).pw_uid} for p in copiers), copiers
+    finally:
+        held.kill()
+        held.wait()
     for who, argv in ((bob, ["tunnel", vm_name, "ssh"]), (bob, ["ssh", vm_name])):
         r = kg(*argv, user=who, input="")
         assert r.returncode == 4 and "no such VM" in r.stderr, r.stderr
+
+
+def _helper_on_a_node(proc: Path, here: str, name: str) -> bool:
+    """A helper process (not sudo) serving `tunnel NAME` in a node's own PID namespace."""
+    try:
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+        ours = HELPER.encode() in argv and b"tunnel" in argv and name.encode() in argv
+        return ours and os.path.basename(argv[0]) != b"sudo" and os.readlink(proc / "ns" / "pid") != here
+    except OSError:
+        return False
+
+
+def _uids(proc: Path) -> set[int]:
+    line = next(ln for ln in (proc / "status").read_text().splitlines() if ln.startswith("Uid:"))
+    return {int(u) for u in line.split()[1:]}
 
 
 # A VXLAN frame from userland: 8 bytes of header (I flag, the id) and an Ethernet frame with an

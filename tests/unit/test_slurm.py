@@ -190,3 +190,29 @@ def test_the_node_side_takes_slurms_word_on_the_jobs_owner_and_partition() -> No
     assert sl.parse_record(claimed.to_json()) == claimed
     with pytest.raises(sl.NotThisJob):
         sl.parse_record(rec._replace(claim="x; rm").to_json())
+
+
+@pytest.mark.parametrize(("back", "says", "done"), [(False, "froze", ["freeze"]), (True, None, ["freeze", "thaw"])])
+def test_a_logoff_freeze_on_the_node_is_undone_when_the_owner_came_back_meanwhile(
+    monkeypatch: pytest.MonkeyPatch, back: bool, says: str | None, done: list[str]
+) -> None:
+    """The relayed verb runs on the node, away from the login side's look at the
+    sessions: a logon in between found nothing to thaw, so the logoff undoes itself."""
+    from kvmgate.ops import power
+
+    calls: list[str] = []
+    logged_on = iter([False, back])  # when the logoff looked; when the node had frozen the VM
+
+    def on_its_node(paths: object, vm: object, verb: str, wanted: object = None) -> int:
+        assert callable(wanted) and wanted()
+        calls.append(verb)
+        return 0
+
+    def thaw(paths: object, who: object, vm: object, wanted: object = None) -> tuple[bool, None]:
+        calls.append("thaw")
+        return True, None
+
+    monkeypatch.setattr(power, "_on_its_node", on_its_node)
+    monkeypatch.setattr(power, "thaw", thaw)
+    assert power.sleep(None, None, None, "pause", lambda: not next(logged_on)) == says  # type: ignore[arg-type]
+    assert calls == done

@@ -143,14 +143,24 @@ def srun_as(
     for _, w in pipes:
         os.close(w)
     deadline = None if timeout is None else time.monotonic() + timeout
-    out, err = _drain([r for r, _ in pipes], deadline)
+    try:
+        out, err = _drain([r for r, _ in pipes], deadline)
+    except BaseException:  # the caller's own time bound (signal.alarm), a relayed signal: srun goes with it
+        _end(pid)
+        raise
     if deadline is not None and time.monotonic() > deadline:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, 9)
-        os.waitpid(pid, 0)
+        _end(pid)
         return 124, out, err + f"kvmgate: the relay to job {job} took longer than {int(timeout or 0)} s; ended\n"
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status), out, err
+
+
+def _end(pid: int) -> None:
+    """Kill a captured srun's session (it leads one) and reap it."""
+    for kill in (os.killpg, os.kill):  # os.kill: if it had not yet made its session
+        with contextlib.suppress(ProcessLookupError):
+            kill(pid, 9)
+    os.waitpid(pid, 0)
 
 
 def _drain(fds: list[int], deadline: float | None) -> tuple[str, str]:

@@ -52,7 +52,6 @@ def _is_stepd(pid: int) -> bool:
     return exe in (STEPD, os.path.realpath(STEPD))  # Debian: an alternative, slurmstepd-wlm
 
 
-
 def job_and_user(pid: int) -> slurm.Seen | None:
     """The nearest root-owned slurmstepd above pid names the job and step; its
     child, which slurmstepd made, runs as the job's user; `via` are the programs

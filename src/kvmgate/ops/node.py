@@ -42,7 +42,8 @@ def node_run(paths: Paths, who: Caller, name: str) -> int:
         raise PermissionRefused("this host does not run VMs as Slurm jobs")
     vm = registry.resolve(paths, who.name, name)  # the caller's own VM, or none
     found = here()
-    first = jobs.read(vm)
+    with jobs.record_lock(vm):  # the login side holds it from sbatch until the record is written
+        first = jobs.read(vm)
     if first is None:
         raise slurm.NotThisJob(f"no job was submitted for {name}")
     try:  # Slurm's word on the job (not under the record's lock: the controller may be slow)

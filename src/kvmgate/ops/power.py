@@ -276,6 +276,11 @@ def sleep(
     if mode != "none":
         verb = "hibernate" if mode == "hibernate" else "freeze"
         if (elsewhere := _on_its_node(paths, vm, verb, wanted)) is not None:
+            if elsewhere == 0 and wanted is not None and not wanted():
+                # The owner came back while the verb ran on the node, away from this lock (a thaw
+                # then found nothing to do): undone, so that no logged-on owner's VM stays asleep.
+                thaw(paths, who, vm)
+                return None
             return None if elsewhere else ("hibernated" if mode == "hibernate" else "froze")
     with lock(paths, who, vm):
         if mode == "none" or not runtime.is_running(vm) or (wanted is not None and not wanted()):

@@ -10,7 +10,7 @@ from typing import Any
 
 from kvmgate.errors import KvmgateError, UsageError, WrongState
 from kvmgate.host import sockets
-from kvmgate.host.caller import Caller, as_user
+from kvmgate.host.caller import Caller, as_user, drop_to
 from kvmgate.model.commands import Request
 from kvmgate.ops import relay
 from kvmgate.ops.inspect import addresses, describe, details, forwarded
@@ -48,7 +48,7 @@ def run(req: Request, who: Caller, paths: Paths) -> int:
     if req.verb == "vnc":
         return vnc(req, paths, vm)
     if req.verb == "tunnel":
-        return tunnel(req, paths, vm)
+        return tunnel(req, who, paths, vm)
     raise UsageError(f"unknown verb {req.verb}")
 
 
@@ -145,12 +145,14 @@ def _node(paths: Paths, vm: registry.VM) -> str | None:
     return rec.node if isinstance(rec, JobRecord) else None
 
 
-def tunnel(req: Request, paths: Paths, vm: registry.VM) -> int:
+def tunnel(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     """The owner's byte stream to the VM's ssh port (checked to be held by its
     QEMU, as `kvmgate ssh` checks it) or its VNC endpoint, from root on the VM's
     node: nothing listens on a node's public address for it. Root connects with
     the owner's uid and groups (`as_user`): a socket the owner replaced by a link
-    to another (D-Bus, munge, another VM's) is reached as the owner, or not at all."""
+    to another (D-Bus, munge, another VM's) is reached as the owner, or not at all.
+    Connected, it drops to the caller for good before copying a byte (as `console`
+    does): a connection the owner keeps open is the owner's process, not root's."""
     service = req.flag("SERVICE")
     if not runtime.is_running(vm):
         raise WrongState(f"{vm.identity.name} is not running")
@@ -187,6 +189,8 @@ def tunnel(req: Request, paths: Paths, vm: registry.VM) -> int:
     else:
         raise UsageError("tunnel takes ssh or vnc")
     sock.settimeout(None)
+    if not who.is_root:  # then the caller is the owner (`target`)
+        drop_to(pw.pw_uid, pw.pw_gid)
     from kvmgate.host.splice import pump
 
     pump(sock)
