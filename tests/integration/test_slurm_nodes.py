@@ -61,6 +61,13 @@ def other(node: str) -> str:
     return NODES[1 - NODES.index(node)]
 
 
+def started(kg: Kvmgate, owner: str, name: str, guest: Path, cleanup_vms: list) -> str:
+    """A new VM of owner's, started: the node Slurm gave it."""
+    make_vm(kg, owner, name, guest, cleanup_vms)
+    kg.ok("start", name, user=owner)
+    return node_of(kg, owner, name)
+
+
 def drain(cluster: Cluster, node: str) -> None:
     r = cluster.run("scontrol", "update", f"nodename={node}", "state=drain", "reason=kvmgate-test")
     assert r.returncode == 0, r.stderr
@@ -69,9 +76,7 @@ def drain(cluster: Cluster, node: str) -> None:
 def test_hibernated_on_one_node_it_resumes_on_the_other(
     kg: Kvmgate, on_slurm: Cluster, alice: str, guest: Path, cleanup_vms: list, vm_name: str
 ) -> None:
-    make_vm(kg, alice, vm_name, guest, cleanup_vms)
-    kg.ok("start", vm_name, user=alice)
-    first = node_of(kg, alice, vm_name)
+    first = started(kg, alice, vm_name, guest, cleanup_vms)
     guest_run(kg, alice, vm_name, "echo moved-marker > /m; hostname; echo wr''ote", "wrote")
     before = uptime(kg, alice, vm_name)
     kg.ok("hibernate", vm_name, user=alice)
@@ -90,11 +95,9 @@ def test_hibernated_on_one_node_it_resumes_on_the_other(
 def test_admin_move_and_evacuate(
     kg: Kvmgate, on_slurm: Cluster, alice: str, bob: str, guest: Path, cleanup_vms: list, vm_name: str
 ) -> None:
-    make_vm(kg, alice, vm_name, guest, cleanup_vms)
+    start = started(kg, alice, vm_name, guest, cleanup_vms)
     second = vm_name + "-b"
     make_vm(kg, bob, second, guest, cleanup_vms)
-    kg.ok("start", vm_name, user=alice)
-    start = node_of(kg, alice, vm_name)
     guest_run(kg, alice, vm_name, "echo move-marker > /m; echo wr''ote", "wrote")
     before = uptime(kg, alice, vm_name)
     out = kg.ok("admin", "move", vm_name, "--owner", alice).stdout
@@ -122,9 +125,7 @@ def test_admin_move_and_evacuate(
 def test_a_lost_node_leaves_its_vm_recorded_there_and_the_next_start_boots_elsewhere(
     kg: Kvmgate, on_slurm: Cluster, alice: str, guest: Path, cleanup_vms: list, vm_name: str
 ) -> None:
-    make_vm(kg, alice, vm_name, guest, cleanup_vms)
-    kg.ok("start", vm_name, user=alice)
-    lost = node_of(kg, alice, vm_name)
+    lost = started(kg, alice, vm_name, guest, cleanup_vms)
     on_slurm.kill_node(lost)
     try:
         # Slurm sees the node gone after SlurmdTimeout (10 s here); then so does kvmgate.

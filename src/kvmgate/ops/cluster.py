@@ -39,6 +39,7 @@ from kvmgate.host.launch import close_all
 from kvmgate.model import slurm
 from kvmgate.model.policy.policy import Policy
 from kvmgate.model.slurm import JobRecord
+from kvmgate.model.terminal import Visible
 from kvmgate.model.translate import Plan
 from kvmgate.ops.plan import owner_pw
 from kvmgate.paths import Paths
@@ -254,9 +255,18 @@ def relay(paths: Paths, policy: Policy, vm: registry.VM, rec: JobRecord, argv: l
     """`argv` (a helper request, without --owner) run by the owner inside the VM's
     job on its node, where it is a local request. `capture` for anyone but the
     owner (root, kvmgate's own actors): the owner's process gets no terminal of
-    theirs, and is bounded in time (host.slurm.srun_as)."""
+    theirs, and is bounded in time (host.slurm.srun_as); what it printed comes back
+    with control characters made visible (model.terminal): it is the owner's
+    process, so every byte of it is theirs to choose (a guest's console, or
+    anything written into their own srun), and it goes to root's terminal."""
     pw = owner_pw(vm)
     command = [paths.sudo, "-n", paths.helper, *argv]
-    if capture:
-        return hslurm.srun_as(policy.backend, pw, rec.job, command, capture=True, stdin=stdin, timeout=RELAY_TIMEOUT)
-    return hslurm.srun_as(policy.backend, pw, rec.job, command, pty=pty)
+    if not capture:
+        return hslurm.srun_as(policy.backend, pw, rec.job, command, pty=pty)
+    code, out, err = hslurm.srun_as(policy.backend, pw, rec.job, command, capture=True, stdin=stdin,
+                                    timeout=RELAY_TIMEOUT)  # fmt: skip
+    return code, _visible(out), _visible(err)
+
+
+def _visible(text: str) -> str:
+    return Visible().feed(text.encode(), final=True).decode()

@@ -15,7 +15,6 @@ import sys
 from kvmgate.errors import EXIT_FORCED, Busy, KvmgateError
 from kvmgate.host.caller import Caller
 from kvmgate.model.commands import Request, unparse
-from kvmgate.model.terminal import Visible
 from kvmgate.ops.plan import owner_pw
 from kvmgate.paths import Paths
 from kvmgate.store import config, registry
@@ -45,8 +44,6 @@ def route(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int | Non
         code, _, _ = cluster.relay(paths, policy, vm, rec, argv, pty=pty)
     else:  # root for the owner: the owner's process never holds root's terminal (output relayed after)
         code, out, err = cluster.relay(paths, policy, vm, rec, argv, capture=True, stdin=True)  # a pipe, not a tty
-        if req.verb == "console":  # the guest's bytes, which the node side passed raw to its caller, the owner
-            out = Visible().feed(out.encode(), final=True).decode()
         sys.stdout.write(out)
         sys.stderr.write(err)
     if req.verb in ("stop", "hibernate") and code in (0, EXIT_FORCED):

@@ -137,8 +137,6 @@ def delete(paths: Paths, who: Caller, vm: registry.VM, keep_disks: bool, force: 
     owner, name = vm.identity.owner, vm.identity.name
     if jobs.active(vm) is not None:  # in a Slurm job on some node: a stop there ends it first
         raise WrongState(f"{name} runs in a Slurm job: stop it first (kvmgate stop {name} --force)")
-    if jobs.active(vm) is not None:  # in a Slurm job on some node: a stop there ends it first
-        raise WrongState(f"{name} runs in a Slurm job: stop it first (kvmgate stop {name} --force)")
     if runtime.is_running(vm):
         if not force:
             raise WrongState(f"{name} is running: stop it first, or delete it with --force")

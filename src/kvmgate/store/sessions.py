@@ -113,11 +113,8 @@ class Sessions:
         """Make the user's logind records exactly `ids` (checked session ids)."""
         old = self.logind()
         for sid in ids - old:
-            os.close(
-                os.open(
-                    os.path.join(self.dir, self.host + LOGIND + sid), os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600
-                )
-            )
+            record = os.path.join(self.dir, self.host + LOGIND + sid)
+            os.close(os.open(record, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
         for sid in old - ids:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.dir, self.host + LOGIND + sid))

@@ -492,8 +492,7 @@ def _backend(paths: Paths, kind: str | None, partition: str | None) -> None:
 
         if not os.access(f"{hslurm.BIN}/sbatch", os.X_OK):
             raise WrongState("Slurm's client is not installed here (sbatch, srun, scontrol): install slurm-client")
-        for part in {wanted.partition, wanted.service_partition} - {None}:
-            assert part is not None
+        for part in {p for p in (wanted.partition, wanted.service_partition) if p is not None}:
             if not hslurm.known(wanted, "partition", part):
                 raise UsageError(f"--partition: Slurm knows no partition {part!r} (docs/cluster.md)")
     if kind != current.kind:

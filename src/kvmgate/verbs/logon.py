@@ -41,7 +41,7 @@ from kvmgate.host.detach import detach
 from kvmgate.model.commands import Request
 from kvmgate.ops import power, resume
 from kvmgate.paths import Paths, installed
-from kvmgate.store import config, critical, every, registry, runtime
+from kvmgate.store import config, critical, every, jobs, registry
 from kvmgate.store.files import taken
 from kvmgate.store.sessions import Sessions
 
@@ -182,7 +182,7 @@ def _has_work(paths: Paths, user: str) -> bool:
 
 def _asleep_or_awake(vm: registry.VM) -> bool:
     """Runs here (perhaps paused), in a Slurm job on some node, or is hibernated."""
-    return runtime.is_running(vm) or registry.read_saved(vm) is not None or os.path.exists(vm.sub("job.json"))
+    return jobs.running(vm) or registry.read_saved(vm) is not None
 
 
 def _count(paths: Paths, user: str, leader: int, start: int, event: str, service: str) -> None:
