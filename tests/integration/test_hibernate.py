@@ -17,9 +17,21 @@ from ..conftest import BOOT_LINE, KVMGATE, Kvmgate, boot_options
 
 
 def guest_run(kg: Kvmgate, user: str, name: str, command: str, expect: str) -> str:
-    r = kg("console", name, "--expect", expect, "--timeout", "30", user=user, input=command + "\n")
-    assert r.returncode == 0, r.stderr + r.stdout
-    return r.stdout
+    """Run `command` in the guest's shell and return what it printed, which must
+    match `expect`. That output is cut out between two marks only the guest's
+    shell can print (its arithmetic makes them; the typed line never holds them):
+    `console --expect` also searches the scrollback, where an earlier command's
+    output (a marker, an uptime from before a hibernate) would match at once.
+    The leading blanks are for the guest's line editor, which can lose the first
+    keys typed while it waits for its terminal query's answer."""
+    n = secrets.randbelow(10**9)
+    begin, end = f"gr-{n + 1}", f"gr-{n + 2}"
+    line = f"        echo gr-$(({n}+1)); {command}; echo gr-$(({n}+2))\n"
+    r = kg("console", name, "--expect", rf"{begin}\s[\s\S]*{end}\s", "--timeout", "30", user=user, input=line)
+    assert r.returncode == 0, r.stderr + r.stdout[-2000:]
+    out = r.stdout.split(begin, 1)[1].split(end, 1)[0]
+    assert re.search(expect, out), (expect, out)
+    return out
 
 
 def uptime(kg: Kvmgate, user: str, name: str) -> float:

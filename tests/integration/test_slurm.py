@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import DEFAULT_POLICY, HELPER, Kvmgate, as_user, boot_options
+from ..conftest import BOOT_LINE, DEFAULT_POLICY, HELPER, Kvmgate, as_user, boot_options
 from .slurm_cluster import Cluster
 from .test_hibernate import guest_run, uptime
 
@@ -89,6 +89,7 @@ def test_a_vm_is_a_job_of_its_owner_and_every_verb_reaches_it(
     assert up[1][2] == HELPER or "python" in up[1][2], up
     stepd = next(p for p in up if "slurmstepd" in Path(f"/proc/{p[0]}/cmdline").read_text())
     assert f"[{job}.batch]" in Path(f"/proc/{stepd[0]}/cmdline").read_text()
+    kg.ok("console", vm_name, "--expect", BOOT_LINE, "--timeout", "90", user=alice)
     guest_run(kg, alice, vm_name, "echo slurm-marker > /m; echo wr''ote", "wrote")
     # Root's console of her VM, relayed through her job: the guest's control bytes reach root's terminal
     # shown, not obeyed (an OSC title sequence here), as on the local backend.

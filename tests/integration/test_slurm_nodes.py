@@ -65,6 +65,7 @@ def started(kg: Kvmgate, owner: str, name: str, guest: Path, cleanup_vms: list) 
     """A new VM of owner's, started: the node Slurm gave it."""
     make_vm(kg, owner, name, guest, cleanup_vms)
     kg.ok("start", name, user=owner)
+    kg.ok("console", name, "--owner", owner, "--expect", BOOT_LINE, "--timeout", "90")
     return node_of(kg, owner, name)
 
 
