@@ -65,7 +65,7 @@ def started(kg: Kvmgate, owner: str, name: str, guest: Path, cleanup_vms: list) 
     """A new VM of owner's, started: the node Slurm gave it."""
     make_vm(kg, owner, name, guest, cleanup_vms)
     kg.ok("start", name, user=owner)
-    kg.ok("console", name, "--owner", owner, "--expect", BOOT_LINE, "--timeout", "90")
+    kg.ok("console", name, "--owner", owner, "--expect", BOOT_LINE, "--timeout", "180")
     return node_of(kg, owner, name)
 
 
@@ -166,7 +166,7 @@ def test_a_logoff_on_the_login_node_freezes_the_vm_on_its_node_and_a_logon_thaws
           "--", *boot_options(guest))  # fmt: skip
     cleanup_vms.append((user, vm_name))
     kg.ok("start", vm_name, "--owner", user)
-    kg.ok("console", vm_name, "--owner", user, "--expect", BOOT_LINE, "--timeout", "90")
+    kg.ok("console", vm_name, "--owner", user, "--expect", BOOT_LINE, "--timeout", "180")
     out = in_session(sshd, user, vm_name, 'echo pam-marker > /m; echo wr""ote', "wrote")
     assert '"state": "running"' in out and '"node": "kg-' in out
     st = wait_state(kg, user, vm_name, "paused")
@@ -370,6 +370,8 @@ def test_a_service_vm_whose_node_is_lost_runs_again_on_another(
         assert [
             r.split()[0] for r in on_slurm.run("squeue", "-h", "-o", "%i", "-u", "kvmgate-svc").stdout.splitlines()
         ] == [rows[0]], "the same job, requeued"
+        # The requeued job boots the guest afresh: type only once its shell is up.
+        kg.ok("console", vm_name, "--owner", "kvmgate-svc", "--expect", BOOT_LINE, "--timeout", "180")
         r = kg("console", vm_name, "--owner", "kvmgate-svc", "--expect", "al-ive", "--timeout", "90",
                input="echo al-''ive\n")  # fmt: skip
         assert r.returncode == 0, r.stderr
