@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from qemu.qmp import QMPClient
 
-from ..conftest import BOOT_LINE, RUN, Kvmgate, boot_options
+from ..conftest import BOOT_LINE, RUN, Kvmgate, boot_options, discard
 from .test_networks import Net, net  # noqa: F401 - the namespace fixture
 
 
@@ -211,8 +211,7 @@ def test_owner_map_disks_start_hibernate_and_restore(net: Net, guest: Path, vm_n
         net.ok("start", vm_name, "--owner", svc)
         assert "kvmgate-ownermap kvmgate-ownermap 1" in net.guest(svc, vm_name, look), "restored with both disks"
     finally:
-        net.kvmgate("stop", vm_name, "--owner", svc, "--force")
-        net.kvmgate("admin", "delete", vm_name, "--owner", svc)
+        discard(net.kvmgate, svc, vm_name)
 
 
 def test_every_note_option_is_covered(files: dict, guest: Path) -> None:

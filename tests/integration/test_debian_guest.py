@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import KVMGATE, REPO, Kvmgate, as_user
+from ..conftest import KVMGATE, REPO, Kvmgate, as_user, discard
 from .test_ssh_logon import Sshd
 
 VM = "deb"
@@ -85,9 +85,7 @@ def journey(kg: Kvmgate, users, sshd: Sshd, debian: Path) -> Iterator[Journey]:
     yield j
     if j.held is not None:
         j.logoff()
-    kg("stop", VM, "--owner", owner, "--force")
-    kg("stop", VM, "--owner", owner, "--discard")
-    kg("admin", "delete", VM, "--owner", owner, "--force")
+    discard(kg, owner, VM)
     kg("admin", "image", "remove", IMAGE)
     kg("admin", "init", "--no-pam")
 

@@ -36,6 +36,7 @@ from ..conftest import (
     Pause,
     as_user,
     boot_options,
+    discard,
     parent_of,
     run,
 )
@@ -134,8 +135,7 @@ def vms(net: Net) -> Iterator[list[tuple[str, str]]]:
     made: list[tuple[str, str]] = []
     yield made
     for owner, name in made:
-        net.kvmgate("stop", name, "--owner", owner, "--force")
-        net.kvmgate("admin", "delete", name, "--owner", owner)
+        discard(net.kvmgate, owner, name)
 
 
 def name() -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import KVMGATE, REPO, RUN, Kvmgate, as_user, run
+from ..conftest import KVMGATE, REPO, RUN, Kvmgate, as_user, discard, run
 from .test_networks import Net, net  # noqa: F401 - the namespace fixture
 
 IMAGE = "kgshares"
@@ -114,8 +114,7 @@ def lab(net: Net, kg: Kvmgate, users, shares_image: Path) -> Iterator[Lab]:  # n
     os.chown(disk, pwd.getpwnam(SVC).pw_uid, -1)
     yield lab
     for owner, name in reversed(lab.made):
-        net.kvmgate("stop", name, "--owner", owner, "--force")
-        net.kvmgate("admin", "delete", name, "--owner", owner, "--force")
+        discard(net.kvmgate, owner, name)
     kg("admin", "image", "remove", IMAGE)
     shutil.rmtree(d, ignore_errors=True)
 

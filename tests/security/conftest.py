@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import Kvmgate, boot_options, qemu_pids
+from ..conftest import Kvmgate, boot_options, discard, qemu_pids
 
 
 def fd_targets(pid: int) -> list[str]:
@@ -45,11 +45,10 @@ def unchanged(kg: Kvmgate) -> Iterator[None]:
 
 
 def _owned_vm(kg: Kvmgate, owner: str, name: str, guest: Path) -> Iterator[str]:
-    kg("admin", "delete", name, "--owner", owner)
+    discard(kg, owner, name)
     kg.ok("admin", "create", name, "--owner", owner, "--disk-size", "16M", "--", *boot_options(guest))
     yield name
-    kg("stop", name, "--owner", owner, "--force")
-    kg("admin", "delete", name, "--owner", owner)
+    discard(kg, owner, name)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import BOOT_LINE, KVMGATE, Kvmgate, as_user, boot_options
+from ..conftest import BOOT_LINE, KVMGATE, Kvmgate, as_user, boot_options, discard
 from .conftest import home
 
 
@@ -47,8 +47,7 @@ def second_vm(kg: Kvmgate, alice: str, guest: Path) -> Iterator[str]:
     name = f"two{secrets.token_hex(3)}"
     kg.ok("admin", "create", name, "--owner", alice, "--", *boot_options(guest))
     yield name
-    kg("stop", name, "--owner", alice, "--force")
-    kg("admin", "delete", name, "--owner", alice)
+    discard(kg, alice, name)
 
 
 def test_an_image_another_vm_holds_is_a_refusal_naming_it(

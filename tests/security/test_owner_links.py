@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ..conftest import LOG, STATE, Kvmgate, boot_options, qemu_pids
+from ..conftest import LOG, STATE, Kvmgate, boot_options, discard, qemu_pids
 
 
 def _disks(kg: Kvmgate, owner: str, name: str) -> Path:
@@ -63,8 +63,7 @@ def test_one_owners_broken_vm_never_stops_autostart(kg: Kvmgate, guest: Path) ->
         runner.kill()
         runner.wait()
         for name in (first, second):
-            kg("stop", name, "--owner", "kvmgate-svc", "--force")
-            kg("admin", "delete", name, "--owner", "kvmgate-svc")
+            discard(kg, "kvmgate-svc", name)
         busy.unlink(missing_ok=True)
     assert not any(p.name.startswith(".del-") for p in Path(STATE, "vms").iterdir())
 

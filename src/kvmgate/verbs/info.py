@@ -189,7 +189,8 @@ def tunnel(req: Request, who: Caller, paths: Paths, vm: registry.VM) -> int:
     else:
         raise UsageError("tunnel takes ssh or vnc")
     sock.settimeout(None)
-    if not who.is_root:  # then the caller is the owner (`target`)
+    if not who.is_root:  # then the caller is the owner (`target` resolves only one's own VMs); root's own
+        # tunnel stays root's: its terminal must never be in a process the owner may ptrace
         drop_to(pw.pw_uid, pw.pw_gid)
     from kvmgate.host.splice import pump
 
